@@ -1,0 +1,1 @@
+"""polyfm.core: the shared engine."""
