@@ -1,0 +1,127 @@
+"""The ``polyfm`` command.
+
+``fit/validate/test/predict`` go to LightningCLI (YAML recipes); the rest are ours:
+``models``, ``weights``, ``study``, ``demo``, ``bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_main(argv: list[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from polyfm.core.trainer import AtomicCheckpointIO
+
+    LightningCLI(
+        model_class=None,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def cmd_models(_: argparse.Namespace) -> None:
+    for ep in sorted(entry_points(group="polyfm.models"), key=lambda e: e.name):
+        models = ep.load()
+        for name, cls in sorted(models.items()):
+            print(f"{ep.name:<8} {name:<32} {cls.__module__}.{cls.__qualname__}")
+
+
+def cmd_weights(args: argparse.Namespace) -> None:
+    from polyfm.core import weights
+
+    if args.action == "list":
+        for spec in sorted(weights.list_weights(), key=lambda s: s.name):
+            print(f"{spec.name:<40} {spec.family:<24} {spec.license:<16} {', '.join(spec.files)}")
+    elif args.action == "fetch":
+        for name in args.names:
+            print(weights.fetch_weights(name))
+    elif args.action == "verify":
+        for name in args.names:
+            spec = weights.get_weights(name)
+            folder = weights.weights_dir(spec)
+            for filename, (_, sha) in spec.files.items():
+                weights.verify_file(folder / filename, sha)
+                print(f"ok  {folder / filename}")
+    elif args.action == "convert":
+        spec = weights.get_weights(args.names[0])
+        state = weights.unwrap_state_dict(weights.load_checkpoint_file(args.source))
+        converted = spec.converter(state) if spec.converter else state
+        print(weights.save_safetensors(converted, args.output, metadata={"polyfm_weights": spec.name}))
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from polyfm.core.studies import run_study
+
+    run_study(Path(args.config), workers=args.workers, ray_address=args.ray_address, output=args.output)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from polyfm.core.demo import run_demo
+
+    run_demo(output=Path(args.output), data_dir=args.data_dir, domains=args.domains, quick=args.quick)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from polyfm.core.bench import run_all
+
+    run_all(Path(args.output), quick=not args.full, only=args.domains, device=args.device, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polyfm", description="Domain foundation models: pretrain, fine-tune, transfer studies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name} with a YAML recipe (--config recipe.yaml)", add_help=False)
+    sub.add_parser("models", help="list the models of installed packages").set_defaults(func=cmd_models)
+    w = sub.add_parser("weights", help="list, fetch, verify or convert official checkpoints")
+    w.add_argument("action", choices=["list", "fetch", "verify", "convert"])
+    w.add_argument("names", nargs="*")
+    w.add_argument("--source", help="convert: the official checkpoint file")
+    w.add_argument("--output", help="convert: the safetensors file to write")
+    w.set_defaults(func=cmd_weights)
+    s = sub.add_parser("study", help="run a transfer study grid")
+    s.add_argument("action", choices=["run"])
+    s.add_argument("config")
+    s.add_argument("--workers", type=int, default=1, help="local processes (one per GPU when GPUs are present)")
+    s.add_argument("--ray-address", default=None, help="run trials on a Ray cluster (ray.init(address=...))")
+    s.add_argument("--output", default=None, help="results folder (default: the study's own)")
+    s.set_defaults(func=cmd_study)
+    d = sub.add_parser("demo", help="pretrain, fine-tune and compare with scratch in every installed domain")
+    d.add_argument("--output", default="reports/demo")
+    d.add_argument("--data-dir", default=None, help="real data folder (default: $POLYFM_DATA_DIR, else built-in samples)")
+    d.add_argument("--domains", nargs="*", default=None)
+    d.add_argument("--quick", action="store_true", help="smallest settings (used by the tests)")
+    d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="throughput and memory vs the reference implementations")
+    b.add_argument("--output", default="reports/bench.json")
+    b.add_argument("--domains", nargs="*", default=None)
+    b.add_argument("--device", default=None)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--full", action="store_true", help="full-size configurations (default: quick)")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        lightning_main(argv)
+        return
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Data helpers every domain uses: the data-dir setting, label fractions, seeded
+sampling (exact resume), and a DataModule over map-style datasets of dicts."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from polyfm.core.errors import ConfigError
+
+
+def data_dir(required: bool = False) -> Path | None:
+    """The folder of real sample data (``POLYFM_DATA_DIR``), or None when unset."""
+    value = os.environ.get("POLYFM_DATA_DIR")
+    if not value:
+        if required:
+            raise ConfigError("POLYFM_DATA_DIR is not set: point it at the folder holding the sample datasets.")
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"POLYFM_DATA_DIR={value} is not a folder.")
+    return path
+
+
+def label_fraction_indices(
+    labels: Sequence[Any] | np.ndarray | int,
+    fraction: float,
+    seed: int = 0,
+    stratify: bool = True,
+) -> np.ndarray:
+    """Indices of a reproducible ``fraction`` of a training split.
+
+    With ``stratify`` and hashable labels (class ids), each class keeps its share
+    (at least one sample per class present). Multi-label or continuous labels, or an
+    int length, give a plain seeded random subset. The result is sorted, and a
+    smaller fraction with the same seed is a subset of a larger one within each class.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}.")
+    n = labels if isinstance(labels, int) else len(labels)
+    rng = np.random.default_rng(seed)
+    if fraction == 1.0:
+        return np.arange(n)
+    if isinstance(labels, int) or not stratify or not _is_categorical(labels):
+        order = rng.permutation(n)
+        return np.sort(order[: max(1, math.ceil(fraction * n))])
+    label_array = np.asarray(labels)
+    chosen: list[np.ndarray] = []
+    for value in np.unique(label_array):
+        members = np.flatnonzero(label_array == value)
+        members = members[rng.permutation(len(members))]
+        chosen.append(members[: max(1, round(fraction * len(members)))])
+    return np.sort(np.concatenate(chosen))
+
+
+def _is_categorical(labels: Sequence[Any] | np.ndarray) -> bool:
+    array = np.asarray(labels)
+    if array.ndim != 1:
+        return False
+    if array.dtype.kind in "iub" or array.dtype.kind in "US" or array.dtype == object:
+        return True
+    return False
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random order that depends only on (seed, epoch), so a resumed run sees the
+    batches an uninterrupted one would. Lightning calls ``set_epoch`` each epoch."""
+
+    def __init__(self, length: int, seed: int = 0, weights: Sequence[float] | None = None, num_samples: int | None = None) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples = num_samples or length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:  # balanced sampling (e.g. AudioSet tags): with replacement
+            return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist())
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class DictDataModule(L.LightningDataModule):
+    """A DataModule over map-style train/val/test datasets that yield dicts.
+
+    Subclasses implement ``build()`` returning ``(train, val, test)`` and, for
+    stratified label fractions, ``train_labels()``. ``label_fraction`` keeps a
+    reproducible subset of the training split."""
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.label_fraction, self.seed = label_fraction, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.collate_fn = collate_fn
+        self.train_set: Dataset[Any] | None = None
+        self.val_set: Dataset[Any] | None = None
+        self.test_set: Dataset[Any] | None = None
+
+    def build(self) -> tuple[Dataset[Any], Dataset[Any] | None, Dataset[Any] | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_labels(self) -> Sequence[Any] | None:
+        """Per-sample labels of the full training split, for stratified fractions."""
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, self.val_set, self.test_set = self.build()
+        if self.label_fraction < 1.0:
+            labels = self.train_labels()
+            indices = label_fraction_indices(labels if labels is not None else len(train), self.label_fraction, self.seed)  # type: ignore[arg-type]
+            train = Subset(train, indices.tolist())
+        self.train_set = train
+
+    def _loader(self, dataset: Dataset[Any] | None, train: bool) -> DataLoader[Any]:
+        if dataset is None:
+            raise ConfigError(f"{type(self).__name__} has no {'train' if train else 'evaluation'} split.")
+        sampler = EpochSeededSampler(len(dataset), self.seed) if train else None  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=self.collate_fn,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.test_set if self.test_set is not None else self.val_set, False)
+
+    def predict_dataloader(self) -> DataLoader[Any]:
+        return self.test_dataloader()
+
+
+class TensorDictDataset(Dataset[dict[str, Any]]):
+    """A dataset over tensors of equal length, yielding ``{"input": x[i], "target": y[i]}``."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, meta: Sequence[Any] | None = None) -> None:
+        if len(inputs) != len(targets):
+            raise ConfigError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length.")
+        self.inputs, self.targets, self.meta = inputs, targets, meta
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"input": self.inputs[index], "target": self.targets[index]}
+        if self.meta is not None:
+            item["meta"] = self.meta[index]
+        return item
