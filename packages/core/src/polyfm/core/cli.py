@@ -17,15 +17,25 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def lightning_main(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    from polyfm.core.trainer import AtomicCheckpointIO
+    from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir
 
-    LightningCLI(
+    class PolyfmCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs: object) -> object:
+            # atomic checkpoint writes and weights_only reads for every CLI run
+            config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+            if config.get("default_root_dir"):
+                check_output_dir(config["default_root_dir"])
+            plugins = list(config.get("plugins") or [])
+            if not any(isinstance(p, AtomicCheckpointIO) for p in plugins):
+                config["plugins"] = [*plugins, AtomicCheckpointIO()]
+            return super().instantiate_trainer(**kwargs)
+
+    PolyfmCLI(
         model_class=None,
         datamodule_class=None,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -88,11 +88,10 @@ class EngineModule(L.LightningModule):
                 "Check those samples for NaN/Inf values, or lower the learning rate."
             )
 
-    def train(self, mode: bool = True) -> EngineModule:
-        super().train(mode)
-        if mode:
-            freeze_batchnorm_statistics(self)
-        return self
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores each submodule's mode itself after validation, so this
+        # runs per batch rather than in train(): frozen norms keep their statistics.
+        freeze_batchnorm_statistics(self)
 
     # -- exact resume ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import pickle
 import shutil
 import tempfile
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -58,6 +59,7 @@ class WeightSpec:
 
 _REGISTRY: dict[str, WeightSpec] = {}
 _LOADED_ENTRY_POINTS = False
+_BROKEN_ENTRY_POINTS: dict[str, str] = {}
 
 
 def register_weights(*specs: WeightSpec) -> None:
@@ -73,8 +75,10 @@ def _load_entry_points() -> None:
     for ep in entry_points(group="polyfm.weights"):
         try:
             specs = ep.load()
-        except ImportError as exc:  # a domain package whose field library is broken
-            raise ImportError(f"polyfm.weights entry point {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+        except ImportError as exc:  # one broken domain package must not hide the others' weights
+            _BROKEN_ENTRY_POINTS[ep.name] = f"{ep.value}: {exc}"
+            warnings.warn(f"polyfm.weights entry point {ep.name!r} ({ep.value}) failed to import: {exc}", stacklevel=2)
+            continue
         register_weights(*(specs() if callable(specs) else specs))
 
 
@@ -87,7 +91,8 @@ def get_weights(name: str) -> WeightSpec:
     _load_entry_points()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "(none: is the domain package installed?)"
-        raise KeyError(f"No registered weights named {name!r}. Known: {known}. `polyfm weights list` shows them.")
+        broken = "".join(f" Entry point {k} failed to import ({v})." for k, v in _BROKEN_ENTRY_POINTS.items())
+        raise KeyError(f"No registered weights named {name!r}. Known: {known}.{broken} `polyfm weights list` shows them.")
     return _REGISTRY[name]
 
 

@@ -1,0 +1,97 @@
+"""Developer sessions. All share one virtualenv (.venv): installing torch again for
+each session would waste minutes and gigabytes.
+
+    nox -s tests                # every package's tests and the cross-package ones
+    nox -s tests -- ts          # one package
+    nox -s demo                 # the main job: pretrain, fine-tune, compare, report
+    nox -s lint typecheck docs bench
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+VENV = ROOT / ".venv"
+PACKAGES = ["core", "ts", "audio", "mol", "geo", "medseg"]
+nox.options.sessions = ["lint", "tests"]
+nox.options.default_venv_backend = "none"
+
+
+def _bin(name: str) -> str:
+    return str(VENV / "bin" / name)
+
+
+def ensure_env(session: nox.Session) -> None:
+    """Create .venv once and install the pinned set, the six packages (editable) and test-only references."""
+    if not (VENV / "bin" / "python").exists():
+        session.run(sys.executable, "-m", "venv", str(VENV))
+    pip = [_bin("python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    constraints = ["-c", str(ROOT / "requirements" / "constraints.txt")]
+    marker = VENV / ".polyfm-installed"
+    stamp = "".join(
+        (ROOT / p).read_text()
+        for p in ["requirements/constraints.txt", "requirements/dev.txt", *(f"packages/{d}/pyproject.toml" for d in PACKAGES)]
+        + [f"packages/{d}/requirements-test{s}.txt" for d in PACKAGES[1:] for s in ("", "-nodeps")]
+        if (ROOT / p).exists()
+    )
+    if marker.exists() and marker.read_text() == stamp:
+        return
+    # torch first, alone: its resolution decides the rest
+    session.run(*pip, *constraints, "torch", "torchvision", "torchaudio", external=True)
+    session.run(*pip, *constraints, "-r", str(ROOT / "requirements" / "dev.txt"), *[x for d in PACKAGES for x in ("-e", str(ROOT / "packages" / d))], external=True)
+    for d in PACKAGES[1:]:
+        for suffix, extra in (("", []), ("-nodeps", ["--no-deps"])):
+            req = ROOT / "packages" / d / f"requirements-test{suffix}.txt"
+            if req.exists() and any(line.strip() and not line.startswith("#") for line in req.read_text().splitlines()):
+                session.run(*pip, *extra, "-r", str(req), external=True)
+    marker.write_text(stamp)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the tests: all packages, or those named after `--`."""
+    ensure_env(session)
+    chosen = session.posargs or [*PACKAGES, "tests"]
+    paths = [str(ROOT / "tests") if name == "tests" else str(ROOT / "packages" / name / "tests") for name in chosen]
+    env = {"POLYFM_DATA_DIR": os.environ.get("POLYFM_DATA_DIR", ""), "POLYFM_OFFLINE": "1"}
+    session.run(_bin("python"), "-m", "pytest", *paths, "-q", env=env, external=True)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: for every domain, pretrain briefly, fine-tune at two label fractions, compare with scratch, write the report."""
+    ensure_env(session)
+    session.run(_bin("polyfm"), "demo", "--output", "reports/demo", *session.posargs, env={"POLYFM_OFFLINE": "1"}, external=True)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    ensure_env(session)
+    session.run(_bin("ruff"), "check", "packages", "tests", "noxfile.py", external=True)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy, strict on polyfm.core."""
+    ensure_env(session)
+    session.run(_bin("mypy"), "-p", "polyfm.core", external=True)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Throughput and peak memory, ours vs the reference implementations, into reports/bench.json."""
+    ensure_env(session)
+    session.run(_bin("polyfm"), "bench", "--output", "reports/bench.json", *session.posargs, external=True)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the docs site into site/."""
+    ensure_env(session)
+    session.run(_bin("python"), "-m", "pip", "install", "-q", "mkdocs==1.6.1", external=True)
+    session.run(_bin("mkdocs"), "build", "--strict", "--site-dir", "site", external=True)

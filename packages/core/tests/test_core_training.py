@@ -1,0 +1,178 @@
+"""The engine's training guarantees: exact resume after a real kill, atomic checkpoints,
+non-finite losses stopped and traced, tasks and the LightningCLI entry point."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from polyfm.core import Classification, NonFiniteLossError, OptimConfig, Regression, build_trainer
+from polyfm.core.data import TensorDictDataset, label_fraction_indices
+from polyfm.core.errors import ConfigError
+from polyfm.core.toy import ToyDataModule, ToyEncoder
+from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "train_toy_script.py"
+
+
+def run_script(out: Path, epochs: int, sleep: float) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(epochs), str(sleep)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    epochs = 5
+    reference = run_script(tmp_path / "reference", epochs, 0.0)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
+
+    out = tmp_path / "killed"
+    rng = random.Random(1)
+    kills = 0
+    for _attempt in range(2):  # kill twice at random points after a checkpoint exists
+        proc = run_script(out, epochs, 0.03)
+        last = out / "checkpoints" / "last.ckpt"
+        start = time.time()
+        mtime = last.stat().st_mtime if last.exists() else None
+        while time.time() - start < 120 and proc.poll() is None:
+            if last.exists() and last.stat().st_mtime != mtime:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills >= 1, "the run finished before it could be killed; slow it down"
+    final = run_script(out, epochs, 0.0)
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()[-2000:]
+
+    expected, resumed = load_file(tmp_path / "reference" / "final.safetensors"), load_file(out / "final.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), f"{key} differs after {kills} kill(s) and resume"
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def dying_save(obj, handle, *args, **kwargs):
+        handle.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert io.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "temporary file left behind"
+
+
+class PoisonedData(ToyDataModule):
+    def build(self):
+        train, val, test = super().build()
+        train.inputs = train.inputs.clone()
+        train.inputs[5] = float("nan")
+        return train, val, test
+
+
+def test_nan_loss_stops_naming_the_batch_and_keeps_the_last_good_checkpoint(tmp_path):
+    L.seed_everything(0)
+    task = Classification(ToyEncoder(), 3)
+    trainer = build_trainer(max_epochs=1, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=())
+    trainer.fit(task, ToyDataModule(n_train=64, n_val=32))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+
+    trainer = build_trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=())
+    with pytest.raises(NonFiniteLossError, match="blob-1-5"):
+        trainer.fit(task, PoisonedData(n_train=64, n_val=32), ckpt_path=str(last))
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="not writable"):
+        check_output_dir(blocker / "run")
+
+
+def test_multilabel_classification_masks_missing_labels(tmp_path):
+    L.seed_everything(0)
+    x = torch.randn(128, 8)
+    y = torch.stack([(x[:, 0] > 0), (x[:, 1] > 0), (x[:, 2] + x[:, 3] > 0)], dim=1).float()
+    y[::3, 1] = float("nan")  # a third of label 1 unknown
+    data = TensorDictDataset(x, y)
+    task = Classification(ToyEncoder(), 3, multilabel=True, optim=OptimConfig(lr=1e-2))
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    trainer = build_trainer(max_epochs=15, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=(), enable_checkpointing=False)
+    trainer.fit(task, loader)
+    metrics = trainer.validate(task, torch.utils.data.DataLoader(data, batch_size=64), verbose=False)[0]
+    assert metrics["val/map"] > 0.9 and metrics["val/auroc"] > 0.9
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_regression_learns_in_original_units(tmp_path):
+    L.seed_everything(0)
+    x = torch.randn(256, 8)
+    y = torch.stack([100 + 20 * x[:, 0], -5 + x[:, 1] * x[:, 2]], dim=1)
+    y[::4, 1] = float("nan")
+    data = TensorDictDataset(x, y)
+    observed = y[~torch.isnan(y[:, 1])]
+    task = Regression(
+        ToyEncoder(),
+        2,
+        optim=OptimConfig(lr=1e-2),
+        target_mean=[y[:, 0].mean().item(), observed[:, 1].mean().item()],
+        target_std=[y[:, 0].std().item(), observed[:, 1].std().item()],
+    )
+    trainer = build_trainer(max_epochs=20, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=(), enable_checkpointing=False)
+    trainer.fit(task, torch.utils.data.DataLoader(data, batch_size=32, shuffle=True))
+    metrics = trainer.validate(task, torch.utils.data.DataLoader(data, batch_size=64), verbose=False)[0]
+    baseline_rmse = torch.sqrt(((y[:, 0] - y[:, 0].mean()) ** 2).mean()).item()
+    assert metrics["val/rmse"] < 0.3 * baseline_rmse and metrics["val/r2"] > 0.8
+
+
+def test_label_fractions_are_stratified_and_nested():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    small = label_fraction_indices(labels, 0.1, seed=3)
+    large = label_fraction_indices(labels, 0.5, seed=3)
+    assert [sum(labels[i] == c for i in small) for c in range(3)] == [5, 3, 2]
+    assert set(small) <= set(large)
+    assert list(label_fraction_indices(labels, 0.1, seed=3)) == list(small)
+
+
+def test_polyfm_fit_runs_a_yaml_recipe_end_to_end(tmp_path):
+    recipe = Path(__import__("polyfm.core", fromlist=["x"]).__file__).parent / "recipes" / "finetune-toy.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "polyfm.core.cli", "fit", "--config", str(recipe), "--trainer.enable_progress_bar=false"],
+        cwd=tmp_path,  # the recipe writes under runs/toy, relative to where it is run
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoints, "no checkpoint written"
+    metrics_csv = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "val/acc" in metrics_csv
+    last_acc = [line for line in metrics_csv.splitlines()[1:] if line.split(",")[0] != ""]
+    assert last_acc
+    state = torch.load(checkpoints[0], weights_only=True)  # our checkpoints are weights_only-safe
+    assert any("lora_A" in k for k in state["state_dict"])

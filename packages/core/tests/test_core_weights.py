@@ -1,0 +1,92 @@
+"""Loading checkpoints: safety, checksums, readable key diffs, the offline error."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+
+import pytest
+import torch
+
+from polyfm.core.errors import CheckpointError
+from polyfm.core.toy import ToyEncoder
+from polyfm.core.weights import (
+    WeightSpec,
+    fetch_weights,
+    load_checkpoint_file,
+    load_state_dict_checked,
+    register_weights,
+    save_safetensors,
+    verify_file,
+)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/polyfm-pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": RunsCode()}, handle)
+    if os.path.exists("/tmp/polyfm-pwned"):
+        os.unlink("/tmp/polyfm-pwned")
+    with pytest.raises(CheckpointError, match="weights_only=True") as info:
+        load_checkpoint_file(path)
+    assert str(path) in str(info.value)
+    assert not os.path.exists("/tmp/polyfm-pwned")
+
+
+def test_checksum_mismatch_is_refused(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"model": ToyEncoder().state_dict()}, path)
+    verify_file(path, hashlib.sha256(path.read_bytes()).hexdigest())
+    with pytest.raises(CheckpointError, match="Checksum mismatch") as info:
+        verify_file(path, "0" * 64)
+    assert str(path) in str(info.value)
+
+
+def test_wrong_architecture_shows_the_key_diff(tmp_path):
+    path = tmp_path / "deeper.pth"
+    torch.save({"model": ToyEncoder(depth=4, in_features=6).state_dict()}, path)
+    with pytest.raises(CheckpointError) as info:
+        ToyEncoder.from_pretrained(path, depth=3, in_features=8)
+    message = str(info.value)
+    assert "unexpected in the checkpoint" in message and "blocks.3.0.weight" in message
+    assert "shape mismatch" in message and "stem.weight: (32, 8) vs (32, 6)" in message
+
+
+def test_prefix_hint_and_round_trip(tmp_path):
+    model = ToyEncoder()
+    prefixed = {f"module.{k}": v for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="'module.' prefix"):
+        load_state_dict_checked(ToyEncoder(), prefixed)
+    path = save_safetensors(model.state_dict(), tmp_path / "toy.safetensors")
+    loaded = ToyEncoder.from_pretrained(path)
+    x = torch.randn(4, 8)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model.forward_features(x), loaded.forward_features(x))
+
+
+def test_registered_weights_offline_error_names_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYFM_CACHE", str(tmp_path / "cache"))
+    spec = WeightSpec(
+        name="toy-test-weights",
+        family="toy",
+        files={"toy.pth": ("https://example.invalid/toy.pth", None)},
+        license="Apache-2.0",
+    )
+    register_weights(spec)
+    with pytest.raises(CheckpointError) as info:
+        fetch_weights(spec, offline=True)
+    message = str(info.value)
+    assert "toy.pth" in message and str(tmp_path / "cache" / "weights" / "toy-test-weights") in message
+    assert "https://example.invalid/toy.pth" in message
+    # put the file where the message says: from_pretrained by name now works, offline
+    target = tmp_path / "cache" / "weights" / "toy-test-weights" / "toy.pth"
+    target.parent.mkdir(parents=True)
+    torch.save({"model": ToyEncoder().state_dict()}, target)
+    monkeypatch.setenv("POLYFM_OFFLINE", "1")
+    assert isinstance(ToyEncoder.from_pretrained("toy-test-weights"), ToyEncoder)
