@@ -29,13 +29,29 @@ class DomainKit:
     data_source: str = "built-in samples"
 
 
-def installed_kits() -> dict[str, Callable[..., DomainKit]]:
-    """Kit factories of the installed domain packages, by domain name."""
-    return {ep.name: ep.load() for ep in sorted(entry_points(group="polyfm.kits"), key=lambda e: e.name)}
+_REGISTERED: dict[str, Callable[..., DomainKit]] = {}
+
+
+def register_kit(name: str, factory: Callable[..., DomainKit]) -> None:
+    """Add a kit in-process (tests, notebooks); installed packages use the entry point."""
+    _REGISTERED[name] = factory
+
+
+def installed_kits(include_registered: bool = True) -> list[str]:
+    """Names of the domains whose kit is installed (entry points) or registered in-process."""
+    names = {ep.name for ep in entry_points(group="polyfm.kits")}
+    return sorted(names | set(_REGISTERED) if include_registered else names)
 
 
 def load_kit(name: str, data_dir: Path | None, quick: bool = False) -> DomainKit:
-    kits = installed_kits()
-    if name not in kits:
-        raise KeyError(f"No domain kit {name!r}; installed: {sorted(kits)}. Install polyfm-{name}.")
-    return kits[name](data_dir, quick=quick)
+    """Build one domain's kit; only that domain's package is imported."""
+    if name in _REGISTERED:
+        return _REGISTERED[name](data_dir, quick=quick)
+    found = [ep for ep in entry_points(group="polyfm.kits") if ep.name == name]
+    if not found:
+        raise KeyError(f"No domain kit {name!r}; installed: {installed_kits()}. Install polyfm-{name}.")
+    try:
+        factory = found[0].load()
+    except ImportError as exc:
+        raise ImportError(f"The {name} kit ({found[0].value}) failed to import: {exc}. Reinstall polyfm-{name}.") from exc
+    return factory(data_dir, quick=quick)
