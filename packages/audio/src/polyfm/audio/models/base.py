@@ -1,0 +1,135 @@
+"""The part of every PANNs model that is not its trunk: configuration with PANNs' own
+argument names, the front end, the encoder contract and loading released checkpoints.
+
+A family file (``cnn14.py``, ``cnn10.py`` ...) adds its blocks with PANNs' module names
+(``bn0``, ``conv_block1`` ..., ``fc1``, ``fc_audioset``) so the released state dicts
+load key for key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from polyfm.audio.models.frontend import LogMelFrontEnd, SpecAugment, do_mixup
+from polyfm.core.encoder import Encoder
+from polyfm.core.errors import CheckpointError
+from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
+from torch import nn
+
+
+def init_layer(layer: nn.Module) -> None:
+    """PANNs' initialisation: Xavier-uniform weights, zero bias."""
+    nn.init.xavier_uniform_(layer.weight)
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def init_bn(bn: nn.Module) -> None:
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+
+
+class PannsModel(Encoder, PretrainedMixin):
+    """Base class: builds the log-mel front end, ``spec_augmenter`` and ``bn0``.
+
+    ``forward(waveform, mixup_lambda=None)`` returns PANNs' output dict
+    (``clipwise_output``, ``embedding``, plus ``logits`` before the sigmoid);
+    ``forward_features(waveform)`` returns the embedding (``fc1`` after ReLU and
+    PANNs' dropout), which is what fine-tuning heads and linear probes use.
+    """
+
+    #: family name used by the weights registry
+    family: str = "panns"
+
+    def __init__(
+        self,
+        sample_rate: int = 32000,
+        window_size: int = 1024,
+        hop_size: int = 320,
+        mel_bins: int = 64,
+        fmin: float = 50.0,
+        fmax: float = 14000.0,
+        classes_num: int = 527,
+        spec_augment: bool = True,
+        time_drop_width: int = 64,
+        freq_drop_width: int = 8,
+        block_dropout: float = 0.2,
+        head_dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.sample_rate, self.classes_num = sample_rate, classes_num
+        self.block_dropout, self.head_dropout = block_dropout, head_dropout
+        self.frontend = LogMelFrontEnd(sample_rate, window_size, hop_size, mel_bins, fmin, fmax)
+        self.spec_augmenter = SpecAugment(time_drop_width, 2, freq_drop_width, 2) if spec_augment else nn.Identity()
+        self.bn0 = nn.BatchNorm2d(mel_bins)
+
+    # -- shared forward pieces ------------------------------------------------------------
+    @staticmethod
+    def as_waveform(x: torch.Tensor) -> torch.Tensor:
+        """Accept ``(B, samples)`` or ``(B, 1, samples)`` mono waveforms."""
+        if x.dim() == 3 and x.shape[1] == 1:
+            x = x[:, 0]
+        if x.dim() != 2:
+            raise ValueError(f"expected mono waveforms (batch, samples), got shape {tuple(x.shape)}; mix channels down first.")
+        return x
+
+    def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Log-mel normalised by ``bn0`` over mel bins: ``(B, 1, frames, mel_bins)``."""
+        x = self.frontend(waveform)
+        return self.bn0(x.transpose(1, 3)).transpose(1, 3)
+
+    def augment(self, x: torch.Tensor, mixup_lambda: torch.Tensor | None) -> torch.Tensor:
+        """SpecAugment then mixup on the spectrogram, in training only (as PANNs)."""
+        if self.training:
+            x = self.spec_augmenter(x)
+            if mixup_lambda is not None:
+                x = do_mixup(x, mixup_lambda)
+        return x
+
+    def pool_clip(self, x: torch.Tensor) -> torch.Tensor:
+        """PANNs' clip pooling: mean over frequency, then max + mean over time."""
+        x = torch.mean(x, dim=3)
+        return torch.amax(x, dim=2) + torch.mean(x, dim=2)
+
+    def clip_head(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``fc1`` -> embedding, ``fc_audioset`` -> clipwise output, as PANNs."""
+        x = nn.functional.dropout(pooled, p=self.head_dropout, training=self.training)
+        x = torch.relu(self.fc1(x))
+        embedding = nn.functional.dropout(x, p=self.head_dropout, training=self.training)
+        logits = self.fc_audioset(x)
+        return {"clipwise_output": torch.sigmoid(logits), "embedding": embedding, "logits": logits}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)["embedding"]
+
+    def num_frames(self, num_samples: int) -> int:
+        return self.frontend.num_frames(num_samples)
+
+    # -- released checkpoints -----------------------------------------------------------
+    @classmethod
+    def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> PannsModel:
+        """Build from a PANNs ``.pth`` (``{'model': state_dict}``) or one of ours.
+
+        ``config`` takes PANNs' argument names (sample_rate, window_size, hop_size,
+        mel_bins, fmin, fmax, classes_num); ``classes_num`` defaults to the
+        checkpoint's. The torchlibrosa front-end tensors are checked against this
+        model's configuration, so a 16 kHz checkpoint given 32 kHz settings fails
+        loudly instead of producing quietly wrong features.
+        """
+        from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa
+
+        state = unwrap_state_dict(load_checkpoint_file(path))
+        if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+            state = {k[len("module."):]: v for k, v in state.items()}
+        state, frontend_tensors = split_torchlibrosa(state)
+        if "classes_num" not in config and "fc_audioset.weight" in state:
+            config["classes_num"] = int(state["fc_audioset.weight"].shape[0])
+        try:
+            model = cls(**config)
+        except TypeError as exc:
+            raise CheckpointError(f"{cls.__name__} does not take {sorted(config)}: {exc}") from exc
+        check_torchlibrosa_frontend(frontend_tensors, model.frontend, source=str(path))
+        load_state_dict_checked(model, state, strict=True, source=str(path))
+        return model
