@@ -1,1 +1,35 @@
-"""polyfm.medseg"""
+"""polyfm.medseg: MONAI U-Nets (UNet, BasicUNet, DynUNet, SwinUNETR) in the polyfm encoder
+contract, self-supervised pretraining (Volume Fusion, SwinUNETR's SSL recipe, masked-volume
+inpainting) and 3D segmentation fine-tuning on Decathlon-style datasets.
+
+Importing this module is cheap; the submodules (``models``, ``data``, ``objectives``,
+``tasks``, ``weights``) import MONAI when used."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "BasicUNet",
+    "DynUNet",
+    "SwinUNETR",
+    "UNet",
+    "MODELS",
+    "WEIGHTS",
+]
+
+_LAZY = {
+    "BasicUNet": "polyfm.medseg.models",
+    "DynUNet": "polyfm.medseg.models",
+    "SwinUNETR": "polyfm.medseg.models",
+    "UNet": "polyfm.medseg.models",
+    "MODELS": "polyfm.medseg.models",
+    "WEIGHTS": "polyfm.medseg.weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'polyfm.medseg' has no attribute {name!r}")

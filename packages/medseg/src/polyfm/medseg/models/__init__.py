@@ -1,1 +1,13 @@
-MODELS: dict[str, type] = {}
+"""The medical segmentation models: MONAI networks in the polyfm encoder contract.
+
+``MODELS`` is the ``polyfm.models`` entry point (name -> class)."""
+
+from polyfm.medseg.models.base import MedSegNet
+from polyfm.medseg.models.basic_unet import BasicUNet
+from polyfm.medseg.models.dynunet import DynUNet
+from polyfm.medseg.models.swin_unetr import SwinUNETR
+from polyfm.medseg.models.unet import UNet
+
+MODELS: dict[str, type] = {"unet": UNet, "basic_unet": BasicUNet, "dynunet": DynUNet, "swin_unetr": SwinUNETR}
+
+__all__ = ["MODELS", "BasicUNet", "DynUNet", "MedSegNet", "SwinUNETR", "UNet"]

@@ -1,0 +1,88 @@
+"""MONAI ``UNet`` (Kerfoot et al.: residual units, strided convolutions), as an encoder.
+
+MONAI nests the network as ``Sequential(down, SkipConnection(submodule), up)`` from the
+top level down to a bottom layer; the blocks, input first, are the down layers from the
+top, the bottom, then the up layers back to the top. The top up layer produces the
+classes, so it is the head. The MONAI bundle ``spleen_ct_segmentation`` is this network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers.simplelayers import SkipConnection
+from monai.networks.nets import UNet as MonaiUNet
+from polyfm.medseg.models.base import MedSegNet
+from torch import nn
+
+
+def _is_level(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[1], SkipConnection)
+
+
+class UNet(MonaiUNet, MedSegNet):
+    """``monai.networks.nets.UNet`` with the polyfm encoder contract (arguments as MONAI's)."""
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        strides: Sequence[int] = (2, 2, 2, 2),
+        kernel_size: int = 3,
+        up_kernel_size: int = 3,
+        num_res_units: int = 2,
+        act: str | tuple = "PRELU",
+        norm: str | tuple = "INSTANCE",
+        dropout: float = 0.0,
+        bias: bool = True,
+        adn_ordering: str = "NDA",
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=tuple(channels),
+            strides=tuple(strides),
+            kernel_size=kernel_size,
+            up_kernel_size=up_kernel_size,
+            num_res_units=num_res_units,
+            act=act,
+            norm=norm,
+            dropout=dropout,
+            bias=bias,
+            adn_ordering=adn_ordering,
+        )
+        self.config = {
+            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
+            "channels": list(channels), "strides": list(strides), "kernel_size": kernel_size,
+            "up_kernel_size": up_kernel_size, "num_res_units": num_res_units, "act": act, "norm": norm,
+            "dropout": dropout, "bias": bias, "adn_ordering": adn_ordering,
+        }  # fmt: skip
+        self.feature_dim = int(channels[-1])
+
+    def _levels(self) -> list[tuple[str, nn.Module]]:
+        """(prefix, level) from the top down; the last entry is the bottom layer itself."""
+        levels, prefix, node = [], "model", self.model
+        while _is_level(node):
+            levels.append((prefix, node))
+            prefix, node = f"{prefix}.1.submodule", node[1].submodule
+        levels.append((prefix, node))
+        return levels
+
+    def block_names(self) -> list[str]:
+        levels = self._levels()
+        downs = [f"{prefix}.0" for prefix, _ in levels[:-1]]
+        ups = [f"{prefix}.2" for prefix, _ in reversed(levels[:-1])]
+        return [*downs, levels[-1][0], *ups]
+
+    def head_names(self) -> list[str]:
+        return ["model.2"]
+
+    def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
+        levels = self._levels()
+        for _, level in levels[:-1]:
+            x = level[0](x)
+        return levels[-1][1](x)
