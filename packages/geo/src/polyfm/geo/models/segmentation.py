@@ -1,0 +1,89 @@
+"""Semantic segmentation on a geo encoder: a UPerNet-style (FPN + fusion) decoder.
+
+A CNN encoder gives its own pyramid (``forward_pyramid``: strides 4-32); a ViT gives
+one map at its patch stride (``forward_dense``), turned into four scales with
+transposed convolutions and pooling as in ViTDet's simple feature pyramid. Lateral
+1x1 convolutions, a top-down pathway, 3x3 smoothing, and the fused concatenation of
+all levels feed a 1x1 classifier; logits are upsampled to the input size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from polyfm.core.encoder import Encoder
+from polyfm.core.errors import ConfigError
+from torch import nn
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """One ViT map (stride s) -> maps at s/4, s/2, s, 2s."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, 2))
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, 2)
+        self.down2 = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.up4(x), self.up2(x), x, self.down2(x)]
+
+
+class DenseSegmenter(Encoder):
+    """``encoder`` + UPerNet-style decoder -> logits ``(B, num_classes, H, W)``.
+
+    ``block_names()`` lists the encoder's blocks (prefixed) then ``decoder``, so
+    ``Adaptation(mode="freeze", freeze_blocks=len(encoder.block_names()))`` trains the
+    decoder on a frozen encoder (the segmentation linear probe).
+    """
+
+    dense = True
+
+    def __init__(self, encoder: nn.Module, num_classes: int, decoder_channels: int = 64) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_classes = num_classes
+        self.feature_dim = num_classes
+        if hasattr(encoder, "forward_pyramid"):
+            in_channels = [256, 512, 1024, 2048] if encoder.feature_dim == 2048 else [encoder.feature_dim] * 4
+            self.pyramid = None
+        elif hasattr(encoder, "forward_dense"):
+            in_channels = [encoder.feature_dim] * 4
+            self.pyramid = SimpleFeaturePyramid(encoder.feature_dim)
+        else:
+            raise ConfigError(f"{type(encoder).__name__} has neither forward_pyramid nor forward_dense: it cannot feed a segmentation decoder")
+        self.decoder = nn.ModuleDict(
+            {
+                "lateral": nn.ModuleList(nn.Conv2d(c, decoder_channels, 1) for c in in_channels),
+                "smooth": nn.ModuleList(_conv_bn_relu(decoder_channels, decoder_channels, 3) for _ in in_channels),
+                "fuse": _conv_bn_relu(decoder_channels * len(in_channels), decoder_channels, 3),
+                "classifier": nn.Conv2d(decoder_channels, num_classes, 1),
+            }
+        )
+
+    def block_names(self) -> list[str]:
+        inner = self.encoder.block_names() if hasattr(self.encoder, "block_names") else ["encoder"]
+        names = [f"encoder.{n}" for n in inner]
+        return names + (["pyramid"] if self.pyramid is not None else []) + ["decoder"]
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.pyramid is None:
+            return self.encoder.forward_pyramid(x)
+        return self.pyramid(self.encoder.forward_dense(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = [lat(f) for lat, f in zip(self.decoder["lateral"], self.features(x), strict=True)]
+        for i in range(len(levels) - 1, 0, -1):  # top-down
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear", align_corners=False)
+        levels = [smooth(level) for smooth, level in zip(self.decoder["smooth"], levels, strict=True)]
+        size = levels[0].shape[-2:]
+        fused = self.decoder["fuse"](torch.cat([F.interpolate(level, size=size, mode="bilinear", align_corners=False) for level in levels], 1))
+        logits = self.decoder["classifier"](fused)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)

@@ -1,0 +1,336 @@
+"""SoftCon backbones (Wang et al. 2024, zhu-xlab/softcon): ResNet-50 and DINOv2 ViT-S/14, ViT-B/14.
+
+The released files load unchanged:
+
+* ``B13_rn50_softcon.pth`` / ``B2_rn50_softcon.pth``: a torchvision ResNet-50 state dict
+  whose ``conv1`` reads 13 (Sentinel-2 L1C) or 2 (Sentinel-1 VV, VH) channels and
+  whose ``fc`` is the identity (2048-d features);
+* ``B13_vits14_softcon.pth``, ``B13_vitb14_softcon.pth``, ``B2_*``: the DINOv2 ViT key
+  layout (``patch_embed.proj``, ``blocks.N.ls1.gamma``, ``mask_token``...), image 224,
+  patch 14, LayerScale 1e-5, no register tokens; features are the normed CLS token.
+  The ViT is timm's VisionTransformer (same keys as DINOv2) plus DINOv2's
+  ``mask_token``, which Siamese masking uses.
+
+``from_imagenet``/``from_dinov2`` start continual pretraining from an RGB
+checkpoint: the RGB kernels go to B4, B3, B2 and every other band gets the
+spectrally nearest RGB kernel, all rescaled by 3/C so the first layer's response
+to a flat input keeps its magnitude (see :func:`expand_rgb_kernel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from polyfm.core.encoder import Encoder
+from polyfm.core.errors import CheckpointError, ConfigError, DataError
+from polyfm.core.weights import (
+    PretrainedMixin,
+    WeightSpec,
+    load_checkpoint_file,
+    load_state_dict_checked,
+    strip_prefix,
+    unwrap_state_dict,
+)
+from polyfm.geo.bands import (
+    SENTINEL1_BANDS,
+    SENTINEL2_BANDS,
+    BandPlan,
+    MissingBands,
+    Normalization,
+    canonical_band,
+    plan_bands,
+    remap_in_channels,
+    wavelength,
+)
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+RGB_ORDER = ["B4", "B3", "B2"]  # ImageNet / DINOv2 kernels read R, G, B
+
+
+def default_bands(in_chans: int) -> list[str]:
+    if in_chans == 13:
+        return list(SENTINEL2_BANDS)
+    if in_chans == 2:
+        return list(SENTINEL1_BANDS)
+    if in_chans == 3:
+        return list(RGB_ORDER)
+    return [f"band{i}" for i in range(in_chans)]
+
+
+def expand_rgb_kernel(rgb_weight: torch.Tensor, bands: Sequence[str]) -> torch.Tensor:
+    """Initialise a C-band kernel from an RGB one (continual pretraining).
+
+    Bands named R/G/B (B4/B3/B2) take their kernel; every other band with a known
+    wavelength takes the kernel of the nearest of the three; bands with no wavelength
+    (SAR) take the mean RGB kernel. The result is scaled by 3/C so a flat input gives
+    the same first-layer response as before.
+    """
+    rgb_wl = [wavelength(b) for b in RGB_ORDER]
+    columns = []
+    for band in (canonical_band(b) for b in bands):
+        if band in RGB_ORDER:
+            columns.append(rgb_weight[:, RGB_ORDER.index(band)])
+            continue
+        wl = wavelength(band)
+        if wl is None:
+            columns.append(rgb_weight.mean(dim=1))
+        else:
+            nearest = min(range(3), key=lambda i: abs(rgb_wl[i] - wl))  # type: ignore[operator]
+            columns.append(rgb_weight[:, nearest])
+    return torch.stack(columns, dim=1) * (3.0 / len(columns))
+
+
+class _BandAware:
+    """Shared band bookkeeping: declared bands, normalisation, adapt_bands()."""
+
+    bands: list[str]
+    input_bands: list[str]
+    normalization: Normalization | None
+    band_plan: BandPlan | None
+
+    def _first_conv(self) -> nn.Conv2d:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _set_first_conv(self, conv: nn.Conv2d, bias_delta: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def adapt_bands(self, input_bands: Sequence[str], missing_bands: MissingBands = "error") -> BandPlan:
+        """Rewrite the first layer to read ``input_bands`` (see :mod:`polyfm.geo.bands`)."""
+        if self.band_plan is not None:
+            raise ConfigError("adapt_bands() was already applied to this model; build or load a fresh one")
+        plan = plan_bands(input_bands, self.bands, missing_bands)
+        levels = self.normalization.normalised_mean() if self.normalization else [0.0] * len(self.bands)
+        conv = self._first_conv()
+        weight, bias, channels = remap_in_channels(conv.weight.data, plan, self.bands, levels)
+        # The new layer reads every input channel; bands it does not use get zero
+        # kernels (they are absent from the model, not zero-filled model bands).
+        full = weight.new_zeros((weight.shape[0], len(plan.input_bands), *weight.shape[2:]))
+        full[:, channels] = weight
+        new = nn.Conv2d(len(plan.input_bands), conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+        new = new.to(conv.weight.device)
+        new.weight.data.copy_(full)
+        if conv.bias is not None:
+            new.bias.data.copy_(conv.bias.data)
+        self._set_first_conv(new, bias)
+        self.input_bands, self.band_plan = list(plan.input_bands), plan
+        return plan
+
+    def input_normalization(self) -> Normalization | None:
+        if self.normalization is None or self.normalization.kind == "scale":
+            return self.normalization
+        stats = [
+            (self.normalization.mean[self.bands.index(b)], self.normalization.std[self.bands.index(b)]) if b in self.bands else (0.0, 1.0)
+            for b in self.input_bands
+        ]
+        return Normalization(self.normalization.kind, tuple(m for m, _ in stats), tuple(s for _, s in stats), self.normalization.divisor, self.normalization.quantize)
+
+    def _check_channels(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != len(self.input_bands):
+            raise DataError(
+                f"{type(self).__name__} expects (B, {len(self.input_bands)}, H, W) with bands {self.input_bands}, got {tuple(x.shape)}. "
+                "Map the data's bands with model.adapt_bands(data_bands, missing_bands=...)."
+            )
+
+
+# ----------------------------------------------------------------------------- ResNet-50
+
+
+class SoftConResNet50(ResNet, _BandAware, Encoder, PretrainedMixin):
+    """torchvision ResNet-50 with a ``in_chans``-channel ``conv1`` and ``fc = Identity``."""
+
+    def __init__(self, in_chans: int = 13, bands: Sequence[str] | None = None, normalization: Mapping[str, Any] | None = None) -> None:
+        super().__init__(Bottleneck, [3, 4, 6, 3])
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.fc = nn.Identity()
+        self.feature_dim = 2048
+        self.bands = [canonical_band(b) for b in (bands or default_bands(in_chans))]
+        if len(self.bands) != in_chans:
+            raise ConfigError(f"{in_chans} input channels but {len(self.bands)} band names: {self.bands}")
+        self.input_bands = list(self.bands)
+        self.normalization = Normalization.from_meta(normalization) if normalization else None
+        self.band_plan = None
+
+    def _first_conv(self) -> nn.Conv2d:
+        return self.conv1
+
+    def _set_first_conv(self, conv: nn.Conv2d, bias_delta: torch.Tensor) -> None:
+        self.conv1 = conv
+        # conv1 has no bias: a constant added after it is the same as a shifted BN mean.
+        self.bn1.running_mean.sub_(bias_delta.to(self.bn1.running_mean))
+
+    def block_names(self) -> list[str]:
+        return ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps at strides 4, 8, 16, 32 (256, 512, 1024, 2048 channels)."""
+        self._check_channels(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            features.append(x)
+        return features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.forward_pyramid(x)[-1]), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+    @classmethod
+    def from_imagenet(cls, state_dict: Mapping[str, torch.Tensor], bands: Sequence[str]) -> SoftConResNet50:
+        """Continual pretraining start: an ImageNet ResNet-50 state dict, first layer expanded to ``bands``."""
+        model = cls(in_chans=len(bands), bands=bands)
+        state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        state["conv1.weight"] = expand_rgb_kernel(state["conv1.weight"], bands)
+        load_state_dict_checked(model, state, source="ImageNet ResNet-50")
+        return model
+
+    @classmethod
+    def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SoftConResNet50:
+        state = strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
+        if "conv1.weight" not in state:
+            raise CheckpointError(f"{path} is not a ResNet-50 checkpoint (no 'conv1.weight'; first keys {sorted(state)[:6]})")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        meta = dict(spec.meta) if spec is not None else {}
+        kwargs: dict[str, Any] = {"in_chans": int(state["conv1.weight"].shape[1])}
+        if "bands" in meta:
+            kwargs["bands"] = meta["bands"]
+        if "normalization" in meta:
+            kwargs["normalization"] = meta["normalization"]
+        kwargs.update(config)
+        model = cls(**kwargs)
+        load_state_dict_checked(model, state, source=str(path))
+        return model
+
+
+# ----------------------------------------------------------------------------- DINOv2 ViT
+
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+}
+
+
+class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
+    """DINOv2-layout ViT (timm) for multispectral / SAR input, features = normed CLS token."""
+
+    def __init__(
+        self,
+        size: str = "small",
+        in_chans: int = 13,
+        img_size: int = 224,
+        patch_size: int = 14,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        init_values: float = 1e-5,
+        drop_path_rate: float = 0.0,
+        bands: Sequence[str] | None = None,
+        normalization: Mapping[str, Any] | None = None,
+    ) -> None:
+        if size not in VIT_SIZES:
+            raise ConfigError(f"size must be one of {sorted(VIT_SIZES)}, got {size!r}")
+        dims = {**VIT_SIZES[size], **{k: v for k, v in {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}.items() if v is not None}}
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            global_pool="token",
+            init_values=init_values,
+            drop_path_rate=drop_path_rate,
+            dynamic_img_size=True,
+            **dims,
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, dims["embed_dim"]))  # DINOv2's, used by Siamese masking
+        self.feature_dim = dims["embed_dim"]
+        self.bands = [canonical_band(b) for b in (bands or default_bands(in_chans))]
+        if len(self.bands) != in_chans:
+            raise ConfigError(f"{in_chans} input channels but {len(self.bands)} band names: {self.bands}")
+        self.input_bands = list(self.bands)
+        self.normalization = Normalization.from_meta(normalization) if normalization else None
+        self.band_plan = None
+
+    def _first_conv(self) -> nn.Conv2d:
+        return self.patch_embed.proj
+
+    def _set_first_conv(self, conv: nn.Conv2d, bias_delta: torch.Tensor) -> None:
+        conv.bias.data.add_(bias_delta)
+        self.patch_embed.proj = conv
+
+    def block_names(self) -> list[str]:
+        return ["patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm"]
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed tokens ``(B, 1 + N, D)``; ``masks`` ``(B, N)`` bool replaces patches by ``mask_token``."""
+        self._check_channels(x)
+        h = self.patch_embed(x)  # (B, H, W, D) with dynamic_img_size
+        if masks is not None:
+            flat = h.reshape(h.shape[0], -1, h.shape[-1])
+            flat = torch.where(masks[..., None], self.mask_token.to(flat.dtype)[None], flat)
+            h = flat.reshape(h.shape)
+        h = self._pos_embed(h)
+        h = self.norm_pre(self.patch_drop(h))
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return self.forward_tokens(x, masks)[:, 0]
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.forward_tokens(x)[:, self.num_prefix_tokens :]
+        grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.forward_features(x)
+
+    @classmethod
+    def from_dinov2(cls, state_dict: Mapping[str, torch.Tensor], bands: Sequence[str], size: str = "small", **config: Any) -> SoftConViT:
+        """Continual pretraining start: an RGB DINOv2 state dict, patch embedding expanded to ``bands``."""
+        model = cls(size=size, in_chans=len(bands), bands=bands, **config)
+        state = dict(state_dict)
+        state["patch_embed.proj.weight"] = expand_rgb_kernel(state["patch_embed.proj.weight"], bands)
+        _fit_pos_embed(model, state)
+        load_state_dict_checked(model, state, strict=False, ignore_missing=["mask_token"], source="DINOv2 ViT")
+        return model
+
+    @classmethod
+    def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SoftConViT:
+        state = strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
+        state = strip_prefix(state, "backbone.")
+        if "patch_embed.proj.weight" not in state:
+            raise CheckpointError(f"{path} is not a DINOv2 ViT checkpoint (no 'patch_embed.proj.weight'; first keys {sorted(state)[:6]})")
+        embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
+        size = next((name for name, dims in VIT_SIZES.items() if dims["embed_dim"] == embed_dim), None)
+        if size is None:
+            raise CheckpointError(f"{path}: no known ViT size has width {embed_dim}")
+        meta = dict(spec.meta) if spec is not None else {}
+        kwargs: dict[str, Any] = {"size": size, "in_chans": int(in_chans), "patch_size": int(patch)}
+        kwargs["depth"] = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        for key in ("bands", "normalization", "img_size"):
+            if key in meta:
+                kwargs[key] = meta[key]
+        kwargs.update(config)
+        model = cls(**kwargs)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        _fit_pos_embed(model, state)
+        # torchgeo's converted "_enc" files drop mask_token; keep ours at zero then.
+        load_state_dict_checked(model, state, strict=True, ignore_missing=["mask_token"], source=str(path))
+        return model
+
+
+def _fit_pos_embed(model: SoftConViT, state: dict[str, torch.Tensor]) -> None:
+    from polyfm.geo.models.satmae import resize_pos_embed
+
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], tuple(grid))

@@ -1,0 +1,115 @@
+"""SatMAE / SatMAE++ against the official code (rshf ships a copy of sustainlab-group/SatMAE)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from polyfm.core.errors import CheckpointError
+from polyfm.geo.models.satmae import SatMAE, SatMAETemporal, sincos_2d
+
+rshf_satmae = pytest.importorskip("rshf.satmae.model")
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, channel_embed=16, depth=2, num_heads=4,
+            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, decoder_channel_embed=8)
+
+
+def official_mae():
+    cfg = dict(in_chans=10, patch_size=8, img_size=32, channel_groups=((0, 1, 2, 6), (3, 4, 5, 7), (8, 9)), embed_dim=64,
+               channel_embed=16, depth=2, num_heads=4, mlp_ratio=4, decoder_embed_dim=32, decoder_depth=1,
+               decoder_num_heads=4, decoder_channel_embed=8, norm_pix_loss=False)
+    return rshf_satmae.MaskedAutoencoderGroupChannelViT(cfg).eval()
+
+
+def official_finetune(num_classes=5):
+    return rshf_satmae.GroupChannelsVisionTransformer(
+        global_pool=True, channel_embed=16, img_size=32, patch_size=8, in_chans=10, embed_dim=64, depth=2, num_heads=4,
+        mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=num_classes).eval()
+
+
+def test_sincos_matches_official():
+    ref = rshf_satmae.get_2d_sincos_pos_embed(48, 4, cls_token=True)
+    assert torch.allclose(sincos_2d(48, 4), torch.from_numpy(ref), atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial_mask", [False, True])
+def test_mae_matches_official(spatial_mask):
+    ref = official_mae()
+    ref.spatial_mask = spatial_mask
+    ours = SatMAE(**TINY, spatial_mask=spatial_mask).eval()
+    assert set(ours.state_dict()) - set(ref.state_dict()) == {"channel_cls_embed", "fc_norm.weight", "fc_norm.bias"}
+    assert set(ref.state_dict()) <= set(ours.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    x = torch.rand(2, 10, 32, 32)
+    torch.manual_seed(0)
+    loss, pred, mask = ref(x, 0.75)
+    torch.manual_seed(0)
+    out = ours.forward_mae(x, 0.75)
+    assert torch.equal(out["mask"], mask)
+    torch.testing.assert_close(out["pred"], pred)
+    torch.testing.assert_close(out["loss"], loss)
+
+
+def test_pretrain_checkpoint_loads_and_interpolates(tmp_path):
+    ref = official_mae()
+    torch.save({"model": ref.state_dict(), "epoch": 199}, tmp_path / "pretrain-vit-base-e199.pth")
+    full = SatMAE.from_pretrained(tmp_path / "pretrain-vit-base-e199.pth", num_heads=4, decoder_num_heads=4)
+    assert full.decoder_depth == 1 and full.img_size == 32
+    torch.testing.assert_close(full.blocks[1].mlp.fc2.weight, ref.blocks[1].mlp.fc2.weight)
+    big = SatMAE.from_pretrained(tmp_path / "pretrain-vit-base-e199.pth", num_heads=4, img_size=64, decoder_depth=0)
+    assert big.pos_embed.shape == (1, 1 + 64, 48) and not hasattr(big, "decoder_embed")
+    # same table as MAE/DeiT's interpolate_pos_embed (the copy rshf ships with ScaleMAE)
+    from rshf.scalemae.model import interpolate_pos_embed
+
+    class _Target:
+        patch_embed = type("P", (), {"num_patches": 64})()
+        pos_embed = torch.zeros(1, 65, 48)
+
+    checkpoint = {"pos_embed": ref.state_dict()["pos_embed"].clone()}
+    interpolate_pos_embed(_Target(), checkpoint)
+    torch.testing.assert_close(big.pos_embed.data, checkpoint["pos_embed"])
+    assert big.forward_features(torch.rand(1, 10, 64, 64)).shape == (1, 64)
+
+
+def test_finetuned_checkpoint_matches_official(tmp_path):
+    ref = official_finetune()
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    torch.save({"model": ref.state_dict()}, tmp_path / "finetune-vit-base-e7.pth")
+    ours = SatMAE.from_pretrained(tmp_path / "finetune-vit-base-e7.pth", num_heads=4).eval()
+    x = torch.rand(2, 10, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(x), ref.head(ref.forward_features(x)), atol=1e-5, rtol=1e-4)
+
+
+def test_wrong_checkpoint_is_refused(tmp_path):
+    torch.save({"model": {"conv1.weight": torch.zeros(64, 13, 7, 7)}}, tmp_path / "rn50.pth")
+    with pytest.raises(CheckpointError, match="patch_embed.0.proj.weight"):
+        SatMAE.from_pretrained(tmp_path / "rn50.pth")
+
+
+def test_satmae_pp_multiscale_loss():
+    model = SatMAE(**TINY, multiscale=True)
+    x = torch.rand(2, 10, 32, 32)
+    up = [torch.rand(2, 10, 64, 64), torch.rand(2, 10, 128, 128)]
+    out = model.forward_mae(x, imgs_up=up)
+    assert torch.allclose(out["loss"], 0.6 * out["mse"] + 0.4 * out["l1"])
+    out["loss"].backward()
+    assert model.up_block2.proj_out.weight.grad is not None
+    assert {"proj_up_conv.weight", "up_block1.up_conv.weight", "up_block2.res_block.conv1.weight"} <= set(model.state_dict())
+
+
+def test_temporal_variant_matches_official_layout(tmp_path):
+    ref = rshf_satmae.MaskedAutoencoderViT if hasattr(rshf_satmae, "MaskedAutoencoderViT") else None
+    model = SatMAETemporal(img_size=32, patch_size=8, embed_dim=448, depth=1, num_heads=4, decoder_embed_dim=256,
+                           decoder_depth=1, decoder_num_heads=4)
+    images = torch.rand(2, 3, 3, 32, 32)
+    timestamps = torch.tensor([[[2, 0, 10], [3, 5, 12], [4, 11, 9]]] * 2)
+    out = model.forward_mae(images, timestamps)
+    assert out["pred"].shape == (2, 3 * 16, 8 * 8 * 3) and out["mask"].sum() == 2 * 36
+    torch.save({"model": model.state_dict()}, tmp_path / "temporal.pth")
+    loaded = SatMAETemporal.from_pretrained(tmp_path / "temporal.pth", num_heads=4, decoder_num_heads=4)
+    assert loaded.forward_features({"images": images, "timestamps": timestamps}).shape == (2, 448)
+    assert ref is not None
