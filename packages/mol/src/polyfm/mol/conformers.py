@@ -1,0 +1,216 @@
+"""3D inputs for Uni-Mol: RDKit ETKDG conformers, a disk cache filled by parallel
+processes, and the featurisation into ``src_tokens / src_distance / src_coord / src_edge_type``.
+
+What unimol_tools does, kept: hydrogens added before embedding (ETKDGv3, seeded), MMFF
+optimisation when the force field covers the molecule, 2D coordinates when embedding
+fails, hydrogens removed afterwards for no-H models, coordinates centred, [CLS] and [SEP]
+placed at the origin. What we add: the 2D fall-backs are counted and reported (never
+silent), the crop of molecules beyond ``max_atoms`` is seeded and counted, and results are
+cached on disk so a second run does not embed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from polyfm.mol.models.unimol import UniMolDictionary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Conformer:
+    atoms: list[str]
+    coordinates: np.ndarray  # (n_atoms, 3) float32
+    is_3d: bool
+    message: str = ""
+
+
+@dataclass
+class ConformerSettings:
+    seed: int = 42
+    remove_hs: bool = False
+    mmff: bool = True
+    max_attempts: int = 1000
+
+    def key(self) -> str:
+        return f"s{self.seed}-h{int(not self.remove_hs)}-m{int(self.mmff)}-a{self.max_attempts}"
+
+
+def embed_smiles(smiles: str, settings: ConformerSettings) -> Conformer:
+    """One seeded ETKDG conformer of ``smiles`` (hydrogens added for embedding).
+
+    On failure, random-coordinate embedding is tried, then 2D coordinates
+    (``is_3d=False``, with the reason in ``message``)."""
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import AllChem
+
+    RDLogger.DisableLog("rdApp.*")
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError(f"RDKit cannot parse SMILES {smiles!r}")
+    mol = Chem.AddHs(mol)
+    params = AllChem.ETKDGv3()
+    params.randomSeed = settings.seed
+    status = AllChem.EmbedMolecule(mol, params)
+    if status != 0:  # hard cases (macrocycles, cages): random starting coordinates, more attempts
+        params.useRandomCoords = True
+        params.maxIterations = settings.max_attempts
+        status = AllChem.EmbedMolecule(mol, params)
+    message = ""
+    if status == 0:
+        if settings.mmff and AllChem.MMFFHasAllMoleculeParams(mol):
+            try:
+                AllChem.MMFFOptimizeMolecule(mol)
+            except (RuntimeError, ValueError) as exc:  # keep the ETKDG geometry
+                message = f"MMFF failed: {exc}"
+        is_3d = True
+    else:
+        AllChem.Compute2DCoords(mol)
+        is_3d = False
+        message = "ETKDG embedding failed; 2D coordinates used"
+    atoms = [atom.GetSymbol() for atom in mol.GetAtoms()]
+    coords = mol.GetConformer().GetPositions().astype(np.float32)
+    if settings.remove_hs:
+        keep = [i for i, a in enumerate(atoms) if a != "H"]
+        atoms, coords = [atoms[i] for i in keep], coords[keep]
+    return Conformer(atoms, coords, is_3d, message)
+
+
+def _cache_path(cache_dir: Path, smiles: str, settings: ConformerSettings) -> Path:
+    digest = hashlib.sha1(f"{settings.key()}|{smiles}".encode()).hexdigest()
+    return cache_dir / settings.key() / digest[:2] / f"{digest}.npz"
+
+
+def _save(path: Path, conformer: Conformer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as handle:
+        np.savez(
+            handle,
+            atoms=np.array(conformer.atoms),
+            coordinates=conformer.coordinates,
+            is_3d=conformer.is_3d,
+            message=conformer.message,
+        )
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> Conformer:
+    with np.load(path, allow_pickle=False) as data:
+        return Conformer(
+            [str(a) for a in data["atoms"]], data["coordinates"].astype(np.float32), bool(data["is_3d"]), str(data["message"])
+        )
+
+
+def _embed_job(args: tuple[str, ConformerSettings, str | None]) -> Conformer:
+    smiles, settings, cache_dir = args
+    conformer = embed_smiles(smiles, settings)
+    if cache_dir is not None:
+        _save(_cache_path(Path(cache_dir), smiles, settings), conformer)
+    return conformer
+
+
+@dataclass
+class ConformerReport:
+    total: int = 0
+    from_cache: int = 0
+    fallback_2d: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"{self.total} conformers ({self.from_cache} from cache), {len(self.fallback_2d)} with 2D coordinates after ETKDG failed"
+
+
+def generate_conformers(
+    smiles: Sequence[str],
+    settings: ConformerSettings | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+) -> tuple[list[Conformer], ConformerReport]:
+    """Conformers for ``smiles`` (in order), from the cache where present, the rest
+    embedded in ``workers`` processes and written to the cache. Molecules that fell back to
+    2D are logged with a count (their indices are in the report)."""
+    settings = settings or ConformerSettings()
+    cache = Path(cache_dir) if cache_dir is not None else None
+    results: list[Conformer | None] = [None] * len(smiles)
+    report = ConformerReport(total=len(smiles))
+    todo: list[int] = []
+    for i, smi in enumerate(smiles):
+        path = _cache_path(cache, smi, settings) if cache is not None else None
+        if path is not None and path.exists():
+            try:
+                results[i] = _load(path)
+                report.from_cache += 1
+                continue
+            except (OSError, ValueError, KeyError):  # a corrupt cache entry is recomputed
+                log.warning("conformer cache entry %s is unreadable; recomputing", path)
+        todo.append(i)
+    jobs = [(smiles[i], settings, None if cache is None else str(cache)) for i in todo]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            computed = list(pool.map(_embed_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        computed = [_embed_job(job) for job in jobs]
+    for i, conformer in zip(todo, computed, strict=True):
+        results[i] = conformer
+    report.fallback_2d = [i for i, c in enumerate(results) if c is not None and not c.is_3d]
+    if report.fallback_2d:
+        log.warning(
+            "%d of %d molecules fell back to 2D coordinates (ETKDG failed): indices %s",
+            len(report.fallback_2d),
+            len(smiles),
+            report.fallback_2d[:20],
+        )
+    return [c for c in results if c is not None], report
+
+
+def unimol_features(
+    atoms: Sequence[str],
+    coordinates: np.ndarray,
+    dictionary: UniMolDictionary,
+    max_atoms: int = 256,
+    remove_hs: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Uni-Mol inputs of one molecule. Beyond ``max_atoms`` atoms, a seeded random
+    subset of ``max_atoms`` is kept (as unimol_tools and the official cropping do)."""
+    atoms = list(atoms)
+    coords = np.asarray(coordinates, dtype=np.float32)
+    if remove_hs:
+        keep = [i for i, a in enumerate(atoms) if a != "H"]
+        atoms, coords = [atoms[i] for i in keep], coords[keep]
+    if len(atoms) > max_atoms:
+        chosen = np.random.default_rng(seed).choice(len(atoms), max_atoms, replace=False)
+        atoms, coords = [atoms[i] for i in chosen], coords[chosen]
+    tokens = np.array([dictionary.bos, *(dictionary.index(a) for a in atoms), dictionary.eos], dtype=np.int64)
+    centred = coords - coords.mean(axis=0) if len(coords) else coords
+    src_coord = np.concatenate([np.zeros((1, 3), np.float32), centred, np.zeros((1, 3), np.float32)]).astype(np.float32)
+    distance = np.linalg.norm(src_coord[:, None, :] - src_coord[None, :, :], axis=-1).astype(np.float32)
+    edge = tokens[:, None] * len(dictionary) + tokens[None, :]
+    return {"src_tokens": tokens, "src_distance": distance, "src_coord": src_coord, "src_edge_type": edge.astype(np.int64)}
+
+
+def collate_unimol(samples: Sequence[dict[str, np.ndarray | torch.Tensor]], pad_idx: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of single-molecule features into a batch (tokens with [PAD], the rest with 0)."""
+    length = max(len(s["src_tokens"]) for s in samples)
+    batch = len(samples)
+    tokens = torch.full((batch, length), pad_idx, dtype=torch.long)
+    coord = torch.zeros(batch, length, 3)
+    distance = torch.zeros(batch, length, length)
+    edge = torch.zeros(batch, length, length, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["src_tokens"])
+        tokens[i, :n] = torch.as_tensor(s["src_tokens"])
+        coord[i, :n] = torch.as_tensor(s["src_coord"])
+        distance[i, :n, :n] = torch.as_tensor(s["src_distance"])
+        edge[i, :n, :n] = torch.as_tensor(s["src_edge_type"])
+    return {"src_tokens": tokens, "src_distance": distance, "src_coord": coord, "src_edge_type": edge}
