@@ -13,8 +13,8 @@ The released files load unchanged:
 
 ``from_imagenet``/``from_dinov2`` start continual pretraining from an RGB
 checkpoint: the RGB kernels go to B4, B3, B2 and every other band gets the
-spectrally nearest RGB kernel, all rescaled by 3/C so the first layer's response
-to a flat input keeps its magnitude (see :func:`expand_rgb_kernel`).
+spectrally nearest RGB kernel, all rescaled by 3/C so the first layer's output
+keeps the magnitude it had on RGB (see :func:`expand_rgb_kernel`).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def expand_rgb_kernel(rgb_weight: torch.Tensor, bands: Sequence[str]) -> torch.T
 
     Bands named R/G/B (B4/B3/B2) take their kernel; every other band with a known
     wavelength takes the kernel of the nearest of the three; bands with no wavelength
-    (SAR) take the mean RGB kernel. The result is scaled by 3/C so a flat input gives
-    the same first-layer response as before.
+    (SAR) take the mean RGB kernel. The result is scaled by 3/C so the summed kernel
+    (and the first layer's output scale) stays that of the RGB model.
     """
     rgb_wl = [wavelength(b) for b in RGB_ORDER]
     columns = []
