@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from polyfm.core.errors import ConfigError
 from polyfm.core.studies import StudyConfig, run_key
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
-
 from polyfm.core.errors import ConfigError
+from torch import nn
 
 AdaptationMode = Literal["full", "linear", "freeze", "lora"]
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -101,7 +100,7 @@ def _inject_lora(encoder: nn.Module, adaptation: Adaptation) -> None:
         )
     config = LoraConfig(
         r=adaptation.lora_rank,
-        lora_alpha=adaptation.lora_alpha,
+        lora_alpha=adaptation.lora_alpha,  # type: ignore[arg-type]  # PEFT accepts floats; its stub says int
         lora_dropout=adaptation.lora_dropout,
         target_modules=_regex_union(targets),  # a string is matched in full against module names
         bias="none",

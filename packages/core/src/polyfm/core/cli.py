@@ -10,17 +10,19 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
+
+import lightning as L
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning_main(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
-
     from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir
 
     class PolyfmCLI(LightningCLI):
-        def instantiate_trainer(self, **kwargs: object) -> object:
+        def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
             # atomic checkpoint writes and weights_only reads for every CLI run
             config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
             if config.get("default_root_dir"):

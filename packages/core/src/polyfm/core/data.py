@@ -12,9 +12,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-
 from polyfm.core.errors import ConfigError
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 
 def data_dir(required: bool = False) -> Path | None:
@@ -31,11 +30,11 @@ def data_dir(required: bool = False) -> Path | None:
 
 
 def label_fraction_indices(
-    labels: Sequence[Any] | np.ndarray | int,
+    labels: Sequence[Any] | np.ndarray[Any, Any] | int,
     fraction: float,
     seed: int = 0,
     stratify: bool = True,
-) -> np.ndarray:
+) -> np.ndarray[Any, Any]:
     """Indices of a reproducible ``fraction`` of a training split.
 
     With ``stratify`` and hashable labels (class ids), each class keeps its share
@@ -53,7 +52,7 @@ def label_fraction_indices(
         order = rng.permutation(n)
         return np.sort(order[: max(1, math.ceil(fraction * n))])
     label_array = np.asarray(labels)
-    chosen: list[np.ndarray] = []
+    chosen: list[np.ndarray[Any, Any]] = []
     for value in np.unique(label_array):
         members = np.flatnonzero(label_array == value)
         members = members[rng.permutation(len(members))]
@@ -61,7 +60,7 @@ def label_fraction_indices(
     return np.sort(np.concatenate(chosen))
 
 
-def _is_categorical(labels: Sequence[Any] | np.ndarray) -> bool:
+def _is_categorical(labels: Sequence[Any] | np.ndarray[Any, Any]) -> bool:
     array = np.asarray(labels)
     if array.ndim != 1:
         return False

@@ -12,9 +12,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from polyfm.core.tasks import EngineModule, OptimConfig
+from torch import nn
 
 
 class Objective(Protocol):

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from polyfm.core.errors import ConfigError
 
 SOURCE_KINDS = ("scratch", "pretrained", "checkpoint:", "weights:")
@@ -141,7 +140,6 @@ def pretrain_domain(output: Path, domain: str, data_dir: str | None, quick: bool
     """Pretrain the domain's encoder with its own objective once; cached on disk."""
     import lightning as L
     import torch
-
     from polyfm.core.kit import load_kit
     from polyfm.core.trainer import build_trainer
     from polyfm.core.weights import save_safetensors
@@ -208,7 +206,6 @@ def load_source(encoder: Any, source: str, output: Path, run: dict[str, Any]) ->
 def execute_run(run: dict[str, Any], output: str) -> dict[str, Any]:
     """Fine-tune one grid point and return its row. Runs in a worker process too."""
     import lightning as L
-
     from polyfm.core.adaptation import Adaptation
     from polyfm.core.kit import load_kit
     from polyfm.core.trainer import build_trainer
@@ -229,7 +226,8 @@ def execute_run(run: dict[str, Any], output: str) -> dict[str, Any]:
     )
     trainer.fit(task, data)
     tested = trainer.test(task, data, verbose=False)[0]
-    n_train = len(data.train_set) if getattr(data, "train_set", None) is not None else None
+    train_set = getattr(data, "train_set", None)
+    n_train = len(train_set) if train_set is not None else None
     return {
         "key": key,
         **{k: v for k, v in run.items() if k != "adaptation"},

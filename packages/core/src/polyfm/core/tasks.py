@@ -18,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from torch import nn
-
 from polyfm.core.adaptation import Adaptation, apply_adaptation, freeze_batchnorm_statistics
 from polyfm.core.errors import NonFiniteLossError
+from torch import nn
 
 
 @dataclass
@@ -95,7 +94,7 @@ class EngineModule(L.LightningModule):
 
     # -- exact resume ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        np_state = np.random.get_state()
+        np_state: Any = np.random.get_state()
         checkpoint["polyfm_rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -122,7 +121,8 @@ def _as_tuple(value: Any) -> Any:
 
 
 def _decay_groups(named: Any, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in named:
         if param.requires_grad:
             (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
@@ -150,7 +150,7 @@ class EncoderTask(EngineModule):
     def __init__(self, encoder: nn.Module, adaptation: Adaptation | None, optim: OptimConfig | None) -> None:
         super().__init__(optim)
         self.adaptation = adaptation or Adaptation()
-        self.encoder = apply_adaptation(encoder, self.adaptation)
+        self.encoder: Any = apply_adaptation(encoder, self.adaptation)  # Any: domain encoders add their own methods
 
     def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("encoder.")]
@@ -182,8 +182,8 @@ class Classification(EncoderTask):
         super().__init__(encoder, adaptation, optim)
         self.save_hyperparameters(ignore=["encoder"])
         self.num_classes, self.multilabel, self.class_names = num_classes, multilabel, class_names
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(encoder.feature_dim, num_classes))
-        self.metrics = nn.ModuleDict({stage: self._metrics() for stage in ("val_", "test_")})
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(self.encoder.feature_dim, num_classes))
+        self.metrics: Any = nn.ModuleDict({stage: self._metrics() for stage in ("val_", "test_")})
 
     def _metrics(self) -> torchmetrics.MetricCollection:
         if self.multilabel:
@@ -259,10 +259,12 @@ class Regression(EncoderTask):
         super().__init__(encoder, adaptation, optim)
         self.save_hyperparameters(ignore=["encoder"])
         self.target_names = target_names
-        self.head = nn.Linear(encoder.feature_dim, num_targets)
+        self.head = nn.Linear(self.encoder.feature_dim, num_targets)
+        self.target_mean: torch.Tensor
+        self.target_std: torch.Tensor
         self.register_buffer("target_mean", torch.tensor(target_mean or [0.0] * num_targets, dtype=torch.float32))
         self.register_buffer("target_std", torch.tensor(target_std or [1.0] * num_targets, dtype=torch.float32))
-        self.metrics = nn.ModuleDict(
+        self.metrics: Any = nn.ModuleDict(
             {
                 stage: torchmetrics.MetricCollection(
                     {
@@ -331,15 +333,15 @@ class Segmentation(EngineModule):
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "loss", "inferer"])
         self.adaptation = adaptation or Adaptation()
-        self.model = apply_adaptation(model, self.adaptation)
+        self.model: Any = apply_adaptation(model, self.adaptation)
         self.num_classes, self.class_names = num_classes, class_names
-        self.loss_fn = loss
+        self.loss_fn: Any = loss
         self.inferer = inferer
         self.include_background = include_background
         self.deep_supervision_weights = deep_supervision_weights
         from torchmetrics.segmentation import DiceScore
 
-        self.metrics = nn.ModuleDict(
+        self.metrics: Any = nn.ModuleDict(
             {
                 stage: DiceScore(num_classes, include_background=include_background, average="none", input_format="index")
                 for stage in ("val_", "test_")
@@ -366,7 +368,7 @@ class Segmentation(EngineModule):
             output = list(output.unbind(1))
         if isinstance(output, list | tuple):
             weights = self.deep_supervision_weights or [0.5**i for i in range(len(output))]
-            total = sum(w * self._single_loss(o, target) for w, o in zip(weights, output, strict=False))
+            total = torch.stack([w * self._single_loss(o, target) for w, o in zip(weights, output, strict=False)]).sum()
             return total / sum(weights[: len(output)])
         return self._single_loss(output, target)
 
@@ -431,10 +433,10 @@ class Forecasting(EngineModule):
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model"])
         self.adaptation = adaptation or Adaptation()
-        self.model = apply_adaptation(model, self.adaptation)
+        self.model: Any = apply_adaptation(model, self.adaptation)
         self.loss_name = loss
         self.target_channels = target_channels
-        self.metrics = nn.ModuleDict(
+        self.metrics: Any = nn.ModuleDict(
             {
                 stage: torchmetrics.MetricCollection({"mse": torchmetrics.MeanSquaredError(), "mae": torchmetrics.MeanAbsoluteError()})
                 for stage in ("val_", "test_")

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from polyfm.core.data import DictDataModule, TensorDictDataset
 from polyfm.core.encoder import Encoder
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
+from torch import nn
 
 
 class ToyEncoder(Encoder, PretrainedMixin):
@@ -97,14 +96,14 @@ class _Supervised(torch.nn.Module):
         self.head = torch.nn.Linear(width, num_classes)
 
     def forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits = self.head(model.forward_features(batch["input"]))
+        encoder: Any = model
+        logits = self.head(encoder.forward_features(batch["input"]))
         return {"loss": torch.nn.functional.cross_entropy(logits, batch["target"])}
 
 
 def toy_kit(data_dir: Path | None = None, quick: bool = True) -> Any:
     """A kit for the engine's own study tests: pretraining sees 512 labelled blobs,
     fine-tuning few, with noisy inputs, so pretrained should beat scratch."""
-    from polyfm.core.adaptation import Adaptation
     from polyfm.core.kit import DomainKit
     from polyfm.core.pretrain import Pretraining
     from polyfm.core.tasks import Classification, OptimConfig

@@ -16,7 +16,6 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-
 from polyfm.core.errors import CheckpointError, ConfigError
 
 
@@ -88,7 +87,7 @@ def build_trainer(
     monitor_mode: Literal["min", "max"] = "min",
     enable_progress_bar: bool = True,
     enable_checkpointing: bool = True,
-    deterministic: bool | str = False,
+    deterministic: bool | Literal["warn"] = False,
     limit_train_batches: int | float | None = None,
     limit_val_batches: int | float | None = None,
     num_sanity_val_steps: int = 0,

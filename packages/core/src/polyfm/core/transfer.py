@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError
+from torch import nn
 
 InputKind = Literal["image", "series", "tokens"]
 _VIT_BLOCK = re.compile(r"^(?P<prefix>.*?)blocks\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -42,12 +41,12 @@ class TrunkBlock(nn.Module):
             raise ConfigError(f"width {dim} is not divisible by num_heads {num_heads}.")
         self.num_heads, self.post_norm = num_heads, post_norm
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = nn.Module()
+        self.attn: Any = nn.Module()  # a plain container so parameter names match timm's
         self.attn.qkv = nn.Linear(dim, 3 * dim)
         self.attn.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Module()
+        self.mlp: Any = nn.Module()
         self.mlp.fc1 = nn.Linear(dim, hidden)
         self.mlp.fc2 = nn.Linear(hidden, dim)
         self.ls1 = _LayerScale(dim) if layer_scale else nn.Identity()

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
-
 from polyfm.core.errors import CheckpointError
+from torch import nn
 
 StateDict = dict[str, torch.Tensor]
 
