@@ -1,0 +1,566 @@
+"""Time series in: CSV/Parquet readers with checks, chronological splits, scaling, windows.
+
+The layout is the ETT one: a timestamp column and one numeric column per channel.
+
+    series = read_series("ETTh1.csv")                  # checked; Series(values, timestamps, ...)
+    dm = ForecastDataModule("ETTh1.csv", context_length=512, horizon=96, label_fraction=0.05)
+
+Bad input never passes silently. By default each of these raises a ``DataError`` naming
+the file, the row and the column: a missing timestamp column, unparsable or duplicated
+timestamps, timestamps out of order, irregular steps, gaps, non-numeric cells, empty
+cells (NaN), a series too short for the split or the window. Where a handling makes
+sense it can be asked for, and is then counted and logged (logger ``polyfm.ts``):
+
+* ``on_duplicate="first"|"last"|"mean"``: keep one row per timestamp;
+* ``on_gap="nan"``: insert the missing timestamps as empty rows (then ``on_missing`` applies);
+* ``on_missing="interpolate"``: linear in time (edges: nearest value);
+  ``on_missing="mask"``: keep them unobserved: the context gets ``past_observed_mask``
+  (TTM's scaler ignores those points) and windows whose future has a gap are skipped;
+* constant channels (zero variance on the train split) are kept with scale 1 and logged
+  by default (``on_constant="keep"``), or refused (``"error"``), or dropped (``"drop"``).
+
+Scaling is a per-channel standard scaler fitted on the train split only (observed points).
+Batches are dicts: ``past_values (B, L, C)``, ``future_values (B, H, C_target)``, and when
+relevant ``past_observed_mask``, ``freq_token (B,)``, ``future_known_values (B, H, C)``
+(exogenous channels' known future; the target channels are zeroed), plus ``meta``
+(``file@timestamp`` of each forecast origin).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from polyfm.core.data import DictDataModule
+from polyfm.core.errors import ConfigError, DataError
+from torch.utils.data import Dataset, Subset
+
+log = logging.getLogger("polyfm.ts")
+
+OnMissing = Literal["error", "interpolate", "mask"]
+OnDuplicate = Literal["error", "first", "last", "mean"]
+OnGap = Literal["error", "nan"]
+OnConstant = Literal["keep", "error", "drop"]
+
+# granite-tsfm's DEFAULT_FREQUENCY_MAPPING, by step length.
+_FREQUENCY_TOKEN_BY_STEP = {
+    pd.Timedelta(minutes=1): 1, pd.Timedelta(minutes=2): 2, pd.Timedelta(minutes=5): 3, pd.Timedelta(minutes=10): 4,
+    pd.Timedelta(minutes=15): 5, pd.Timedelta(minutes=30): 6, pd.Timedelta(hours=1): 7, pd.Timedelta(days=1): 8,
+    pd.Timedelta(weeks=1): 9,
+}
+
+
+def frequency_token(step: pd.Timedelta | None) -> int:
+    """TTM's resolution token for a sampling step (0 = out of vocabulary)."""
+    return _FREQUENCY_TOKEN_BY_STEP.get(step, 0) if step is not None else 0
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Series:
+    """A checked multivariate series: ``values (T, C)`` float32 (NaN where unobserved)."""
+
+    values: np.ndarray
+    columns: list[str]
+    timestamps: pd.DatetimeIndex | None
+    step: pd.Timedelta | None
+    source: str
+    report: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def observed(self) -> np.ndarray:
+        return ~np.isnan(self.values)
+
+    def origin_label(self, row: int) -> str:
+        return f"{self.source}@{self.timestamps[row]}" if self.timestamps is not None else f"{self.source}@row{row + 1}"
+
+    def future_timestamps(self, after_row: int, horizon: int) -> pd.DatetimeIndex | np.ndarray:
+        """Timestamps of the ``horizon`` steps after ``after_row`` (integer steps without timestamps)."""
+        if self.timestamps is None or self.step is None:
+            return np.arange(after_row + 1, after_row + 1 + horizon)
+        return pd.date_range(self.timestamps[after_row] + self.step, periods=horizon, freq=self.step)
+
+
+def _row_text(path: str, index: int) -> str:
+    """1-based data row, and the file line for CSV (line 1 is the header)."""
+    return f"data row {index + 1} (line {index + 2})" if path.lower().endswith((".csv", ".csv.gz", ".txt")) else f"data row {index + 1}"
+
+
+def load_frame(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found. Point the reader at a CSV or Parquet file with a timestamp column.", path=path)
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if suffixes.endswith((".parquet", ".pq")):
+            return pd.read_parquet(path)
+        if suffixes.endswith((".csv", ".csv.gz", ".txt")):
+            return pd.read_csv(path)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot be parsed as {path.suffix.lstrip('.')}: {exc}", path=path) from exc
+    raise DataError(f"unsupported format {path.suffix!r}; use .csv or .parquet.", path=path)
+
+
+def read_series(
+    source: str | Path | pd.DataFrame,
+    timestamp_column: str | None = "date",
+    columns: Sequence[str] | None = None,
+    on_missing: OnMissing = "error",
+    on_duplicate: OnDuplicate = "error",
+    on_gap: OnGap = "error",
+    sort: bool = False,
+    name: str | None = None,
+) -> Series:
+    """Read and check a series from a file or a DataFrame (see the module doc for the checks).
+
+    ``columns`` selects the channels (default: every column but the timestamp). With
+    ``timestamp_column=None`` the rows are taken as equally spaced steps.
+    """
+    if isinstance(source, pd.DataFrame):
+        frame, label = source.copy(), name or "<DataFrame>"
+    else:
+        frame, label = load_frame(source), name or str(source)
+    if frame.empty:
+        raise DataError("holds no rows.", path=label)
+    report: dict[str, int] = {}
+
+    timestamps: pd.DatetimeIndex | None = None
+    if timestamp_column is not None:
+        if timestamp_column not in frame.columns:
+            raise DataError(
+                f"no timestamp column {timestamp_column!r}; columns are {list(frame.columns)}. "
+                "Pass timestamp_column=<name> (or None for equally spaced rows).",
+                path=label,
+            )
+        raw = frame[timestamp_column]
+        parsed = pd.to_datetime(raw, errors="coerce")
+        bad = np.flatnonzero(parsed.isna().to_numpy())
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"{_row_text(label, i)}: timestamp {raw.iloc[i]!r} cannot be parsed ({len(bad)} such rows). Fix or remove them.",
+                path=label, key=timestamp_column,
+            )
+        if getattr(parsed.dt, "tz", None) is not None:
+            parsed = parsed.dt.tz_convert(None)
+        frame = frame.drop(columns=[timestamp_column])
+        frame.index = pd.DatetimeIndex(parsed)
+
+    selected = list(columns) if columns is not None else list(frame.columns)
+    missing_cols = [c for c in selected if c not in frame.columns]
+    if missing_cols:
+        raise DataError(f"no column(s) {missing_cols}; columns are {list(frame.columns)}.", path=label)
+    if not selected:
+        raise DataError("has no channel columns besides the timestamp.", path=label)
+    numeric = {}
+    for column in selected:
+        raw = frame[column]
+        values = raw if pd.api.types.is_numeric_dtype(raw.dtype) and not pd.api.types.is_bool_dtype(raw.dtype) else pd.to_numeric(raw, errors="coerce")
+        bad = np.flatnonzero(values.isna().to_numpy() & raw.notna().to_numpy())
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"{_row_text(label, i)}: value {raw.iloc[i]!r} is not numeric ({len(bad)} such cells in this column). "
+                "Channels must be numbers; select numeric channels with columns=[...].",
+                path=label, key=column,
+            )
+        numeric[column] = values.astype("float64")
+    data = pd.DataFrame(numeric, index=frame.index)
+
+    step: pd.Timedelta | None = None
+    if timestamps is None and timestamp_column is not None:
+        data, step, report = _check_time_axis(data, label, on_duplicate, on_gap, sort, report)
+        timestamps = pd.DatetimeIndex(data.index)
+
+    values = data.to_numpy(dtype=np.float64, copy=True)
+    nan = np.isnan(values) | np.isinf(values)
+    values[nan] = np.nan
+    if nan.any():
+        if on_missing == "error":
+            row, col = (int(v) for v in np.argwhere(nan)[0])
+            raise DataError(
+                f"{_row_text(label, row)}: empty or non-finite value ({int(nan.sum())} in the file). "
+                "Fill the gaps, or pass on_missing='interpolate' or 'mask'.",
+                path=label, key=selected[col],
+            )
+        if on_missing == "interpolate":
+            filled = data.where(~pd.DataFrame(nan, index=data.index, columns=data.columns))
+            if timestamps is not None:
+                filled = filled.interpolate(method="time", limit_direction="both")
+            else:
+                filled = filled.interpolate(limit_direction="both")
+            values = filled.to_numpy(dtype=np.float64)
+            report["interpolated_values"] = int(nan.sum())
+            log.warning("%s: interpolated %d missing values (%s)", label, int(nan.sum()),
+                        ", ".join(f"{c}: {int(n)}" for c, n in zip(selected, nan.sum(0)) if n))
+            if np.isnan(values).any():
+                bad_cols = [c for c, n in zip(selected, np.isnan(values).all(0)) if n]
+                raise DataError(f"column(s) {bad_cols} have no value at all; drop them with columns=[...].", path=label)
+        elif on_missing == "mask":
+            report["masked_values"] = int(nan.sum())
+            log.warning("%s: %d missing values kept as unobserved (masked)", label, int(nan.sum()))
+        else:
+            raise ConfigError(f"on_missing={on_missing!r}: use 'error', 'interpolate' or 'mask'.")
+    return Series(values.astype(np.float32), selected, timestamps, step, label, report)
+
+
+def _check_time_axis(
+    data: pd.DataFrame, label: str, on_duplicate: OnDuplicate, on_gap: OnGap, sort: bool, report: dict[str, int]
+) -> tuple[pd.DataFrame, pd.Timedelta | None, dict[str, int]]:
+    data.index = pd.DatetimeIndex(data.index).as_unit("ns")  # pandas may parse to s/us units
+    index = data.index
+    if not index.is_monotonic_increasing:
+        if not sort:
+            i = int(np.flatnonzero(np.diff(index.asi8) < 0)[0]) + 1
+            raise DataError(
+                f"{_row_text(label, i)}: timestamp {index[i]} comes before the previous row's {index[i - 1]}. "
+                "Sort the file by time, or pass sort=True.",
+                path=label,
+            )
+        order = np.argsort(index.asi8, kind="stable")
+        data = data.iloc[order]
+        report["sorted"] = 1
+        log.warning("%s: rows sorted by timestamp", label)
+    duplicated = data.index.duplicated(keep="first")
+    if duplicated.any():
+        i = int(np.flatnonzero(duplicated)[0])
+        if on_duplicate == "error":
+            raise DataError(
+                f"{_row_text(label, i)}: timestamp {data.index[i]} repeats the previous row ({int(duplicated.sum())} duplicates). "
+                "Remove them, or pass on_duplicate='first', 'last' or 'mean'.",
+                path=label,
+            )
+        if on_duplicate == "mean":
+            data = data.groupby(level=0, sort=True).mean()
+        else:
+            data = data[~data.index.duplicated(keep=on_duplicate)]
+        report["duplicate_rows"] = int(duplicated.sum())
+        log.warning("%s: %d duplicated timestamps resolved with '%s'", label, int(duplicated.sum()), on_duplicate)
+    if len(data) < 2:
+        return data, None, report
+    deltas = np.diff(data.index.asi8)
+    step_ns = int(pd.Series(deltas).mode().iloc[0])
+    step = pd.Timedelta(step_ns, unit="ns")
+    irregular = np.flatnonzero(deltas % step_ns != 0)
+    if len(irregular):
+        i = int(irregular[0]) + 1
+        raise DataError(
+            f"{_row_text(label, i)}: timestamp {data.index[i]} is off the regular {step} grid of the series "
+            f"({len(irregular)} such steps). Resample the series to a fixed step (e.g. pandas DataFrame.resample).",
+            path=label,
+        )
+    gaps = np.flatnonzero(deltas > step_ns)
+    if len(gaps):
+        i = int(gaps[0]) + 1
+        missing = int((deltas[gaps] // step_ns - 1).sum())
+        if on_gap == "error":
+            raise DataError(
+                f"{_row_text(label, i)}: {data.index[i - 1]} is followed by {data.index[i]}, a gap in the {step} steps "
+                f"({missing} missing timestamps in the file). Fill them, or pass on_gap='nan' to insert empty rows.",
+                path=label,
+            )
+        data = data.reindex(pd.date_range(data.index[0], data.index[-1], freq=step).as_unit("ns"))
+        report["inserted_rows"] = missing
+        log.warning("%s: inserted %d missing timestamps as empty rows", label, missing)
+    return data, step, report
+
+
+# ----------------------------------------------------------------------------- splits and scaling
+
+
+def split_borders(length: int, step: pd.Timedelta | None, split: str | Sequence[float] = "ett") -> tuple[int, int, int]:
+    """End rows of train, validation and test.
+
+    ``"ett"``: the ETT benchmark split, 12/4/4 months of 30 days (ETTh1: 8640/11520/14400 rows;
+    15-minute ETTm: four times as many). Fractions ``(train, val, test)``: Informer's split
+    of the whole series (e.g. ``(0.7, 0.1, 0.2)``).
+    """
+    if isinstance(split, str):
+        if split != "ett":
+            raise ConfigError(f"split={split!r}: use 'ett' or fractions (train, val, test).")
+        if step is None:
+            raise ConfigError("the 'ett' split is by time and needs timestamps; use fractions for a series without them.")
+        month = int(pd.Timedelta(days=30) / step)
+        borders = (12 * month, 16 * month, 20 * month)
+        if length < borders[2]:
+            raise DataError(f"has {length} rows; the ETT split (12/4/4 months of {step} steps) needs {borders[2]}. "
+                            "Use split fractions for shorter series.")
+        return borders
+    if len(split) != 3 or not all(f >= 0 for f in split) or sum(split) > 1.0 + 1e-9:
+        raise ConfigError(f"split fractions {split} must be three non-negative numbers summing to at most 1.")
+    train, test = int(length * split[0]), int(length * split[2])
+    val = int(length * (split[0] + split[1])) if sum(split) < 1.0 - 1e-9 else length - test
+    end = val + test if sum(split) >= 1.0 - 1e-9 else int(length * sum(split))
+    return train, val, min(end, length)
+
+
+@dataclass
+class StandardScaler:
+    """Per-channel mean/std fitted on observed training points; constant channels get std 1."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    columns: list[str]
+
+    @classmethod
+    def fit(cls, values: np.ndarray, columns: list[str], source: str = "", on_constant: OnConstant = "keep") -> StandardScaler:
+        with np.errstate(invalid="ignore"):
+            mean = np.nanmean(values, axis=0)
+            std = np.nanstd(values, axis=0)
+        empty = [c for c, m in zip(columns, mean) if np.isnan(m)]
+        if empty:
+            raise DataError(f"channel(s) {empty} have no observed value in the train split.", path=source or None)
+        constant = [c for c, s in zip(columns, std) if s < 1e-8]
+        if constant:
+            if on_constant == "error":
+                raise DataError(f"channel(s) {constant} are constant on the train split; drop them or pass on_constant='keep'.",
+                                path=source or None)
+            log.warning("%s: constant channel(s) %s on the train split: scaled with std 1", source, constant)
+        std = np.where(std < 1e-8, 1.0, std)
+        return cls(mean.astype(np.float32), std.astype(np.float32), list(columns))
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return ((values - self.mean) / self.std).astype(np.float32)
+
+    def inverse(self, values: np.ndarray | torch.Tensor, channels: Sequence[int] | None = None) -> Any:
+        mean, std = (self.mean, self.std) if channels is None else (self.mean[list(channels)], self.std[list(channels)])
+        if isinstance(values, torch.Tensor):
+            return values * torch.as_tensor(std, device=values.device) + torch.as_tensor(mean, device=values.device)
+        return values * std + mean
+
+
+def constant_channels(values: np.ndarray, columns: list[str]) -> list[str]:
+    with np.errstate(invalid="ignore"):
+        return [c for c, s in zip(columns, np.nanstd(values, axis=0)) if not s > 1e-8]
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+class WindowDataset(Dataset[dict[str, Any]]):
+    """(context, horizon) windows whose forecast origins are ``origins`` (row of the first future step)."""
+
+    def __init__(
+        self,
+        series: Series,
+        scaled: np.ndarray,
+        origins: np.ndarray,
+        context_length: int,
+        horizon: int,
+        target_indices: Sequence[int],
+        exogenous_indices: Sequence[int] = (),
+        freq_token: int | None = None,
+        with_mask: bool = False,
+    ):
+        self.series, self.origins = series, np.asarray(origins, dtype=np.int64)
+        observed = ~np.isnan(scaled)
+        self.values = torch.from_numpy(np.nan_to_num(scaled, nan=0.0))
+        self.observed = torch.from_numpy(observed)
+        self.context_length, self.horizon = context_length, horizon
+        self.targets = torch.as_tensor(list(target_indices), dtype=torch.long)
+        self.exogenous = list(exogenous_indices)
+        self.freq_token, self.with_mask = freq_token, with_mask
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        origin = int(self.origins[index])
+        past = slice(origin - self.context_length, origin)
+        future = slice(origin, origin + self.horizon)
+        item: dict[str, Any] = {
+            "past_values": self.values[past],
+            "future_values": self.values[future][:, self.targets],
+            "meta": self.series.origin_label(origin),
+        }
+        if self.with_mask:
+            item["past_observed_mask"] = self.observed[past].float()
+        if self.freq_token is not None:
+            item["freq_token"] = torch.tensor(self.freq_token, dtype=torch.long)
+        if self.exogenous:
+            known = torch.zeros_like(self.values[future])
+            known[:, self.exogenous] = self.values[future][:, self.exogenous]
+            item["future_known_values"] = known
+        return item
+
+
+def window_origins(
+    start: int, end: int, context_length: int, horizon: int, stride: int, inside: bool, observed: np.ndarray | None = None
+) -> np.ndarray:
+    """Forecast origins t with the future [t, t+H) inside [start, end) and the context [t-L, t) inside
+    the split (``inside``, for training) or anywhere before it (evaluation, as the benchmarks do).
+    With ``observed`` (targets' mask), windows whose future is not fully observed are left out."""
+    first = start + context_length if inside else max(start, context_length)
+    origins = np.arange(first, end - horizon + 1, stride)
+    if observed is not None and len(origins):
+        complete = np.lib.stride_tricks.sliding_window_view(observed.all(1), horizon)[origins].all(1)
+        origins = origins[complete]
+    return origins
+
+
+# ----------------------------------------------------------------------------- the DataModule
+
+
+class ForecastDataModule(DictDataModule):
+    """Windows of one series with the standard chronological splits, scaled with train statistics.
+
+    ``label_fraction`` (e.g. 0.05, 0.1) keeps that fraction of the training windows for few-shot
+    fine-tuning: the latest ones (``fewshot_location="last"``, granite-tsfm's default) or a seeded
+    uniform sample (``"uniform"``). ``target_columns`` are forecast; ``exogenous_columns`` have a
+    known future (TTM's exogenous mixer); other ``columns`` are past-only inputs.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        context_length: int = 512,
+        horizon: int = 96,
+        timestamp_column: str | None = "date",
+        columns: list[str] | None = None,
+        target_columns: list[str] | None = None,
+        exogenous_columns: list[str] | None = None,
+        split: str | list[float] = "ett",
+        train_stride: int = 1,
+        eval_stride: int = 1,
+        use_freq_token: bool = False,
+        on_missing: OnMissing = "error",
+        on_duplicate: OnDuplicate = "error",
+        on_gap: OnGap = "error",
+        on_constant: OnConstant = "keep",
+        fewshot_location: Literal["last", "uniform"] = "last",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        if context_length < 1 or horizon < 1 or train_stride < 1 or eval_stride < 1:
+            raise ConfigError("context_length, horizon and strides must be positive.")
+        if fewshot_location not in ("last", "uniform"):
+            raise ConfigError(f"fewshot_location={fewshot_location!r}: use 'last' or 'uniform'.")
+        self.path, self.context_length, self.horizon = path, context_length, horizon
+        self.timestamp_column, self.columns = timestamp_column, columns
+        self.target_columns, self.exogenous_columns = target_columns, exogenous_columns or []
+        self.split = split if isinstance(split, str) else tuple(split)
+        self.train_stride, self.eval_stride, self.use_freq_token = train_stride, eval_stride, use_freq_token
+        self.on_missing, self.on_duplicate, self.on_gap, self.on_constant = on_missing, on_duplicate, on_gap, on_constant
+        self.fewshot_location = fewshot_location
+        self.series: Series | None = None
+        self.scaler: StandardScaler | None = None
+        self._prepared = False
+
+    # --- what a model needs to know
+
+    def prepare(self) -> None:
+        """Read, check, split and fit the scaler (idempotent; ``setup`` calls it)."""
+        if self._prepared:
+            return
+        series = read_series(self.path, self.timestamp_column, self.columns, self.on_missing, self.on_duplicate, self.on_gap)
+        self.borders = split_borders(len(series), series.step, self.split)
+        train_values = series.values[: self.borders[0]]
+        constant = constant_channels(train_values, series.columns)
+        if constant and self.on_constant == "drop":
+            keep = [i for i, c in enumerate(series.columns) if c not in constant]
+            if not keep:
+                raise DataError("every channel is constant on the train split.", path=series.source)
+            log.warning("%s: dropped %d constant channel(s) %s", series.source, len(constant), constant)
+            series.report["dropped_constant_channels"] = len(constant)
+            series = Series(series.values[:, keep], [series.columns[i] for i in keep], series.timestamps, series.step,
+                            series.source, series.report)
+            train_values = series.values[: self.borders[0]]
+        elif constant:
+            series.report["constant_channels"] = len(constant)
+        self.scaler = StandardScaler.fit(train_values, series.columns, series.source, self.on_constant)
+        unknown = [c for c in [*(self.target_columns or []), *self.exogenous_columns] if c not in series.columns]
+        if unknown:
+            raise DataError(f"target/exogenous column(s) {unknown} are not among the channels {series.columns}.", path=series.source)
+        exogenous = [series.columns.index(c) for c in self.exogenous_columns]
+        if self.target_columns is not None:
+            targets = [series.columns.index(c) for c in self.target_columns]
+        else:
+            targets = [i for i in range(len(series.columns)) if i not in exogenous]
+        if set(targets) & set(exogenous) or not targets:
+            raise ConfigError("target_columns must be non-empty and disjoint from exogenous_columns.")
+        self.series, self.target_indices, self.exogenous_indices = series, sorted(targets), sorted(exogenous)
+        needed = self.context_length + self.horizon
+        if self.borders[0] < needed:
+            raise DataError(
+                f"the train split has {self.borders[0]} rows, fewer than context_length + horizon = {needed}. "
+                "Use a shorter context or horizon, or a longer series.",
+                path=series.source,
+            )
+        self._prepared = True
+
+    def model_config(self) -> dict[str, Any]:
+        """TTM channel settings matching these batches (pass them to ``TTM(...)``)."""
+        self.prepare()
+        n = len(self.series.columns)  # type: ignore[union-attr]
+        all_targets = self.target_indices == list(range(n))
+        return {
+            "num_input_channels": n,
+            "prediction_channel_indices": None if all_targets else self.target_indices,
+            "exogenous_channel_indices": self.exogenous_indices or None,
+        }
+
+    @property
+    def freq_token(self) -> int:
+        self.prepare()
+        return frequency_token(self.series.step)  # type: ignore[union-attr]
+
+    def dataset(self, stage: Literal["train", "val", "test"], stride: int | None = None) -> WindowDataset:
+        self.prepare()
+        series, scaler = self.series, self.scaler
+        assert series is not None and scaler is not None
+        scaled = scaler.transform(series.values)
+        start, end = {"train": (0, self.borders[0]), "val": (self.borders[0], self.borders[1]),
+                      "test": (self.borders[1], self.borders[2])}[stage]
+        stride = stride or (self.train_stride if stage == "train" else self.eval_stride)
+        target_observed = series.observed[:, self.target_indices] if self.on_missing == "mask" else None
+        origins = window_origins(start, end, self.context_length, self.horizon, stride, stage == "train", target_observed)
+        if target_observed is not None:
+            all_origins = window_origins(start, end, self.context_length, self.horizon, stride, stage == "train")
+            if len(all_origins) > len(origins):
+                log.warning("%s %s: skipped %d of %d windows whose future has missing targets", series.source, stage,
+                            len(all_origins) - len(origins), len(all_origins))
+                series.report[f"{stage}_windows_skipped"] = len(all_origins) - len(origins)
+        if not len(origins):
+            raise DataError(
+                f"the {stage} split (rows {start + 1}-{end}) yields no window of context {self.context_length} + horizon {self.horizon}.",
+                path=series.source,
+            )
+        return WindowDataset(
+            series, scaled, origins, self.context_length, self.horizon, self.target_indices, self.exogenous_indices,
+            self.freq_token if self.use_freq_token else None, with_mask=self.on_missing == "mask",
+        )
+
+    def build(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
+        return self.dataset("train"), self.dataset("val"), self.dataset("test")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, self.val_set, self.test_set = self.build()
+        if self.label_fraction < 1.0:
+            train = Subset(train, fewshot_indices(len(train), self.label_fraction, self.fewshot_location, self.seed).tolist())
+        self.train_set = train
+
+
+def fewshot_indices(length: int, fraction: float, location: str = "last", seed: int = 0) -> np.ndarray:
+    """Indices of the few-shot training windows: the latest ``fraction`` or a seeded uniform sample."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}.")
+    count = max(1, int(round(length * fraction)))
+    if location == "last":
+        return np.arange(length - count, length)
+    return np.sort(np.random.default_rng(seed).choice(length, size=count, replace=False))
