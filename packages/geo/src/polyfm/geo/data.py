@@ -430,6 +430,7 @@ class TorchGeoDataModule(DictDataModule):
         self.dataset_name, self.root, self.dataset_args = dataset, root, dict(dataset_args or {})
         self.normalization = Normalization.from_meta(normalization) if isinstance(normalization, Mapping) else normalization
         self.multilabel, self.chip_size = multilabel, chip_size
+        self.bands: list[str] = []
 
     def make_split(self, split: str) -> Any:
         import torchgeo.datasets as tgd
@@ -443,8 +444,10 @@ class TorchGeoDataModule(DictDataModule):
             raise DataError(f"torchgeo {self.dataset_name} ({split}) cannot be read: {exc}", path=self.root) from exc
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any] | None, Dataset[Any] | None]:
-        wrap = lambda s: TorchGeoClassification(self.make_split(s), self.normalization, self.chip_size, self.multilabel)  # noqa: E731
-        return wrap("train"), wrap("val"), wrap("test")
+        splits = {s: self.make_split(s) for s in ("train", "val", "test")}
+        self.bands = torchgeo_bands(splits["train"])  # the dataset's own order (EuroSAT puts B8A last)
+        self.class_names = list(getattr(splits["train"], "classes", []))
+        return tuple(TorchGeoClassification(splits[s], self.normalization, self.chip_size, self.multilabel) for s in ("train", "val", "test"))  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- chips from scenes

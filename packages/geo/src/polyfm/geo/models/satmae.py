@@ -278,7 +278,11 @@ class SatMAE(Encoder, PretrainedMixin):
 
     # -- encoder contract -------------------------------------------------------------
     def block_names(self) -> list[str]:
-        return ["patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm"]
+        # the token embeddings (all top-level parameters) come first, so freeze-k and
+        # LLRD treat them as the input layer, as BEiT/MAE fine-tuning does
+        embeddings = ["cls_token", "pos_embed", "channel_embed", "channel_cls_embed", "patch_embed"]
+        tail = ["norm"] + (["fc_norm"] if self.fc_norm is not None else [])
+        return [*embeddings, *(f"blocks.{i}" for i in range(len(self.blocks))), *tail]
 
     def _pos_channel(self, pos_embed: torch.Tensor, channel_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``(1, G, L, D)``: spatial code of each location concatenated with each group's code."""
@@ -618,7 +622,7 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         self.apply(_init_mae_weights)
 
     def block_names(self) -> list[str]:
-        return ["patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm"]
+        return ["cls_token", "pos_embed", "patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm"]
 
     def _time_codes(self, timestamps: torch.Tensor, width: int, tokens_per_frame: int) -> torch.Tensor:
         ts = timestamps.reshape(-1, 3).float()

@@ -266,7 +266,8 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
         self.patch_embed.proj = conv
 
     def block_names(self) -> list[str]:
-        return ["patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm"]
+        # token embeddings first (cls, position, mask token are top-level parameters)
+        return ["cls_token", "pos_embed", "mask_token", "patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm"]
 
     def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Normed tokens ``(B, 1 + N, D)``; ``masks`` ``(B, N)`` bool replaces patches by ``mask_token``."""
