@@ -58,6 +58,7 @@ class StudyConfig:
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}.")
+        _check_types(raw, str(path))
         config = cls(**raw)
         config.validate(str(path))
         return config
@@ -102,6 +103,33 @@ class StudyConfig:
                                 }
                             )
         return grid
+
+
+_FIELD_TYPES: dict[str, tuple[type, type | tuple[type, ...] | None]] = {
+    "name": (str, None),
+    "output": (str, None),
+    "targets": (list, dict),
+    "sources": (list, str),
+    "adaptations": (list, dict),
+    "label_fractions": (list, (int, float)),
+    "seeds": (list, int),
+    "quick": (bool, None),
+    "data_dir": (str, None),
+}
+
+
+def _check_types(raw: dict[str, Any], where: str) -> None:
+    for key, value in raw.items():
+        outer, inner = _FIELD_TYPES[key]
+        if key == "data_dir" and value is None:
+            continue
+        if not isinstance(value, outer) or (outer is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{where}: '{key}' must be a {outer.__name__}, got {type(value).__name__} ({value!r:.80}).")
+        if inner is not None:
+            items: list[Any] = value
+            for index, item in enumerate(items):
+                if not isinstance(item, inner) or isinstance(item, bool):
+                    raise ConfigError(f"{where}: {key}[{index}] = {item!r:.80} has the wrong type; see docs/studies.md for the format.")
 
 
 def run_key(config: dict[str, Any]) -> str:

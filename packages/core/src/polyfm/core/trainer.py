@@ -92,6 +92,8 @@ def build_trainer(
     limit_val_batches: int | float | None = None,
     num_sanity_val_steps: int = 0,
     callbacks: list[Callback] | None = None,
+    channels_last: bool | str = "auto",
+    compile: bool = False,
     **trainer_kwargs: Any,
 ) -> L.Trainer:
     """A Trainer with polyfm's defaults. Several GPUs: DDP; ``strategy="fsdp"`` for
@@ -103,6 +105,9 @@ def build_trainer(
     if strategy == "auto" and accelerator == "gpu" and torch.cuda.device_count() > 1:
         strategy = "ddp"
     callbacks = list(callbacks or [])
+    from polyfm.core.performance import GpuPath
+
+    callbacks.append(GpuPath(channels_last=channels_last, compile=compile))
     if enable_checkpointing:
         callbacks.append(
             ModelCheckpoint(

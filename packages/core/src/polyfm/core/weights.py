@@ -192,8 +192,10 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             "If you trust the file, convert it to safetensors in a separate process, or re-save only its "
             f"state_dict. Detail: {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+    except Exception as exc:  # random or truncated bytes fail anywhere inside the unpickler
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(exc).__name__}: {exc}. Download it again."
+        ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors.")
     return obj
