@@ -126,7 +126,7 @@ def _check_types(raw: dict[str, Any], where: str) -> None:
         if not isinstance(value, outer) or (outer is not bool and isinstance(value, bool)):
             raise ConfigError(f"{where}: '{key}' must be a {outer.__name__}, got {type(value).__name__} ({value!r:.80}).")
         if inner is not None:
-            items: list[Any] = value
+            items: list[Any] = value  # type: ignore[assignment]  # checked by isinstance(value, outer) above
             for index, item in enumerate(items):
                 if not isinstance(item, inner) or isinstance(item, bool):
                     raise ConfigError(f"{where}: {key}[{index}] = {item!r:.80} has the wrong type; see docs/studies.md for the format.")
