@@ -1,0 +1,699 @@
+"""Audio readers and DataModules: decode with soundfile, mix down to mono, resample with
+torchaudio, pad / crop / random-crop to a fixed duration, all on the fly.
+
+Sources: CSV manifests (``file,labels``), AudioSet segment CSVs
+(``YTID, start_seconds, end_seconds, positive_labels``), fold CSVs like ESC-50
+(``filename,fold,target,category``), a folder of clips (one sub-folder per class, or
+flat and unlabelled), and the Free Spoken Digit Dataset.
+
+Bad input (see docs/audio.md):
+
+* unreadable, truncated (WAV data chunk shorter than its header says) or zero-length
+  files: a :class:`DataError` naming the file when the dataset is built; with
+  ``on_error="skip"`` they are left out, counted by reason in ``dataset.skipped`` and
+  the counts are logged;
+* NaN/Inf samples: a :class:`DataError` naming the file and the first bad frame when
+  the file is read (at build time too with ``check="full"``, where ``skip`` applies);
+* silence: valid audio, kept; counted in ``dataset.silent`` (``check="full"``) and
+  logged once per file when read;
+* stereo / multichannel: averaged to mono; 8/16/24/32-bit PCM and float: decoded to
+  float32 in [-1, 1] by libsndfile;
+* other sample rates: resampled to ``sample_rate`` (torchaudio's windowed-sinc),
+  counted per source rate in ``dataset.source_rates``; ``expected_sample_rate`` turns
+  a different rate into an error instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import struct
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from polyfm.core.data import DictDataModule, EpochSeededSampler, data_dir
+from polyfm.core.errors import ConfigError, DataError
+from torch.utils.data import DataLoader, Dataset, Subset
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+OnError = Literal["raise", "skip"]
+Label = int | list[int] | None
+
+# ----------------------------------------------------------------------------- decoding
+
+_RESAMPLERS: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
+
+
+def _resampler(source: int, target: int) -> torchaudio.transforms.Resample:
+    """One cached torchaudio resampler (its sinc kernel) per rate pair."""
+    key = (source, target)
+    if key not in _RESAMPLERS:
+        _RESAMPLERS[key] = torchaudio.transforms.Resample(source, target)
+    return _RESAMPLERS[key]
+
+
+def wav_truncation(path: Path) -> tuple[int, int] | None:
+    """For a RIFF/WAVE file whose data chunk is shorter than its header declares,
+    ``(declared_bytes, present_bytes)``; else None. libsndfile reads such files
+    without complaint (it just returns fewer frames), so we check ourselves."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = path.stat().st_size
+            offset = 12
+            while offset + 8 <= size:
+                handle.seek(offset)
+                chunk_id, chunk_size = struct.unpack("<4sI", handle.read(8))
+                if chunk_id == b"data":
+                    present = size - offset - 8
+                    # 0 and 0xFFFFFFFF mark streamed files whose size was never written back
+                    if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > present:
+                        return chunk_size, present
+                    return None
+                offset += 8 + chunk_size + (chunk_size & 1)
+    except OSError:
+        return None
+    return None
+
+
+def check_audio_header(path: str | Path, expected_sample_rate: int | None = None) -> sf._SoundFileInfo:
+    """Header-level checks: readable, not truncated, not empty, expected rate."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("audio file not found; check the manifest's path column and audio_root.", path=path)
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise DataError(f"cannot decode ({exc}). Re-encode it as WAV/FLAC or remove it from the manifest.", path=path) from exc
+    truncated = wav_truncation(path)
+    if truncated is not None:
+        raise DataError(
+            f"truncated WAV: the header declares {truncated[0]} data bytes but only {truncated[1]} are present. "
+            "Re-download or re-export the file.",
+            path=path,
+        )
+    if info.frames == 0:
+        raise DataError("zero-length audio (0 frames). Remove it from the manifest.", path=path)
+    if expected_sample_rate is not None and info.samplerate != expected_sample_rate:
+        raise DataError(
+            f"sample rate {info.samplerate} Hz, expected {expected_sample_rate} Hz. Leave expected_sample_rate unset to resample on the fly.",
+            path=path,
+        )
+    return info
+
+
+def load_audio(
+    path: str | Path,
+    sample_rate: int = 32000,
+    clip_samples: int | None = None,
+    random_crop: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Decode ``path`` to a mono float32 waveform at ``sample_rate``.
+
+    With ``clip_samples``: longer clips are cropped (from the start, or at a random
+    offset with ``random_crop``), shorter ones zero-padded at the end (as PANNs).
+    """
+    path = Path(path)
+    try:
+        data, source_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise DataError(f"cannot decode ({exc}). Re-encode it as WAV/FLAC or remove it from the manifest.", path=path) from exc
+    if data.shape[0] == 0:
+        raise DataError("zero-length audio (0 frames). Remove it from the manifest.", path=path)
+    finite = np.isfinite(data)
+    if not finite.all():
+        frame, channel = np.argwhere(~finite)[0]
+        raise DataError(
+            f"{int((~finite).sum())} NaN/Inf samples (first at frame {frame}, channel {channel}). Fix or remove the file.", path=path
+        )
+    waveform = torch.from_numpy(data.mean(axis=1))  # mono mixdown
+    if source_rate != sample_rate:
+        with torch.no_grad():  # the cached kernel must not build autograd graphs
+            waveform = _resampler(source_rate, sample_rate)(waveform)
+    if clip_samples is not None:
+        waveform = fix_length(waveform, clip_samples, random_crop, generator)
+    return waveform
+
+
+def fix_length(waveform: torch.Tensor, samples: int, random_crop: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop (start or random offset) or zero-pad at the end to exactly ``samples``."""
+    length = waveform.shape[-1]
+    if length > samples:
+        start = int(torch.randint(0, length - samples + 1, (1,), generator=generator)) if random_crop else 0
+        return waveform[..., start : start + samples]
+    if length < samples:
+        return torch.nn.functional.pad(waveform, (0, samples - length))
+    return waveform
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class AudioClipDataset(Dataset[dict[str, Any]]):
+    """Clips decoded on the fly: ``{"input": (samples,), "target": ..., "meta": path}``.
+
+    ``labels`` per clip: a class index (multi-class, target ``long``), a list of class
+    indices (multi-label, target float ``(num_classes,)``), or None (unlabelled: no
+    ``target`` key). Files are checked when the dataset is built (``check``), see the
+    module docstring for what happens to bad ones. ``cache`` keeps decoded, resampled
+    clips in memory (small datasets, several epochs; per worker process).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[Label] | None = None,
+        num_classes: int | None = None,
+        multilabel: bool = False,
+        sample_rate: int = 32000,
+        clip_seconds: float = 10.0,
+        random_crop: bool = False,
+        on_error: OnError = "raise",
+        check: Literal["none", "header", "full"] = "header",
+        expected_sample_rate: int | None = None,
+        cache: bool = False,
+    ) -> None:
+        if labels is not None and len(labels) != len(paths):
+            raise ConfigError(f"{len(paths)} files but {len(labels)} labels.")
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.sample_rate, self.clip_samples = sample_rate, int(round(sample_rate * clip_seconds))
+        self.random_crop, self.multilabel, self.num_classes = random_crop, multilabel, num_classes
+        self.expected_sample_rate, self.cache = expected_sample_rate, cache
+        self._decoded: dict[int, torch.Tensor] = {}
+        self.skipped: Counter[str] = Counter()
+        self.silent: list[str] = []
+        self.source_rates: Counter[int] = Counter()
+        self._warned_silent: set[str] = set()
+        kept_paths: list[Path] = []
+        kept_labels: list[Label] = []
+        for index, path in enumerate(paths):
+            path = Path(path)
+            if check != "none":
+                try:
+                    info = check_audio_header(path, expected_sample_rate)
+                    if check == "full" and float(load_audio(path, info.samplerate).abs().max()) == 0.0:
+                        self.silent.append(str(path))
+                    self.source_rates[info.samplerate] += 1
+                except DataError as exc:
+                    if on_error == "raise":
+                        raise
+                    self.skipped[_reason(str(exc))] += 1
+                    log.debug("skipping %s", exc)
+                    continue
+            kept_paths.append(path)
+            kept_labels.append(None if labels is None else labels[index])
+        if self.skipped:
+            log.warning("skipped %d bad audio files: %s", sum(self.skipped.values()), dict(self.skipped))
+        if self.silent:
+            log.warning("%d clips are all zeros (silence); they are kept", len(self.silent))
+        self.paths = kept_paths
+        self.labels = kept_labels if labels is not None else None
+        if multilabel and num_classes is None:
+            raise ConfigError("multi-label targets need num_classes.")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def target(self, label: Label) -> torch.Tensor:
+        if self.multilabel:
+            vector = torch.zeros(self.num_classes or 0)
+            vector[list(label if isinstance(label, list) else [label])] = 1.0  # type: ignore[list-item]
+            return vector
+        return torch.tensor(label, dtype=torch.long)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        if self.cache:  # decode + resample once, crop every time
+            if index not in self._decoded:
+                self._decoded[index] = load_audio(path, self.sample_rate)
+            waveform = fix_length(self._decoded[index], self.clip_samples, self.random_crop)
+        else:
+            waveform = load_audio(path, self.sample_rate, self.clip_samples, self.random_crop)
+        if not waveform.abs().amax() > 0 and str(path) not in self._warned_silent:
+            self._warned_silent.add(str(path))
+            log.warning("%s is silent (all zeros); kept as is", path)
+        item: dict[str, Any] = {"input": waveform, "meta": str(path)}
+        if self.labels is not None:
+            item["target"] = self.target(self.labels[index])
+        return item
+
+
+def _reason(message: str) -> str:
+    for reason in ("not found", "cannot decode", "truncated", "zero-length", "NaN", "sample rate"):
+        if reason in message:
+            return reason
+    return "other"
+
+
+class TwoViewAudioDataset(Dataset[dict[str, Any]]):
+    """Two augmented views of one clip for contrastive pretraining on unlabelled audio:
+    independent random crops of ``clip_seconds`` and random gains in ±``gain_db``."""
+
+    def __init__(self, clips: AudioClipDataset, gain_db: float = 6.0) -> None:
+        self.clips, self.gain_db = clips, gain_db
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def _view(self, waveform: torch.Tensor) -> torch.Tensor:
+        view = fix_length(waveform, self.clips.clip_samples, random_crop=True)
+        gain = 10 ** ((torch.rand(()) * 2 - 1) * self.gain_db / 20)
+        return view * gain
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.clips.paths[index]
+        waveform = load_audio(path, self.clips.sample_rate)
+        return {"view1": self._view(waveform), "view2": self._view(waveform), "meta": str(path)}
+
+
+# ----------------------------------------------------------------------------- readers
+# Each returns (paths, labels, class_names); labels are class indices (or lists of them).
+
+
+def _resolve(audio_root: Path, name: str) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else audio_root / path
+
+
+def _read_rows(csv_path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    if not csv_path.is_file():
+        raise DataError("manifest not found.", path=csv_path)
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DataError(f"missing column(s) {missing}; the header has {columns}.", path=csv_path)
+        return list(reader)
+
+
+def read_manifest_csv(
+    csv_path: str | Path,
+    audio_root: str | Path | None = None,
+    file_column: str = "file",
+    label_column: str | None = "labels",
+    label_separator: str = ";",
+    class_names: Sequence[str] | None = None,
+) -> tuple[list[Path], list[Label] | None, list[str]]:
+    """A CSV manifest: one row per clip, ``file`` (relative to ``audio_root``, default
+    the CSV's folder) and ``labels`` (class names joined by ``label_separator``; one
+    name per row for multi-class). Classes are ``class_names`` or the sorted names seen."""
+    csv_path = Path(csv_path)
+    root = Path(audio_root) if audio_root is not None else csv_path.parent
+    rows = _read_rows(csv_path, [file_column] + ([label_column] if label_column else []))
+    paths = [_resolve(root, row[file_column]) for row in rows]
+    if not label_column:
+        return paths, None, []
+    names_per_row = [[n.strip() for n in (row[label_column] or "").split(label_separator) if n.strip()] for row in rows]
+    for number, names in enumerate(names_per_row, start=2):
+        if not names:
+            raise DataError(f"empty {label_column!r}; give at least one label or drop the row.", path=csv_path, row=number)
+    classes = list(class_names) if class_names is not None else sorted({n for names in names_per_row for n in names})
+    index = {name: i for i, name in enumerate(classes)}
+    labels: list[Label] = []
+    multilabel = any(len(names) > 1 for names in names_per_row)
+    for number, names in enumerate(names_per_row, start=2):
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise DataError(f"unknown label(s) {unknown}; known classes: {classes[:20]}...", path=csv_path, row=number)
+        ids = [index[n] for n in names]
+        labels.append(ids if multilabel else ids[0])
+    return paths, labels, classes
+
+
+def read_audioset_csv(
+    csv_path: str | Path,
+    audio_root: str | Path,
+    class_labels_csv: str | Path | None = None,
+    file_template: str = "Y{ytid}.wav",
+) -> tuple[list[Path], list[Label], list[str]]:
+    """An AudioSet segment CSV (``balanced_train_segments.csv`` ...): ``#`` comment lines,
+    then ``YTID, start_seconds, end_seconds, "mid1,mid2"``. Files are found as
+    ``audio_root / file_template.format(ytid=..., start=..., end=...)`` (PANNs' downloader
+    names them ``Y<YTID>.wav``). Classes come from ``class_labels_indices.csv``
+    (``index,mid,display_name``) when given, else the sorted MIDs seen. Labels are lists."""
+    csv_path, root = Path(csv_path), Path(audio_root)
+    if not csv_path.is_file():
+        raise DataError("AudioSet segment CSV not found.", path=csv_path)
+    records: list[tuple[int, str, str, str, list[str]]] = []
+    with open(csv_path, newline="") as handle:
+        for number, row in enumerate(csv.reader(handle, skipinitialspace=True), start=1):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) < 4:
+                raise DataError(f"expected YTID, start_seconds, end_seconds, positive_labels; got {row}", path=csv_path, row=number)
+            mids = [m.strip() for m in row[3].split(",") if m.strip()]
+            records.append((number, row[0].strip(), row[1].strip(), row[2].strip(), mids))
+    if class_labels_csv is not None:
+        rows = _read_rows(Path(class_labels_csv), ["index", "mid", "display_name"])
+        mids_in_order = [r["mid"] for r in sorted(rows, key=lambda r: int(r["index"]))]
+        classes = [r["display_name"] for r in sorted(rows, key=lambda r: int(r["index"]))]
+    else:
+        mids_in_order = sorted({m for *_, mids in records for m in mids})
+        classes = list(mids_in_order)
+    index = {mid: i for i, mid in enumerate(mids_in_order)}
+    paths: list[Path] = []
+    labels: list[Label] = []
+    for number, ytid, start, end, mids in records:
+        unknown = [m for m in mids if m not in index]
+        if unknown:
+            raise DataError(f"label MID(s) {unknown} are not in {class_labels_csv}", path=csv_path, row=number)
+        paths.append(root / file_template.format(ytid=ytid, start=start, end=end))
+        labels.append([index[m] for m in mids])
+    return paths, labels, classes
+
+
+def read_fold_csv(
+    csv_path: str | Path,
+    folds: Sequence[int],
+    audio_root: str | Path | None = None,
+    file_column: str = "filename",
+    fold_column: str = "fold",
+    target_column: str = "target",
+    class_column: str | None = "category",
+) -> tuple[list[Path], list[Label], list[str]]:
+    """A fold CSV like ESC-50's ``meta/esc50.csv`` (``filename,fold,target,category``):
+    the rows whose fold is in ``folds``. ``audio_root`` defaults to ``<csv>/../../audio``
+    (ESC-50's layout) when that exists, else the CSV's folder. Classes are named from
+    ``class_column`` over all rows (so every split agrees on the ids)."""
+    csv_path = Path(csv_path)
+    default_root = csv_path.parent.parent / "audio"
+    root = Path(audio_root) if audio_root is not None else (default_root if default_root.is_dir() else csv_path.parent)
+    rows = _read_rows(csv_path, [file_column, fold_column, target_column])
+    names: dict[int, str] = {}
+    for number, row in enumerate(rows, start=2):
+        try:
+            target = int(row[target_column])
+            int(row[fold_column])
+        except ValueError as exc:
+            raise DataError(f"{fold_column!r} and {target_column!r} must be integers ({exc}).", path=csv_path, row=number) from exc
+        names[target] = row.get(class_column, str(target)) if class_column else str(target)
+    classes = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
+    chosen = [row for row in rows if int(row[fold_column]) in set(folds)]
+    if not chosen:
+        raise DataError(f"no rows in folds {list(folds)}.", path=csv_path)
+    return [_resolve(root, r[file_column]) for r in chosen], [int(r[target_column]) for r in chosen], classes
+
+
+def read_folder(root: str | Path, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[list[Path], list[Label] | None, list[str]]:
+    """A folder of clips: ``root/<class>/*.wav`` gives labelled clips (class = sub-folder
+    name, sorted); audio directly under ``root`` and no sub-folders gives unlabelled clips."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("folder not found.", path=root)
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir())
+    if subfolders:
+        classes = [p.name for p in subfolders]
+        paths, labels = [], []
+        for label, folder in enumerate(subfolders):
+            for path in sorted(folder.rglob("*")):
+                if path.suffix.lower() in extensions:
+                    paths.append(path)
+                    labels.append(label)
+        if not paths:
+            raise DataError(f"no audio files ({', '.join(extensions)}) in its sub-folders.", path=root)
+        return paths, labels, classes
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in extensions)
+    if not paths:
+        raise DataError(f"no audio files ({', '.join(extensions)}).", path=root)
+    return paths, None, []
+
+
+FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
+
+
+def read_fsdd(root: str | Path, split: Literal["train", "test", "all"], indices: Sequence[int] | None = None) -> tuple[list[Path], list[Label], list[str]]:
+    """Free Spoken Digit Dataset ``recordings/{digit}_{speaker}_{index}.wav`` (8 kHz).
+    The dataset's own split: index 0-4 test, 5-49 train. ``indices`` narrows further."""
+    root = Path(root)
+    folder = root / "recordings" if (root / "recordings").is_dir() else root
+    paths, labels = [], []
+    for path in sorted(folder.glob("*.wav")):
+        match = FSDD_NAME.match(path.name)
+        if not match:
+            raise DataError("not named {digit}_{speaker}_{index}.wav as FSDD recordings are.", path=path)
+        digit, index = int(match.group(1)), int(match.group(3))
+        in_split = split == "all" or (split == "test") == (index < 5)
+        if in_split and (indices is None or index in indices):
+            paths.append(path)
+            labels.append(digit)
+    if not paths:
+        raise DataError(f"no FSDD recordings for split {split!r}.", path=folder)
+    return paths, labels, [str(d) for d in range(10)]
+
+
+# ----------------------------------------------------------------------------- DataModules
+
+
+class AudioDataModule(DictDataModule):
+    """Shared by the audio DataModules: class-balanced sampling of the training split
+    (PANNs' balanced sampler: each clip drawn with probability inversely proportional
+    to its classes' frequencies, with replacement) and a few properties tasks need."""
+
+    def __init__(self, balanced: bool = False, batch_size: int = 32, num_workers: int = 0, label_fraction: float = 1.0, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        self.balanced = balanced
+        self.class_names: list[str] = []
+        self._pending_train: Dataset[Any] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _train_clips(self) -> AudioClipDataset:
+        dataset = self.train_set
+        return dataset.dataset if isinstance(dataset, Subset) else dataset  # type: ignore[return-value]
+
+    def train_labels(self) -> list[Any] | None:
+        clips = self._train_clips() if self.train_set is not None else self._pending_train
+        labels = getattr(clips, "labels", None)
+        if labels is None or any(isinstance(label, list) for label in labels):
+            return None  # multi-label: plain random fraction
+        return list(labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, self.val_set, self.test_set = self.build()
+        self._pending_train = train
+        if self.label_fraction < 1.0:
+            from polyfm.core.data import label_fraction_indices
+
+            labels = self.train_labels()
+            indices = label_fraction_indices(labels if labels is not None else len(train), self.label_fraction, self.seed)
+            train = Subset(train, indices.tolist())
+        self.train_set = train
+
+    def balanced_weights(self) -> list[float]:
+        dataset = self.train_set
+        clips = self._train_clips()
+        indices = dataset.indices if isinstance(dataset, Subset) else range(len(clips))
+        labels = [clips.labels[i] for i in indices] if clips.labels is not None else None
+        if labels is None:
+            raise ConfigError("balanced sampling needs labels.")
+        as_lists = [label if isinstance(label, list) else [label] for label in labels]
+        counts = Counter(c for label in as_lists for c in label)
+        return [float(np.mean([1.0 / counts[c] for c in label])) if label else 0.0 for label in as_lists]
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        if not self.balanced:
+            return super().train_dataloader()
+        assert self.train_set is not None
+        sampler = EpochSeededSampler(len(self.train_set), self.seed, weights=self.balanced_weights())  # type: ignore[arg-type]
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+
+class AudioClipsDataModule(AudioDataModule):
+    """Clip classification / tagging from your own files.
+
+    ``format``:
+      * ``csv``: ``train``/``val``/``test`` are manifests with ``file`` and ``labels`` columns;
+      * ``audioset``: AudioSet segment CSVs, files under ``audio_root`` (multi-label);
+      * ``folds``: ``train`` is one fold CSV (ESC-50 style); ``val_folds``/``test_folds``
+        pick the evaluation folds and the rest train;
+      * ``folder``: ``train``/``val``/``test`` are folders with one sub-folder per class.
+
+    Multi-label when any clip has several labels (or ``format="audioset"``).
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        test: str | None = None,
+        format: Literal["csv", "audioset", "folds", "folder"] = "csv",
+        audio_root: str | None = None,
+        class_labels_csv: str | None = None,
+        val_folds: list[int] | None = None,
+        test_folds: list[int] | None = None,
+        label_separator: str = ";",
+        sample_rate: int = 32000,
+        clip_seconds: float = 10.0,
+        random_crop: bool = True,
+        balanced: bool = False,
+        on_error: OnError = "raise",
+        check: Literal["none", "header", "full"] = "header",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(balanced=balanced, batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        self.train, self.val, self.test, self.format = train, val, test, format
+        self.audio_root, self.class_labels_csv = audio_root, class_labels_csv
+        self.val_folds, self.test_folds, self.label_separator = val_folds, test_folds, label_separator
+        self.sample_rate, self.clip_seconds, self.random_crop = sample_rate, clip_seconds, random_crop
+        self.on_error, self.check = on_error, check
+        self.multilabel = format == "audioset"
+
+    def _read(self, source: str, folds: list[int] | None = None) -> tuple[list[Path], list[Label] | None, list[str]]:
+        if self.format == "csv":
+            return read_manifest_csv(source, self.audio_root, label_separator=self.label_separator, class_names=self.class_names or None)
+        if self.format == "audioset":
+            if self.audio_root is None:
+                raise ConfigError("format='audioset' needs audio_root (the folder holding Y<YTID>.wav files).")
+            return read_audioset_csv(source, self.audio_root, self.class_labels_csv)
+        if self.format == "folds":
+            return read_fold_csv(source, folds or [], self.audio_root)
+        if self.format == "folder":
+            return read_folder(source)
+        raise ConfigError(f"unknown format {self.format!r}: csv, audioset, folds or folder.")
+
+    def _dataset(self, paths: list[Path], labels: list[Label] | None, train: bool) -> AudioClipDataset:
+        return AudioClipDataset(
+            paths, labels, num_classes=len(self.class_names), multilabel=self.multilabel, sample_rate=self.sample_rate,
+            clip_seconds=self.clip_seconds, random_crop=self.random_crop and train, on_error=self.on_error, check=self.check,
+        )  # fmt: skip
+
+    def build(self) -> tuple[AudioClipDataset, AudioClipDataset | None, AudioClipDataset | None]:
+        if self.format == "folds":
+            all_folds = {int(r["fold"]) for r in _read_rows(Path(self.train), ["fold"])}
+            held_out = set(self.val_folds or []) | set(self.test_folds or [])
+            if not self.test_folds:
+                raise ConfigError("format='folds' needs test_folds (e.g. [5]; ESC-50 reports 5-fold cross-validation).")
+            train_folds = sorted(all_folds - held_out)
+            paths, labels, self.class_names = self._read(self.train, train_folds)
+            splits = [self._read(self.train, f) if f else None for f in (self.val_folds, self.test_folds)]
+        else:
+            paths, labels, self.class_names = self._read(self.train)
+            splits = [self._read(s) if s else None for s in (self.val, self.test)]
+        self.multilabel = self.multilabel or any(isinstance(label, list) for label in labels or [])
+        if labels is None:
+            raise ConfigError(f"{self.train} has no labels; use UnlabelledAudioDataModule for self-supervised pretraining.")
+        train = self._dataset(paths, labels, train=True)
+        val, test = (self._dataset(s[0], s[1], train=False) if s else None for s in splits)
+        return train, val, test
+
+
+class FSDDDataModule(AudioDataModule):
+    """Free Spoken Digit Dataset (``$POLYFM_DATA_DIR/audio/fsdd``): 10 digits, 8 kHz,
+    resampled to ``sample_rate`` on the fly and padded/cropped to ``clip_seconds``.
+    The dataset's own split: index 0-4 test, 5-49 train; validation takes indices
+    ``val_indices`` out of the train split. ``max_train_clips`` keeps a stratified,
+    seeded subset of the train split (for quick runs)."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        sample_rate: int = 32000,
+        clip_seconds: float = 1.0,
+        val_indices: list[int] | None = None,
+        max_train_clips: int | None = None,
+        random_crop: bool = True,
+        cache: bool = False,
+        balanced: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(balanced=balanced, batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        self.root, self.sample_rate, self.clip_seconds = root, sample_rate, clip_seconds
+        self.val_indices = list(range(5, 10)) if val_indices is None else val_indices
+        self.max_train_clips, self.random_crop, self.cache = max_train_clips, random_crop, cache
+        self.class_names = [str(d) for d in range(10)]
+        self.multilabel = False
+
+    def folder(self) -> Path:
+        if self.root is not None:
+            return Path(self.root)
+        base = data_dir()
+        if base is None:
+            raise ConfigError("FSDDDataModule needs root= or POLYFM_DATA_DIR (holding audio/fsdd/recordings).")
+        return base / "audio" / "fsdd"
+
+    def build(self) -> tuple[AudioClipDataset, AudioClipDataset, AudioClipDataset]:
+        root = self.folder()
+        train_indices = [i for i in range(5, 50) if i not in set(self.val_indices)]
+        paths, labels, _ = read_fsdd(root, "train", train_indices)
+        if self.max_train_clips is not None and self.max_train_clips < len(paths):
+            from polyfm.core.data import label_fraction_indices
+
+            keep = label_fraction_indices(labels, self.max_train_clips / len(paths), self.seed)
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        val_paths, val_labels, _ = read_fsdd(root, "train", self.val_indices) if self.val_indices else read_fsdd(root, "test")
+        test_paths, test_labels, _ = read_fsdd(root, "test")
+
+        def make(p: list[Path], y: list[Label], train: bool) -> AudioClipDataset:
+            return AudioClipDataset(
+                p, y, 10, False, self.sample_rate, self.clip_seconds, self.random_crop and train, cache=self.cache
+            )
+
+        return make(paths, labels, True), make(val_paths, val_labels, False), make(test_paths, test_labels, False)
+
+
+class UnlabelledAudioDataModule(DictDataModule):
+    """Self-supervised pretraining on a folder (or CSV manifest) of unlabelled clips:
+    batches of two views (``view1``, ``view2``) for :class:`~polyfm.audio.objectives.ContrastiveAudio`.
+    Labels, if the source has them, are ignored. ``val_fraction`` of the clips (seeded)
+    are held out for the validation loss."""
+
+    def __init__(
+        self,
+        source: str,
+        sample_rate: int = 32000,
+        clip_seconds: float = 2.0,
+        gain_db: float = 6.0,
+        val_fraction: float = 0.1,
+        on_error: OnError = "raise",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.source, self.sample_rate, self.clip_seconds = source, sample_rate, clip_seconds
+        self.gain_db, self.val_fraction, self.on_error = gain_db, val_fraction, on_error
+
+    def build(self) -> tuple[TwoViewAudioDataset, TwoViewAudioDataset | None, None]:
+        source = Path(self.source)
+        paths = read_manifest_csv(source, label_column=None)[0] if source.suffix == ".csv" else read_folder(source)[0]
+        order = np.random.default_rng(self.seed).permutation(len(paths))
+        n_val = int(round(self.val_fraction * len(paths)))
+        val_paths = [paths[i] for i in order[:n_val]]
+        train_paths = [paths[i] for i in order[n_val:]]
+
+        def make(p: list[Path]) -> TwoViewAudioDataset:
+            clips = AudioClipDataset(p, None, sample_rate=self.sample_rate, clip_seconds=self.clip_seconds, on_error=self.on_error)
+            return TwoViewAudioDataset(clips, self.gain_db)
+
+        return make(train_paths), (make(val_paths) if val_paths else None), None

@@ -1,0 +1,181 @@
+"""Readers and bad input: every problem file gets an error naming it, or counted handling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from polyfm.audio.data import (
+    AudioClipDataset,
+    AudioClipsDataModule,
+    UnlabelledAudioDataModule,
+    fix_length,
+    load_audio,
+    read_audioset_csv,
+    read_fold_csv,
+    read_manifest_csv,
+)
+from polyfm.core.errors import DataError
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    y = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.stack([y * (c + 1) / channels for c in range(channels)], axis=1).astype(np.float32)
+
+
+def test_decode_resample_mono_and_24bit(tmp_path: Path) -> None:
+    stereo = tmp_path / "stereo_24bit_44k.wav"
+    data = tone(0.5, 44100, channels=2)
+    sf.write(stereo, data, 44100, subtype="PCM_24")
+    wav = load_audio(stereo, sample_rate=32000)
+    assert wav.dtype == torch.float32 and wav.dim() == 1
+    assert abs(len(wav) - 16000) <= 1  # 0.5 s at 32 kHz
+    # mono mixdown is the channel mean; 24-bit decodes to the written values (1/2^23 steps)
+    direct = load_audio(stereo, sample_rate=44100)
+    np.testing.assert_allclose(direct.numpy(), data.mean(axis=1), atol=2e-6)
+    # the resampled tone keeps its frequency: the spectrum peaks at 440 Hz
+    spectrum = torch.fft.rfft(wav).abs()
+    assert abs(int(spectrum.argmax()) * 32000 / len(wav) - 440) < 5
+
+
+def test_fix_length_pads_crops_random_crops() -> None:
+    x = torch.arange(10.0)
+    assert torch.equal(fix_length(x, 4), torch.arange(4.0))
+    assert torch.equal(fix_length(x, 12)[10:], torch.zeros(2))
+    starts = {int(fix_length(x, 4, random_crop=True, generator=torch.Generator().manual_seed(s))[0]) for s in range(30)}
+    assert len(starts) > 3 and max(starts) <= 6
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.wav"
+    sf.write(good, tone(0.3, 8000), 8000, subtype="PCM_16")
+    raw = good.read_bytes()
+    files = {"good": good}
+    files["truncated"] = tmp_path / "truncated.wav"
+    files["truncated"].write_bytes(raw[: len(raw) // 2])
+    files["garbage"] = tmp_path / "garbage.wav"
+    files["garbage"].write_bytes(b"this is not audio" * 20)
+    files["empty"] = tmp_path / "empty.wav"
+    sf.write(files["empty"], np.zeros((0, 1), np.float32), 8000)
+    files["nan"] = tmp_path / "nan.wav"
+    nan = tone(0.3, 8000)
+    nan[100, 0] = np.nan
+    sf.write(files["nan"], nan, 8000, subtype="FLOAT")
+    files["silent"] = tmp_path / "silent.wav"
+    sf.write(files["silent"], np.zeros((2400, 1), np.float32), 8000, subtype="PCM_16")
+    return files
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("truncated", "truncated WAV"), ("garbage", "cannot decode"), ("empty", "zero-length"), ("nan", "NaN/Inf samples .first at frame 100")],
+)
+def test_bad_file_errors_name_the_file(tmp_path: Path, name: str, message: str) -> None:
+    files = _bad_files(tmp_path)
+    with pytest.raises(DataError, match=message) as info:
+        AudioClipDataset([files["good"], files[name]], [0, 1], check="full")[1]
+    assert str(files[name]) in str(info.value)
+
+
+def test_nan_file_raises_at_load_time_with_header_check(tmp_path: Path) -> None:
+    files = _bad_files(tmp_path)
+    dataset = AudioClipDataset([files["nan"]], [0], check="header")  # the header is fine
+    with pytest.raises(DataError, match=str(files["nan"])):
+        dataset[0]
+
+
+def test_skip_counts_bad_files_and_keeps_silence(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = _bad_files(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        dataset = AudioClipDataset(list(files.values()), [0] * len(files), check="full", on_error="skip", clip_seconds=0.5)
+    assert len(dataset) == 2  # good + silent
+    assert dict(dataset.skipped) == {"truncated": 1, "cannot decode": 1, "zero-length": 1, "NaN": 1}
+    assert dataset.silent == [str(files["silent"])]
+    assert "skipped 4 bad audio files" in caplog.text
+    assert dataset[1]["input"].abs().max() == 0 and dataset[1]["input"].shape == (16000,)
+    assert dataset.source_rates == {8000: 2}
+
+
+def test_unexpected_sample_rate(tmp_path: Path) -> None:
+    path = tmp_path / "a.wav"
+    sf.write(path, tone(0.3, 22050), 22050)
+    with pytest.raises(DataError, match=r"sample rate 22050 Hz, expected 32000"):
+        AudioClipDataset([path], [0], expected_sample_rate=32000)
+    dataset = AudioClipDataset([path], [0], clip_seconds=0.3)  # default: resampled, counted
+    assert dataset.source_rates == {22050: 1} and dataset[0]["input"].shape == (9600,)
+
+
+def test_manifest_csv_multiclass_and_multilabel(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        sf.write(tmp_path / f"{name}.wav", tone(0.2, 16000), 16000)
+    (tmp_path / "mc.csv").write_text("file,labels\na.wav,dog\nb.wav,cat\nc.wav,dog\n")
+    paths, labels, classes = read_manifest_csv(tmp_path / "mc.csv")
+    assert classes == ["cat", "dog"] and labels == [1, 0, 1] and paths[0] == tmp_path / "a.wav"
+    (tmp_path / "ml.csv").write_text("file,labels\na.wav,dog;bark\nb.wav,cat\nc.wav,\n")
+    with pytest.raises(DataError, match=r"ml.csv, row 4: empty 'labels'"):
+        read_manifest_csv(tmp_path / "ml.csv")
+    (tmp_path / "ml.csv").write_text("file,labels\na.wav,dog;bark\nb.wav,cat\n")
+    dm = AudioClipsDataModule(train=str(tmp_path / "ml.csv"), val=str(tmp_path / "ml.csv"), clip_seconds=0.25, batch_size=2)
+    dm.setup()
+    assert dm.multilabel and dm.class_names == ["bark", "cat", "dog"]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input"].shape == (2, 8000)
+    assert torch.equal(batch["target"], torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    (tmp_path / "nocol.csv").write_text("path,labels\na.wav,dog\n")
+    with pytest.raises(DataError, match=r"nocol.csv: missing column\(s\) \['file'\]"):
+        read_manifest_csv(tmp_path / "nocol.csv")
+    (tmp_path / "missing.csv").write_text("file,labels\nnope.wav,dog\n")
+    with pytest.raises(DataError, match="nope.wav: audio file not found"):
+        AudioClipsDataModule(train=str(tmp_path / "missing.csv")).setup()
+
+
+def test_audioset_segments_and_balanced_sampling(tmp_path: Path) -> None:
+    for ytid in ("abc", "def", "ghi", "jkl"):
+        sf.write(tmp_path / f"Y{ytid}.wav", tone(0.2, 32000), 32000)
+    (tmp_path / "class_labels_indices.csv").write_text('index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/04rlf,"Music"\n2,/m/0bt9lr,"Dog"\n')
+    (tmp_path / "segments.csv").write_text(
+        "# Segments csv created Sun Mar  5 10:54:31 2017\n# num_ytids=4\n# YTID, start_seconds, end_seconds, positive_labels\n"
+        'abc, 30.000, 40.000, "/m/09x0r,/m/04rlf"\ndef, 0.000, 10.000, "/m/09x0r"\nghi, 0.000, 10.000, "/m/09x0r"\njkl, 5.000, 15.000, "/m/0bt9lr"\n'
+    )
+    paths, labels, classes = read_audioset_csv(tmp_path / "segments.csv", tmp_path, tmp_path / "class_labels_indices.csv")
+    assert classes == ["Speech", "Music", "Dog"] and labels == [[0, 1], [0], [0], [2]] and paths[0].name == "Yabc.wav"
+    dm = AudioClipsDataModule(
+        train=str(tmp_path / "segments.csv"), format="audioset", audio_root=str(tmp_path),
+        class_labels_csv=str(tmp_path / "class_labels_indices.csv"), balanced=True, clip_seconds=0.2, batch_size=4,
+    )  # fmt: skip
+    dm.setup()
+    weights = dm.balanced_weights()
+    assert weights[3] == pytest.approx(1.0) and weights[1] == pytest.approx(1 / 3)  # the rare Dog clip is drawn 3x as often
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["target"].shape == (4, 3)
+
+
+def test_fold_csv_esc50_layout(tmp_path: Path) -> None:
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "meta").mkdir()
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    for i in range(10):
+        name = f"{i % 5 + 1}-{i}-A-{i % 2}.wav"
+        sf.write(tmp_path / "audio" / name, tone(0.2, 44100, 200 + 100 * i), 44100)
+        rows.append(f"{name},{i % 5 + 1},{i % 2},{'dog' if i % 2 == 0 else 'rain'},True,{i},A")
+    (tmp_path / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    paths, labels, classes = read_fold_csv(tmp_path / "meta" / "esc50.csv", folds=[5])
+    assert classes == ["dog", "rain"] and len(paths) == 2 and paths[0].parent == tmp_path / "audio"
+    dm = AudioClipsDataModule(train=str(tmp_path / "meta" / "esc50.csv"), format="folds", val_folds=[4], test_folds=[5], clip_seconds=0.2)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (6, 2, 2)
+
+
+def test_unlabelled_folder_two_views(tmp_path: Path) -> None:
+    for i in range(4):
+        sf.write(tmp_path / f"{i}.flac", tone(1.0, 16000, 300 + 50 * i), 16000)
+    dm = UnlabelledAudioDataModule(str(tmp_path), sample_rate=32000, clip_seconds=0.5, val_fraction=0.25, batch_size=2)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["view1"].shape == batch["view2"].shape == (2, 16000)
+    assert not torch.allclose(batch["view1"], batch["view2"])
