@@ -1,0 +1,712 @@
+"""Molecule tables (the MoleculeNet CSV layout), splits, datasets and DataModules.
+
+A CSV has a SMILES column and one or more target columns; an empty cell is a missing
+label (NaN, masked out of losses and metrics by the tasks). Every SMILES is parsed and
+canonicalised with RDKit; invalid ones (empty, unparsable) stop the run with their row
+numbers unless ``skip_invalid=True``, in which case they are skipped, counted and logged.
+Salts and mixtures are kept whole by default (counted), or reduced to their largest
+fragment (``fragments="largest"``), or refused (``fragments="error"``).
+
+Rows are numbered as data rows, from 1 (the header is not a row); the error messages also
+give the line of the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from polyfm.core.data import DictDataModule
+from polyfm.core.errors import ConfigError, DataError
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+SplitKind = Literal["scaffold", "random", "stratified"]
+FragmentPolicy = Literal["keep", "largest", "error"]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class MoleculeTable:
+    """Parsed molecules of one CSV. ``rows`` are 1-based data-row numbers in the file."""
+
+    smiles: list[str]
+    input_smiles: list[str]
+    rows: list[int]
+    targets: np.ndarray  # (n, T) float32, NaN = missing
+    target_names: list[str]
+    path: Path | None = None
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (row, smiles, reason)
+    mixtures: int = 0
+    fragments_stripped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.smiles)
+
+    def summary(self) -> str:
+        where = self.path.name if self.path else "table"
+        return (
+            f"{where}: {len(self)} molecules, {len(self.target_names)} targets, {int(np.isnan(self.targets).sum())} missing labels, "
+            f"{len(self.skipped)} invalid SMILES skipped, {self.mixtures} salts/mixtures ({self.fragments_stripped} reduced to the largest fragment)"
+        )
+
+
+def parse_smiles(smiles: str, fragments: FragmentPolicy = "keep", canonicalize: bool = True) -> tuple[str, bool, str]:
+    """``(smiles_out, is_mixture, error)``: error is "" when the SMILES is usable."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    text = smiles.strip()
+    if not text:
+        return "", False, "empty SMILES"
+    mol = Chem.MolFromSmiles(text)
+    if mol is None:
+        return "", False, "RDKit cannot parse it"
+    if mol.GetNumAtoms() == 0:
+        return "", False, "no atoms"
+    mixture = len(Chem.GetMolFrags(mol)) > 1
+    if mixture and fragments == "error":
+        return "", True, "salt or mixture (several fragments); pass fragments='keep' or 'largest'"
+    if mixture and fragments == "largest":
+        from rdkit.Chem.MolStandardize import rdMolStandardize
+
+        mol = rdMolStandardize.LargestFragmentChooser().choose(mol)
+    return (Chem.MolToSmiles(mol) if canonicalize or (mixture and fragments == "largest") else text), mixture, ""
+
+
+def _to_float(value: str) -> float:
+    value = value.strip()
+    if value == "" or value.lower() in ("nan", "na", "n/a", "none", "null"):
+        return math.nan
+    return float(value)
+
+
+def read_molecule_csv(
+    path: str | os.PathLike[str],
+    smiles_column: str = "smiles",
+    target_columns: Sequence[str] | None = None,
+    canonicalize: bool = True,
+    skip_invalid: bool = False,
+    fragments: FragmentPolicy = "keep",
+) -> MoleculeTable:
+    """Read a MoleculeNet-style CSV. ``target_columns=None`` takes every column but the SMILES one."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found.", path=path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"not a readable CSV: {exc}", path=path) from exc
+    if smiles_column not in frame.columns:
+        raise DataError(
+            f"no SMILES column {smiles_column!r}; columns are {list(frame.columns)}. Pass smiles_column=...", path=path
+        )
+    names = [c for c in frame.columns if c != smiles_column] if target_columns is None else list(target_columns)
+    absent = [c for c in names if c not in frame.columns]
+    if absent:
+        raise DataError(f"target columns {absent} are not in the file; columns are {list(frame.columns)}.", path=path)
+    targets = np.full((len(frame), len(names)), np.nan, dtype=np.float32)
+    for j, name in enumerate(names):
+        for i, raw in enumerate(frame[name].tolist()):
+            try:
+                targets[i, j] = _to_float(raw)
+            except ValueError:
+                raise DataError(
+                    f"(line {i + 2}) target {raw!r} is not a number. Fix the value, or leave the cell empty for a missing label.",
+                    path=path,
+                    row=i + 1,
+                    key=name,
+                ) from None
+    table = MoleculeTable([], [], [], targets, names, path=path)
+    keep: list[int] = []
+    for i, raw in enumerate(frame[smiles_column].tolist()):
+        smiles, mixture, error = parse_smiles(raw, fragments, canonicalize)
+        if error:
+            table.skipped.append((i + 1, raw, error))
+            continue
+        table.mixtures += int(mixture)
+        table.fragments_stripped += int(mixture and fragments == "largest")
+        table.smiles.append(smiles)
+        table.input_smiles.append(raw)
+        table.rows.append(i + 1)
+        keep.append(i)
+    if table.skipped and not skip_invalid:
+        shown = "; ".join(f"row {r} (line {r + 1}) {s!r}: {why}" for r, s, why in table.skipped[:10])
+        more = f" and {len(table.skipped) - 10} more" if len(table.skipped) > 10 else ""
+        raise DataError(
+            f"{len(table.skipped)} invalid SMILES in column {smiles_column!r}: {shown}{more}. Fix them, or pass skip_invalid=True "
+            "to skip them (they are counted and logged).",
+            path=path,
+        )
+    table.targets = targets[keep]
+    if not len(table):
+        raise DataError("no valid molecule in the file.", path=path)
+    if table.skipped:
+        log.warning("%s: skipped %d invalid SMILES (rows %s)", path, len(table.skipped), [r for r, _, _ in table.skipped[:20]])
+    if table.mixtures:
+        log.info(
+            "%s: %d salts/mixtures (%s)",
+            path,
+            table.mixtures,
+            "largest fragment kept" if fragments == "largest" else "kept whole",
+        )
+    return table
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _counts(n: int, fractions: Sequence[float]) -> tuple[int, int]:
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}.")
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    return n_train, n_val
+
+
+def murcko_scaffold(smiles: str, include_chirality: bool = False) -> str:
+    from rdkit import Chem
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    mol = Chem.MolFromSmiles(smiles)
+    return "" if mol is None else MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=include_chirality)
+
+
+def scaffold_split(
+    smiles: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, balanced: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bemis-Murcko scaffold split: no scaffold is shared between splits.
+
+    Default (DeepChem's): scaffold sets from largest to smallest fill train, then
+    validation, then test, deterministically. ``balanced=True`` (chemprop's): sets larger
+    than half the test size go to train first, the rest in a seeded random order."""
+    n_train, n_val = _counts(len(smiles), fractions)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(smiles):
+        groups[murcko_scaffold(s)].append(i)
+    sets = list(groups.values())
+    if balanced:
+        big = [s for s in sets if len(s) > (len(smiles) - n_train - n_val) / 2]
+        small = [s for s in sets if len(s) <= (len(smiles) - n_train - n_val) / 2]
+        rng = np.random.default_rng(seed)
+        rng.shuffle(big)
+        rng.shuffle(small)
+        sets = big + small
+    else:
+        sets.sort(key=lambda s: (-len(s), s[0]))
+    train: list[int] = []
+    val: list[int] = []
+    test: list[int] = []
+    for group in sets:
+        if len(train) + len(group) <= n_train:
+            train.extend(group)
+        elif len(val) + len(group) <= n_val:
+            val.extend(group)
+        else:
+            test.extend(group)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def random_split(
+    n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n_train, n_val = _counts(n, fractions)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:n_train]), np.sort(order[n_train : n_train + n_val]), np.sort(order[n_train + n_val :])
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, bins: int = 5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each stratum keeps the split fractions. Strata: the class of a single binary/integer
+    target, the quantile bin of a continuous one, or (multi-task) the first task's; missing
+    labels form their own stratum."""
+    labels = np.asarray(labels, dtype=np.float64)
+    first = labels if labels.ndim == 1 else labels[:, 0]
+    observed = first[~np.isnan(first)]
+    if observed.size and np.all(observed == np.round(observed)) and len(np.unique(observed)) <= 20:
+        strata = np.where(np.isnan(first), -1.0, first)
+    else:
+        edges = np.nanquantile(first, np.linspace(0, 1, bins + 1)[1:-1]) if observed.size else np.array([])
+        strata = np.where(np.isnan(first), -1.0, np.searchsorted(edges, first, side="right").astype(float))
+    rng = np.random.default_rng(seed)
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for value in np.unique(strata):
+        members = np.flatnonzero(strata == value)
+        members = members[rng.permutation(len(members))]
+        n_train, n_val = _counts(len(members), fractions)
+        parts[0].extend(members[:n_train])
+        parts[1].extend(members[n_train : n_train + n_val])
+        parts[2].extend(members[n_train + n_val :])
+    return np.sort(parts[0]), np.sort(parts[1]), np.sort(parts[2])
+
+
+def split_indices(
+    kind: SplitKind, smiles: Sequence[str], targets: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if kind == "scaffold":
+        return scaffold_split(smiles, fractions, seed)
+    if kind == "random":
+        return random_split(len(smiles), fractions, seed)
+    if kind == "stratified":
+        return stratified_split(targets, fractions, seed)
+    raise ConfigError(f"unknown split {kind!r}: use scaffold, random or stratified.")
+
+
+# ----------------------------------------------------------------------------- descriptors (ChemBERTa-2 MTR)
+
+
+def descriptor_names() -> list[str]:
+    from rdkit.Chem import Descriptors
+
+    return [name for name, _ in Descriptors.descList]
+
+
+def compute_descriptors(smiles: Sequence[str]) -> np.ndarray:
+    """All RDKit 2D descriptors (``rdkit.Chem.Descriptors.descList``, ~210) per molecule;
+    non-finite values become NaN (masked in the MTR loss)."""
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import Descriptors
+
+    RDLogger.DisableLog("rdApp.*")
+    functions = [fn for _, fn in Descriptors.descList]
+    out = np.full((len(smiles), len(functions)), np.nan, dtype=np.float64)
+    for i, s in enumerate(smiles):
+        mol = Chem.MolFromSmiles(s)
+        if mol is None:
+            continue
+        for j, fn in enumerate(functions):
+            try:
+                out[i, j] = float(fn(mol))
+            except (ValueError, ZeroDivisionError, RuntimeError, OverflowError):
+                pass
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+@dataclass
+class DescriptorScaler:
+    """Standardise descriptors with training statistics; values are clipped to +-``clip``
+    standard deviations so heavy-tailed descriptors (Ipc, BertzCT) cannot dominate."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    clip: float = 10.0
+
+    @classmethod
+    def fit(cls, values: np.ndarray, clip: float = 10.0) -> DescriptorScaler:
+        with np.errstate(all="ignore"):
+            # log-compress magnitudes first: several descriptors span many orders of magnitude
+            compressed = np.sign(values) * np.log1p(np.abs(values))
+            mean = np.nan_to_num(np.nanmean(compressed, axis=0))
+            std = np.nan_to_num(np.nanstd(compressed, axis=0), nan=1.0)
+        std[std < 1e-8] = 1.0
+        return cls(mean.astype(np.float32), std.astype(np.float32), clip)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            compressed = np.sign(values) * np.log1p(np.abs(values))
+        return np.clip((compressed - self.mean) / self.std, -self.clip, self.clip).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class MoleculeDataset(Dataset[dict[str, Any]]):
+    """Items ``{"features": <model input of one molecule>, "target": (T,), "meta": "row N: SMILES"}``.
+
+    ``featurise(i)`` gives the per-molecule input (SMILES string for ChemBERTa, Uni-Mol
+    arrays); the collate function turns a list of them into the batch input."""
+
+    def __init__(self, smiles: Sequence[str], targets: np.ndarray, meta: Sequence[str], featurise: Callable[[int], Any]) -> None:
+        self.smiles, self.targets, self.meta, self.featurise = (
+            list(smiles),
+            np.asarray(targets, np.float32),
+            list(meta),
+            featurise,
+        )
+
+    def __len__(self) -> int:
+        return len(self.smiles)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"features": self.featurise(index), "target": torch.from_numpy(self.targets[index]), "meta": self.meta[index]}
+
+
+class ChemBERTaCollate:
+    """Tokenises a batch of SMILES (padding to the longest)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "input": self.tokenizer([it["features"] for it in items], max_length=self.max_length),
+            "target": torch.stack([it["target"] for it in items]),
+            "meta": [it["meta"] for it in items],
+        }
+
+
+class UniMolCollate:
+    def __init__(self, pad_idx: int) -> None:
+        self.pad_idx = pad_idx
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        from polyfm.mol.conformers import collate_unimol
+
+        return {
+            "input": collate_unimol([it["features"] for it in items], self.pad_idx),
+            "target": torch.stack([it["target"] for it in items]),
+            "meta": [it["meta"] for it in items],
+        }
+
+
+# ----------------------------------------------------------------------------- featurisers
+
+
+class Featuriser:
+    """Turns SMILES into one model's inputs, and says how to collate them."""
+
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ChemBERTaFeaturiser(Featuriser):
+    """SMILES strings, tokenised per batch. ``tokenizer``: a hub folder, a vocab.json, or None
+    for the built-in atom-wise vocabulary; ``tokenizer_kind``: ``hub`` or ``smiles``."""
+
+    def __init__(self, tokenizer: str | None = None, tokenizer_kind: str = "hub", max_length: int = 128) -> None:
+        from polyfm.mol.tokenizers import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer, tokenizer_kind, model_max_length=max_length)
+        self.max_length = max_length
+
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:
+        too_long = [r for s, r in zip(smiles, rows, strict=True) if len(self.tokenizer.tokenize(s)) + 2 > self.max_length]
+        if too_long:
+            log.warning(
+                "%d SMILES are longer than max_length=%d tokens and are truncated (rows %s)",
+                len(too_long),
+                self.max_length,
+                too_long[:20],
+            )
+        self.truncated_rows = too_long
+        values = list(smiles)
+        return values.__getitem__
+
+    def collate(self) -> ChemBERTaCollate:
+        return ChemBERTaCollate(self.tokenizer, self.max_length)
+
+
+class UniMolFeaturiser(Featuriser):
+    """ETKDG conformers (cached on disk, parallel) turned into Uni-Mol inputs.
+
+    ``max_atoms_policy``: ``"crop"`` keeps a seeded random subset of ``max_atoms`` atoms
+    (what unimol_tools does, counted and logged), ``"error"`` refuses such molecules."""
+
+    def __init__(
+        self,
+        dictionary: str | None = None,
+        remove_hs: bool = False,
+        max_atoms: int = 256,
+        max_atoms_policy: Literal["crop", "error"] = "crop",
+        conformer_seed: int = 42,
+        mmff: bool = True,
+        conformer_cache: str | None = None,
+        conformer_workers: int = 1,
+    ) -> None:
+        from polyfm.mol.models.unimol import UniMolDictionary
+
+        self.dictionary = UniMolDictionary.official() if dictionary is None else UniMolDictionary.load(dictionary)
+        self.remove_hs, self.max_atoms, self.max_atoms_policy = remove_hs, max_atoms, max_atoms_policy
+        self.conformer_seed, self.mmff = conformer_seed, mmff
+        self.conformer_cache, self.conformer_workers = conformer_cache, conformer_workers
+        self.fallback_2d_rows: list[int] = []
+        self.cropped_rows: list[int] = []
+
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:
+        from polyfm.mol.conformers import ConformerSettings, generate_conformers, unimol_features
+
+        settings = ConformerSettings(seed=self.conformer_seed, remove_hs=self.remove_hs, mmff=self.mmff)
+        conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
+        self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
+        features = []
+        self.cropped_rows = []
+        for i, conf in enumerate(conformers):
+            if len(conf.atoms) > self.max_atoms:
+                if self.max_atoms_policy == "error":
+                    raise DataError(
+                        f"{smiles[i]!r} has {len(conf.atoms)} atoms{'' if self.remove_hs else ' (with hydrogens)'}, more than max_atoms="
+                        f"{self.max_atoms}. Raise max_atoms, use remove_hs=True, or max_atoms_policy='crop'.",
+                        row=rows[i],
+                    )
+                self.cropped_rows.append(rows[i])
+            features.append(
+                unimol_features(conf.atoms, conf.coordinates, self.dictionary, self.max_atoms, seed=self.conformer_seed + i)
+            )
+        if self.cropped_rows:
+            log.warning(
+                "%d molecules exceed max_atoms=%d and were cropped to a random subset of atoms (rows %s)",
+                len(self.cropped_rows),
+                self.max_atoms,
+                self.cropped_rows[:20],
+            )
+        if self.fallback_2d_rows:
+            log.warning(
+                "%d molecules use 2D coordinates (ETKDG failed): rows %s", len(self.fallback_2d_rows), self.fallback_2d_rows[:20]
+            )
+        return features.__getitem__
+
+    def collate(self) -> UniMolCollate:
+        return UniMolCollate(self.dictionary.pad)
+
+
+def make_featuriser(model: str, **options: Any) -> Featuriser:
+    if model == "chemberta":
+        keys = ("tokenizer", "tokenizer_kind", "max_length")
+        return ChemBERTaFeaturiser(**{k: v for k, v in options.items() if k in keys})
+    if model == "unimol":
+        keys = (
+            "dictionary",
+            "remove_hs",
+            "max_atoms",
+            "max_atoms_policy",
+            "conformer_seed",
+            "mmff",
+            "conformer_cache",
+            "conformer_workers",
+        )
+        return UniMolFeaturiser(**{k: v for k, v in options.items() if k in keys})
+    raise ConfigError(f"unknown model {model!r}: use chemberta or unimol.")
+
+
+# ----------------------------------------------------------------------------- DataModules
+
+
+class MoleculeDataModule(DictDataModule):
+    """Property prediction from a MoleculeNet-style CSV, for ChemBERTa or Uni-Mol.
+
+    Batches: ``{"input": dict of tensors, "target": (B, T) float with NaN for missing,
+    "meta": ["row N: SMILES", ...]}``. After ``setup()``: ``table``, ``split`` (indices
+    into the table), ``target_names``, ``num_tasks``, ``target_mean``/``target_std``
+    (training split, NaN-aware)."""
+
+    def __init__(
+        self,
+        csv_path: str,
+        model: Literal["chemberta", "unimol"] = "chemberta",
+        smiles_column: str = "smiles",
+        target_columns: list[str] | None = None,
+        split: SplitKind = "scaffold",
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        canonicalize: bool = True,
+        skip_invalid: bool = False,
+        fragments: FragmentPolicy = "keep",
+        tokenizer: str | None = None,
+        tokenizer_kind: Literal["hub", "smiles"] = "hub",
+        max_length: int = 128,
+        dictionary: str | None = None,
+        remove_hs: bool = False,
+        max_atoms: int = 256,
+        max_atoms_policy: Literal["crop", "error"] = "crop",
+        conformer_seed: int = 42,
+        mmff: bool = True,
+        conformer_cache: str | None = None,
+        conformer_workers: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.featuriser = make_featuriser(
+            model,
+            tokenizer=tokenizer,
+            tokenizer_kind=tokenizer_kind,
+            max_length=max_length,
+            dictionary=dictionary,
+            remove_hs=remove_hs,
+            max_atoms=max_atoms,
+            max_atoms_policy=max_atoms_policy,
+            conformer_seed=conformer_seed,
+            mmff=mmff,
+            conformer_cache=conformer_cache,
+            conformer_workers=conformer_workers,
+        )
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            label_fraction=label_fraction,
+            seed=seed,
+            collate_fn=self.featuriser.collate(),
+        )
+        self.csv_path, self.model, self.smiles_column, self.target_columns = csv_path, model, smiles_column, target_columns
+        self.split_kind, self.split_fractions = split, tuple(split_fractions)
+        self.canonicalize, self.skip_invalid, self.fragments = canonicalize, skip_invalid, fragments
+        self.table: MoleculeTable | None = None
+        self.split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def read(self) -> MoleculeTable:
+        if self.table is None:
+            self.table = read_molecule_csv(
+                self.csv_path, self.smiles_column, self.target_columns, self.canonicalize, self.skip_invalid, self.fragments
+            )
+            self.split = split_indices(self.split_kind, self.table.smiles, self.table.targets, self.split_fractions, self.seed)
+            log.info(self.table.summary())
+        return self.table
+
+    @property
+    def target_names(self) -> list[str]:
+        return self.read().target_names
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.target_names)
+
+    def target_statistics(self) -> tuple[list[float], list[float]]:
+        """NaN-aware mean and std of each target on the training split (for Regression)."""
+        table = self.read()
+        assert self.split is not None
+        train = table.targets[self.split[0]]
+        with np.errstate(all="ignore"):
+            mean = np.nan_to_num(np.nanmean(train, axis=0))
+            std = np.nan_to_num(np.nanstd(train, axis=0), nan=1.0)
+        std[std < 1e-8] = 1.0
+        return mean.astype(float).tolist(), std.astype(float).tolist()
+
+    @property
+    def target_mean(self) -> list[float]:
+        return self.target_statistics()[0]
+
+    @property
+    def target_std(self) -> list[float]:
+        return self.target_statistics()[1]
+
+    def build(self) -> tuple[MoleculeDataset, MoleculeDataset, MoleculeDataset]:
+        table = self.read()
+        assert self.split is not None
+        featurise = self.featuriser.prepare(table.smiles, table.rows)
+        meta = [f"row {r}: {s}" for r, s in zip(table.rows, table.input_smiles, strict=True)]
+
+        def subset(indices: np.ndarray) -> MoleculeDataset:
+            idx = indices.tolist()
+            return MoleculeDataset(
+                [table.smiles[i] for i in idx], table.targets[idx], [meta[i] for i in idx], lambda k, idx=idx: featurise(idx[k])
+            )
+
+        return subset(self.split[0]), subset(self.split[1]), subset(self.split[2])
+
+    def train_labels(self) -> list[Any] | None:
+        table = self.read()
+        assert self.split is not None
+        train = table.targets[self.split[0]]
+        if train.shape[1] == 1 and np.all(np.isin(train[~np.isnan(train)], (0.0, 1.0))):
+            return [int(v) if not np.isnan(v) else -1 for v in train[:, 0]]
+        return None
+
+
+class MoleculePretrainDataModule(DictDataModule):
+    """Unlabelled molecules for pretraining: SMILES from a CSV column or a list.
+
+    ``targets="descriptors"`` adds ChemBERTa-2's MTR targets: RDKit descriptors computed on
+    the fly at setup and standardised with the training split's statistics. A random
+    ``val_fraction`` is held out."""
+
+    def __init__(
+        self,
+        csv_path: str | None = None,
+        smiles: list[str] | None = None,
+        model: Literal["chemberta", "unimol"] = "chemberta",
+        smiles_column: str = "smiles",
+        targets: Literal["none", "descriptors"] = "none",
+        val_fraction: float = 0.1,
+        skip_invalid: bool = True,
+        tokenizer: str | None = None,
+        tokenizer_kind: Literal["hub", "smiles"] = "hub",
+        max_length: int = 128,
+        dictionary: str | None = None,
+        remove_hs: bool = False,
+        max_atoms: int = 256,
+        conformer_seed: int = 42,
+        mmff: bool = True,
+        conformer_cache: str | None = None,
+        conformer_workers: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if (csv_path is None) == (smiles is None):
+            raise ConfigError("MoleculePretrainDataModule needs exactly one of csv_path or smiles.")
+        self.featuriser = make_featuriser(
+            model,
+            tokenizer=tokenizer,
+            tokenizer_kind=tokenizer_kind,
+            max_length=max_length,
+            dictionary=dictionary,
+            remove_hs=remove_hs,
+            max_atoms=max_atoms,
+            conformer_seed=conformer_seed,
+            mmff=mmff,
+            conformer_cache=conformer_cache,
+            conformer_workers=conformer_workers,
+        )
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, collate_fn=self.featuriser.collate())
+        self.csv_path, self.smiles_list, self.smiles_column = csv_path, smiles, smiles_column
+        self.targets, self.val_fraction, self.skip_invalid = targets, val_fraction, skip_invalid
+        self.scaler: DescriptorScaler | None = None
+
+    def molecules(self) -> tuple[list[str], list[int]]:
+        if self.csv_path is not None:
+            table = read_molecule_csv(self.csv_path, self.smiles_column, target_columns=[], skip_invalid=self.skip_invalid)
+            return table.smiles, table.rows
+        kept, rows, bad = [], [], []
+        for i, s in enumerate(self.smiles_list or []):
+            canonical, _, error = parse_smiles(s)
+            (bad.append((i + 1, s, error)) if error else (kept.append(canonical), rows.append(i + 1)))
+        if bad and not self.skip_invalid:
+            raise DataError(f"{len(bad)} invalid SMILES in the list: {bad[:5]}; pass skip_invalid=True to skip them.")
+        if bad:
+            log.warning("skipped %d invalid SMILES of %d", len(bad), len(bad) + len(kept))
+        return kept, rows
+
+    @property
+    def num_descriptors(self) -> int:
+        return len(descriptor_names())
+
+    def build(self) -> tuple[MoleculeDataset, MoleculeDataset, MoleculeDataset]:
+        smiles, rows = self.molecules()
+        n_val = int(round(self.val_fraction * len(smiles))) if len(smiles) > 1 else 0
+        order = np.random.default_rng(self.seed).permutation(len(smiles))
+        train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
+        if self.targets == "descriptors":
+            values = compute_descriptors(smiles)
+            self.scaler = DescriptorScaler.fit(values[train_idx])
+            targets = self.scaler.transform(values)
+        else:
+            targets = np.zeros((len(smiles), 0), dtype=np.float32)
+        featurise = self.featuriser.prepare(smiles, rows)
+        meta = [f"row {r}: {s}" for r, s in zip(rows, smiles, strict=True)]
+
+        def subset(indices: np.ndarray) -> MoleculeDataset:
+            idx = indices.tolist()
+            return MoleculeDataset(
+                [smiles[i] for i in idx], targets[idx], [meta[i] for i in idx], lambda k, idx=idx: featurise(idx[k])
+            )
+
+        val = subset(val_idx) if n_val else subset(train_idx)
+        return subset(train_idx), val, val
