@@ -407,7 +407,8 @@ def run_study(config_path: Path | StudyConfig, workers: int = 1, ray_address: st
     if "pretrained" in config.sources:
         for target in config.targets:
             info = pretrain_domain(out, target["domain"], target.get("data_dir", config.data_dir), config.quick)
-            print(f"[{config.name}] pretrained {target['domain']}: {info}", flush=True)
+            losses = ", ".join(f"{k.removeprefix('pretrain_').replace('_', ' ')} {v:.4f}" for k, v in info.items() if k.startswith("pretrain_"))
+            print(f"[{config.name}] pretrained {target['domain']} in {info['seconds']:.1f} s ({info['epochs']} epochs): {losses}", flush=True)
     rows = run_grid(runs, out, workers=workers, ray_address=ray_address, label=config.name)
     from polyfm.core.report import write_report
 
