@@ -175,3 +175,13 @@ def test_polyfm_fit_runs_a_yaml_recipe_end_to_end(tmp_path):
     assert last_acc
     state = torch.load(checkpoints[0], weights_only=True)  # our checkpoints are weights_only-safe
     assert any("lora_A" in k for k in state["state_dict"])
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, (10 << 30) - (50 << 20), 50 << 20))
+    with pytest.raises(ConfigError, match="only 50 MB free"):
+        build_trainer(default_root_dir=str(tmp_path / "run"))

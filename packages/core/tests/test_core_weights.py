@@ -89,3 +89,37 @@ def test_registered_weights_offline_error_names_file_and_folder(tmp_path, monkey
     torch.save({"model": ToyEncoder().state_dict()}, target)
     monkeypatch.setenv("POLYFM_OFFLINE", "1")
     assert isinstance(ToyEncoder.from_pretrained("toy-test-weights"), ToyEncoder)
+
+
+def _file_spec(name: str, source, sha: str) -> WeightSpec:
+    return WeightSpec(name=name, family="toy", files={"toy.pth": (source.as_uri(), sha)}, license="Apache-2.0")
+
+
+def test_download_is_verified_before_use(tmp_path, monkeypatch):
+    """The real download code, fed from a file:// URL (no network here)."""
+    monkeypatch.setenv("POLYFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("POLYFM_OFFLINE", raising=False)
+    source = tmp_path / "published.pth"
+    torch.save({"model": ToyEncoder().state_dict()}, source)
+    good = hashlib.sha256(source.read_bytes()).hexdigest()
+
+    bad_spec = _file_spec("toy-bad-sha", source, "f" * 64)
+    with pytest.raises(CheckpointError, match="Checksum mismatch"):
+        fetch_weights(bad_spec, offline=False)
+    assert not any((tmp_path / "cache").rglob("*.pth")), "an unverified download was kept"
+
+    folder = fetch_weights(_file_spec("toy-good-sha", source, good), offline=False)
+    assert hashlib.sha256((folder / "toy.pth").read_bytes()).hexdigest() == good
+    assert not list(folder.glob("*.part"))
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "polyfm.core.cli", "weights", "fetch", "no-such-weights"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "POLYFM_CACHE": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "No registered weights named 'no-such-weights'" in result.stderr and "Traceback" not in result.stderr

@@ -132,7 +132,14 @@ def main(argv: list[str] | None = None) -> None:
         lightning_main(argv)
         return
     args = build_parser().parse_args(argv)
-    args.func(args)
+    from polyfm.core.errors import PolyfmError
+
+    try:
+        args.func(args)
+    except (PolyfmError, KeyError) as exc:  # our errors already say what to do: no traceback
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"polyfm {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
