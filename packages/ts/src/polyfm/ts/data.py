@@ -458,7 +458,15 @@ class ForecastDataModule(DictDataModule):
         self.fewshot_location = fewshot_location
         self.series: Series | None = None
         self.scaler: StandardScaler | None = None
+        self.frame: pd.DataFrame | None = None
         self._prepared = False
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, name: str = "<DataFrame>", **kwargs: Any) -> ForecastDataModule:
+        """The same, over an in-memory DataFrame (``name`` labels it in errors and ``meta``)."""
+        dm = cls(path=name, **kwargs)
+        dm.frame = frame
+        return dm
 
     # --- what a model needs to know
 
@@ -466,7 +474,9 @@ class ForecastDataModule(DictDataModule):
         """Read, check, split and fit the scaler (idempotent; ``setup`` calls it)."""
         if self._prepared:
             return
-        series = read_series(self.path, self.timestamp_column, self.columns, self.on_missing, self.on_duplicate, self.on_gap)
+        source = self.frame if self.frame is not None else self.path
+        series = read_series(source, self.timestamp_column, self.columns, self.on_missing, self.on_duplicate, self.on_gap,
+                             name=self.path if self.frame is not None else None)
         self.borders = split_borders(len(series), series.step, self.split)
         train_values = series.values[: self.borders[0]]
         constant = constant_channels(train_values, series.columns)
@@ -564,3 +574,139 @@ def fewshot_indices(length: int, fraction: float, location: str = "last", seed: 
     if location == "last":
         return np.arange(length - count, length)
     return np.sort(np.random.default_rng(seed).choice(length, size=count, replace=False))
+
+
+# ----------------------------------------------------------------------------- pretraining on many series
+
+
+def expand_sources(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the CSV/Parquet files inside folders (sorted)."""
+    files: list[Path] = []
+    for entry in paths:
+        entry = Path(entry)
+        if entry.is_dir():
+            found = sorted(p for p in entry.rglob("*") if p.suffix.lower() in (".csv", ".parquet", ".pq"))
+            if not found:
+                raise DataError("folder holds no .csv or .parquet file.", path=entry)
+            files += found
+        elif entry.exists():
+            files.append(entry)
+        else:
+            raise DataError("file or folder not found.", path=entry)
+    return files
+
+
+def downsample(values: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over non-overlapping blocks of ``factor`` steps (a coarser resolution of the same series)."""
+    if factor == 1:
+        return values
+    usable = len(values) // factor * factor
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(values[:usable].reshape(-1, factor, values.shape[1]), axis=1)
+
+
+class UnivariateWindows(Dataset[dict[str, Any]]):
+    """Windows over many univariate series (channels are independent in TTM pretraining)."""
+
+    def __init__(self, series: list[tuple[np.ndarray, str, int]], context_length: int, horizon: int, origins: list[np.ndarray],
+                 use_freq_token: bool):
+        self.series = [torch.from_numpy(np.nan_to_num(v).astype(np.float32)) for v, _, _ in series]
+        self.observed = [torch.from_numpy(~np.isnan(v)) for v, _, _ in series]
+        self.labels = [label for _, label, _ in series]
+        self.tokens = [token for _, _, token in series]
+        self.index = np.concatenate([np.stack([np.full(len(o), i), o], 1) for i, o in enumerate(origins) if len(o)]) \
+            if any(len(o) for o in origins) else np.zeros((0, 2), dtype=np.int64)
+        self.context_length, self.horizon, self.use_freq_token = context_length, horizon, use_freq_token
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        which, origin = (int(v) for v in self.index[index])
+        values = self.series[which]
+        item: dict[str, Any] = {
+            "past_values": values[origin - self.context_length : origin, None],
+            "future_values": values[origin : origin + self.horizon, None],
+            "past_observed_mask": self.observed[which][origin - self.context_length : origin, None].float(),
+            "meta": f"{self.labels[which]}@{origin}",
+        }
+        if self.use_freq_token:
+            item["freq_token"] = torch.tensor(self.tokens[which], dtype=torch.long)
+        return item
+
+
+class PretrainDataModule(DictDataModule):
+    """TTM pretraining data: many series (files or folders of CSV/Parquet), every channel a
+    univariate series, each also downsampled by ``resolutions`` (the paper's augmentation across
+    resolutions; the frequency token follows the new step). Each series is standard-scaled with
+    its first ``1 - val_fraction`` part, which gives the training windows; the rest validates.
+    ``max_windows`` caps the windows per series and resolution (evenly spaced)."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        context_length: int = 512,
+        horizon: int = 96,
+        resolutions: list[int] | None = None,
+        timestamp_column: str | None = "date",
+        stride: int = 1,
+        max_windows: int | None = 2000,
+        val_fraction: float = 0.1,
+        use_freq_token: bool = False,
+        on_missing: OnMissing = "interpolate",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.paths, self.context_length, self.horizon = list(paths), context_length, horizon
+        self.resolutions = list(resolutions or [1, 2, 4])
+        self.timestamp_column, self.stride, self.max_windows = timestamp_column, stride, max_windows
+        self.val_fraction, self.use_freq_token, self.on_missing = val_fraction, use_freq_token, on_missing
+        self.frames: list[tuple[pd.DataFrame, str]] = []
+        self.skipped: list[str] = []
+
+    @classmethod
+    def from_frames(cls, frames: list[tuple[pd.DataFrame, str]], **kwargs: Any) -> PretrainDataModule:
+        dm = cls(paths=[], **kwargs)
+        dm.frames = list(frames)
+        return dm
+
+    def _series(self) -> list[Series]:
+        sources: list[Any] = [(p, str(p)) for p in expand_sources(self.paths)] + self.frames
+        if not sources:
+            raise ConfigError("PretrainDataModule got no series: pass paths (files or folders) or frames.")
+        return [read_series(src, self.timestamp_column, on_missing=self.on_missing, name=name) for src, name in sources]
+
+    def build(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any] | None]:
+        univariate: list[tuple[np.ndarray, str, int]] = []
+        train_origins: list[np.ndarray] = []
+        val_origins: list[np.ndarray] = []
+        window = self.context_length + self.horizon
+        for series in self._series():
+            for factor in self.resolutions:
+                values = downsample(series.values, factor)
+                split = int(len(values) * (1 - self.val_fraction))
+                if split < window:
+                    self.skipped.append(f"{series.source} x{factor}")
+                    continue
+                step = series.step * factor if series.step is not None else None
+                with np.errstate(invalid="ignore"):
+                    mean, std = np.nanmean(values[:split], 0), np.nanstd(values[:split], 0)
+                scaled = (values - mean) / np.where(std > 1e-8, std, 1.0)
+                for c, column in enumerate(series.columns):
+                    train = window_origins(0, split, self.context_length, self.horizon, self.stride, inside=True)
+                    val = window_origins(split, len(values), self.context_length, self.horizon, self.horizon, inside=False)
+                    if self.max_windows is not None and len(train) > self.max_windows:
+                        train = train[np.linspace(0, len(train) - 1, self.max_windows).round().astype(int)]
+                    univariate.append((scaled[:, c], f"{series.source}:{column}:x{factor}", frequency_token(step)))
+                    train_origins.append(train)
+                    val_origins.append(val)
+        if self.skipped:
+            log.warning("pretraining: %d series/resolutions shorter than context + horizon (%d) left out: %s",
+                        len(self.skipped), window, ", ".join(self.skipped[:5]))
+        train_set = UnivariateWindows(univariate, self.context_length, self.horizon, train_origins, self.use_freq_token)
+        if not len(train_set):
+            raise DataError(f"no pretraining window of context {self.context_length} + horizon {self.horizon} in any series.")
+        val_set = UnivariateWindows(univariate, self.context_length, self.horizon, val_origins, self.use_freq_token)
+        return train_set, val_set if len(val_set) else train_set, None

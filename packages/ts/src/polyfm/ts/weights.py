@@ -36,7 +36,7 @@ def _name(release: str, context: int, horizon: int, branch: str) -> str:
 
 
 def _spec(release: str, repo: str, branch: str, context: int, horizon: int) -> WeightSpec:
-    files = {name: (f"{HF}/{repo}/resolve/{branch}/{name}", None) for name in ("config.json", "model.safetensors")}
+    files = {name: (f"{HF}/{repo}/resolve/{branch}/{name}", None) for name in ("model.safetensors", "config.json")}
     return WeightSpec(
         name=_name(release, context, horizon, branch),
         family="ttm",

@@ -145,6 +145,17 @@ class TTMConfig:
         return self.prediction_filter_length or self.prediction_length
 
     @property
+    def channel_specific(self) -> bool:
+        """Whether any weight or index depends on the channel count (else any count works, as in granite-tsfm)."""
+        return (
+            "mix_channel" in (self.mode, self.decoder_mode)
+            or self.enable_forecast_channel_mixing
+            or self.prediction_channel_indices is not None
+            or self.exogenous_channel_indices is not None
+            or self.categorical_vocab_size_list is not None
+        )
+
+    @property
     def output_channels(self) -> int:
         return len(self.prediction_channel_indices) if self.prediction_channel_indices is not None else self.num_input_channels
 
@@ -773,10 +784,11 @@ class TTM(Encoder, PretrainedMixin):
         """Keep the last context_length points; left-pad shorter inputs with zeros marked unobserved."""
         if past_values.dim() != 3:
             raise ValueError(f"past_values must be (batch, time, channels), got shape {tuple(past_values.shape)}.")
-        if past_values.shape[-1] != self.config.num_input_channels:
+        if self.config.channel_specific and past_values.shape[-1] != self.config.num_input_channels:
             raise ValueError(
                 f"past_values has {past_values.shape[-1]} channels; this TTM was built for "
-                f"num_input_channels={self.config.num_input_channels}."
+                f"num_input_channels={self.config.num_input_channels} (its channel mixing, channel selection or exogenous "
+                "mixer depend on the channel count; a common-channel TTM takes any number)."
             )
         length = self.config.context_length
         if mask is None:
