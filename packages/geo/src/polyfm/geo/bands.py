@@ -241,3 +241,32 @@ def remap_in_channels(
             level = normalised_mean[plan.model_bands.index(band)] if normalised_mean is not None else 0.0
             bias += weight[:, k].sum(dim=tuple(range(1, weight.ndim - 1))) * level
     return new, bias, channels
+
+
+def normalization_for(input_bands: Sequence[str], model_bands: Sequence[str], normalization: Normalization | None) -> Normalization | None:
+    """The weights' normalisation laid out for ``input_bands``: each band the model
+    knows gets its own statistics; bands it does not use get (0, 1) (the model's
+    first layer has zero kernels for them, so their values do not matter)."""
+    if normalization is None or normalization.kind == "scale":
+        return normalization
+    model = [canonical_band(b) for b in model_bands]
+    stats = [
+        (normalization.mean[model.index(b)], normalization.std[model.index(b)]) if b in model else (0.0, 1.0)
+        for b in (canonical_band(b) for b in input_bands)
+    ]
+    return Normalization(normalization.kind, tuple(m for m, _ in stats), tuple(v for _, v in stats), normalization.divisor, normalization.quantize)
+
+
+def resolve_normalization(value: Any, input_bands: Sequence[str]) -> Normalization | None:
+    """``value`` as a Normalization for ``input_bands``: a Normalization, its dict, or the
+    name of a registered weight (its meta's bands and normalisation are used)."""
+    if value is None or isinstance(value, Normalization):
+        return value
+    if isinstance(value, str):
+        from polyfm.core.weights import get_weights
+
+        meta = get_weights(value).meta
+        return normalization_for(input_bands, meta["bands"], Normalization.from_meta(meta["normalization"]))
+    if isinstance(value, Mapping):
+        return Normalization.from_meta(value)
+    raise ConfigError(f"normalization must be a weight name, a dict or a Normalization, got {type(value).__name__}")

@@ -16,7 +16,7 @@ Bad files raise :class:`polyfm.core.errors.DataError` naming the file (and the C
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from polyfm.core.data import DictDataModule
 from polyfm.core.errors import ConfigError, DataError
-from polyfm.geo.bands import Normalization, canonical_band
+from polyfm.geo.bands import Normalization, canonical_band, resolve_normalization
 from torch.utils.data import DataLoader, Dataset
 
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -263,7 +263,8 @@ class GeoTiffDataModule(DictDataModule):
     """Scene classification from a GeoTIFF folder (``root/<class>/*.tif``) or a label CSV.
 
     ``bands`` names the files' bands; ``normalization`` is the weights' normalisation
-    for those bands (``model.input_normalization()`` after ``model.adapt_bands(bands)``).
+    for those bands: a registered weight name (its statistics are picked by band name),
+    or ``model.input_normalization()`` after ``model.adapt_bands(bands)``.
     Train/val/test come from ``val_csv``/``test_csv`` when given, else from a seeded,
     stratified split of the one source.
     """
@@ -279,7 +280,7 @@ class GeoTiffDataModule(DictDataModule):
         label_column: str | None = "label",
         label_columns: list[str] | None = None,
         multilabel: bool = False,
-        normalization: dict[str, Any] | Normalization | None = None,
+        normalization: str | dict[str, Any] | Normalization | None = None,
         chip_size: int | None = None,
         band_indices: list[int] | None = None,
         val_fraction: float = 0.2,
@@ -296,7 +297,8 @@ class GeoTiffDataModule(DictDataModule):
         self.bands, self.root, self.csv_path, self.val_csv, self.test_csv = bands, root, csv_path, val_csv, test_csv
         self.csv_options = {"path_column": path_column, "label_column": label_column, "label_columns": label_columns, "multilabel": multilabel}
         self.multilabel = multilabel
-        self.normalization = Normalization.from_meta(normalization) if isinstance(normalization, Mapping) else normalization
+        kept = bands if band_indices is None else [bands[i] for i in band_indices]
+        self.normalization = resolve_normalization(normalization, kept)
         self.chip_size, self.band_indices, self.augment = chip_size, band_indices, augment
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.class_names: list[str] = []
@@ -342,7 +344,7 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         csv_path: str,
         bands: list[str],
         num_classes: int,
-        normalization: dict[str, Any] | Normalization | None = None,
+        normalization: str | dict[str, Any] | Normalization | None = None,
         band_indices: list[int] | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
@@ -353,7 +355,7 @@ class GeoTiffSegmentationDataModule(DictDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         self.csv_path, self.bands, self.num_classes = Path(csv_path), bands, num_classes
-        self.normalization = Normalization.from_meta(normalization) if isinstance(normalization, Mapping) else normalization
+        self.normalization = resolve_normalization(normalization, bands if band_indices is None else [bands[i] for i in band_indices])
         self.band_indices, self.val_fraction, self.test_fraction = band_indices, val_fraction, test_fraction
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any] | None, Dataset[Any] | None]:
@@ -418,7 +420,7 @@ class TorchGeoDataModule(DictDataModule):
         dataset: str,
         root: str,
         dataset_args: dict[str, Any] | None = None,
-        normalization: dict[str, Any] | Normalization | None = None,
+        normalization: str | dict[str, Any] | Normalization | None = None,
         multilabel: bool = False,
         chip_size: int | None = None,
         batch_size: int = 32,
@@ -428,7 +430,8 @@ class TorchGeoDataModule(DictDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         self.dataset_name, self.root, self.dataset_args = dataset, root, dict(dataset_args or {})
-        self.normalization = Normalization.from_meta(normalization) if isinstance(normalization, Mapping) else normalization
+        self.normalization_spec = normalization
+        self.normalization: Normalization | None = None
         self.multilabel, self.chip_size = multilabel, chip_size
         self.bands: list[str] = []
 
@@ -446,6 +449,7 @@ class TorchGeoDataModule(DictDataModule):
     def build(self) -> tuple[Dataset[Any], Dataset[Any] | None, Dataset[Any] | None]:
         splits = {s: self.make_split(s) for s in ("train", "val", "test")}
         self.bands = torchgeo_bands(splits["train"])  # the dataset's own order (EuroSAT puts B8A last)
+        self.normalization = resolve_normalization(self.normalization_spec, self.bands)
         self.class_names = list(getattr(splits["train"], "classes", []))
         return tuple(TorchGeoClassification(splits[s], self.normalization, self.chip_size, self.multilabel) for s in ("train", "val", "test"))  # type: ignore[return-value]
 
@@ -529,19 +533,21 @@ class ChipDataModule(L.LightningDataModule):
         size: int = 32,
         length: int = 64,
         batch_size: int = 8,
-        normalization: dict[str, Any] | Normalization | None = None,
+        normalization: str | dict[str, Any] | Normalization | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.paths, self.bands, self.separate_files = paths, bands, separate_files
         self.filename_glob, self.filename_regex = filename_glob, filename_regex
         self.size, self.length, self.batch_size, self.seed = size, length, batch_size, seed
-        self.normalization = Normalization.from_meta(normalization) if isinstance(normalization, Mapping) else normalization
+        self.normalization_spec = normalization
+        self.normalization: Normalization | None = None
         self.dataset: Any = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             self.dataset = raster_dataset(self.paths, self.bands, self.separate_files, self.filename_glob, self.filename_regex)
+            self.normalization = resolve_normalization(self.normalization_spec, self.dataset.bands)
 
     def train_dataloader(self) -> DataLoader[Any]:
         return chip_loader(self.dataset, self.size, "random", self.length, None, self.batch_size, self.normalization, self.seed)

@@ -28,6 +28,11 @@ class SatMAEObjective(nn.Module):
         super().__init__()
         self.mask_ratio = mask_ratio
 
+    # Same signature as polyfm.core.pretrain.Objective, so LightningCLI (jsonargparse)
+    # accepts this module where a recipe's ``objective:`` expects that protocol.
+    def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return super().__call__(model, batch)
+
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x = batch["input"]
         imgs_up = None
@@ -86,6 +91,11 @@ class SoftConObjective(nn.Module):
         self.projector = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.GELU(), nn.Linear(feature_dim, projection_dim))
         self._masks: torch.Tensor | None = None
         self.soft = SoftContrastive(temperature, target_temperature, identity_weight, embed=self._embed, projector=self.projector)
+
+    # Same signature as polyfm.core.pretrain.Objective, so LightningCLI (jsonargparse)
+    # accepts this module where a recipe's ``objective:`` expects that protocol.
+    def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return super().__call__(model, batch)
 
     def _embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._masks is None:

@@ -32,8 +32,25 @@ import torch
 import torch.nn.functional as F
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError, DataError
-from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
-from polyfm.geo.bands import BandPlan, MissingBands, Normalization, canonical_band, plan_bands, remap_in_channels
+from polyfm.core.weights import (
+    PretrainedMixin,
+    WeightSpec,
+    fetch_weights,
+    get_weights,
+    load_checkpoint_file,
+    load_state_dict_checked,
+    strip_prefix,
+    unwrap_state_dict,
+)
+from polyfm.geo.bands import (
+    BandPlan,
+    MissingBands,
+    Normalization,
+    canonical_band,
+    normalization_for,
+    plan_bands,
+    remap_in_channels,
+)
 from timm.layers import DropPath  # noqa: F401  (timm Block uses it; imported for clarity of the dependency)
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -206,6 +223,9 @@ class SatMAE(Encoder, PretrainedMixin):
         num_classes: int = 0,
         drop_path_rate: float = 0.0,
         normalization: Mapping[str, Any] | None = None,
+        pretrained: str | None = None,
+        input_bands: Sequence[str] | None = None,
+        missing_bands: MissingBands = "error",
     ) -> None:
         super().__init__()
         groups = [list(g) for g in channel_groups]
@@ -263,6 +283,11 @@ class SatMAE(Encoder, PretrainedMixin):
             self.up_block1 = UpsampleBlock(width, len(bands))
             self.up_block2 = UpsampleBlock(width, len(bands))
         self._init_weights()
+        # For YAML recipes: load weights into this configuration, then map the data's bands.
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
+        if input_bands is not None:
+            self.adapt_bands(input_bands, missing_bands)
 
     def _init_weights(self) -> None:
         for embed in self.patch_embed:
@@ -476,47 +501,69 @@ class SatMAE(Encoder, PretrainedMixin):
 
     def input_normalization(self) -> Normalization | None:
         """The weights' normalisation laid out for ``input_bands`` (unused bands pass through)."""
-        if self.normalization is None or self.normalization.kind == "scale":
-            return self.normalization
-        mean, std = [], []
-        for band in self.input_bands:
-            if band in self.bands:
-                mean.append(self.normalization.mean[self.bands.index(band)])
-                std.append(self.normalization.std[self.bands.index(band)])
-            else:
-                mean.append(0.0)
-                std.append(1.0)
-        return Normalization(self.normalization.kind, tuple(mean), tuple(std), self.normalization.divisor, self.normalization.quantize)
+        return normalization_for(self.input_bands, self.bands, self.normalization)
 
     # -- checkpoints --------------------------------------------------------------------
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SatMAE:
-        state = unwrap_state_dict(load_checkpoint_file(path))
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        if spec is not None and spec.converter is not None:
-            state = spec.converter(state)
+        state = _read_state(path, spec)
         inferred = infer_satmae_config(state)
         if spec is not None and "normalization" in spec.meta:
             inferred["normalization"] = spec.meta["normalization"]
             inferred["bands"] = spec.meta["bands"]
         inferred.update(config)
+        input_bands, missing = inferred.pop("input_bands", None), inferred.pop("missing_bands", "error")
         model = cls(**inferred)
-        grid = (model.img_size // model.patch_size,) * 2
+        model.load_state(state, source=str(path))
+        if input_bands is not None:
+            model.adapt_bands(input_bands, missing)
+        return model
+
+    def load_pretrained(self, name_or_path: str) -> None:
+        """Load a released checkpoint (a path or a registered name) into this configuration;
+        the weights' bands and normalisation come with a registered name."""
+        path, spec = resolve_checkpoint(name_or_path)
+        if spec is not None and "normalization" in spec.meta:
+            self.normalization = Normalization.from_meta(spec.meta["normalization"])
+        self.load_state(_read_state(path, spec), source=str(path))
+
+    def load_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load an official-layout state dict: position tables resized to this image size;
+        what a pretraining or fine-tuning checkpoint legitimately lacks is allowed to be missing."""
+        if self.band_plan is not None:
+            raise ConfigError("load weights before adapt_bands(), not after")
+        state = dict(state)
+        grid = (self.img_size // self.patch_size,) * 2
         for key in ("pos_embed", "decoder_pos_embed"):
-            if key in state and hasattr(model, key):
+            if key in state and hasattr(self, key):
                 state[key] = resize_pos_embed(state[key], grid)
         ignore_missing = ["channel_cls_embed"]  # pretraining checkpoints have none (zeros at fine-tuning)
-        if model.fc_norm is not None and "fc_norm.weight" not in state:
+        if self.fc_norm is not None and "fc_norm.weight" not in state:
             ignore_missing.append("fc_norm.")  # fresh, as the official fine-tuning starts it
         if "norm.weight" not in state:
             ignore_missing.append("norm.")  # fine-tuned with global pooling: the official model deletes it
-        if model.head is None:
+        if self.head is None:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        ignore_unexpected = [] if model.decoder_depth > 0 else ["decoder_", "mask_token"]
-        if not model.multiscale:
+        ignore_unexpected = [] if self.decoder_depth > 0 else ["decoder_", "mask_token"]
+        if not self.multiscale:
             ignore_unexpected += ["proj_up_", "up_block"]
-        load_state_dict_checked(model, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=str(path))
-        return model
+        load_state_dict_checked(self, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=source)
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, WeightSpec | None]:
+    """A local file, or a registered weight fetched into the cache (clear error offline)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path, None
+    spec = get_weights(str(name_or_path))
+    return fetch_weights(spec) / spec.primary_file, spec
+
+
+def _read_state(path: Path, spec: WeightSpec | None) -> dict[str, torch.Tensor]:
+    state = strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
+    if spec is not None and spec.converter is not None:
+        state = spec.converter(state)
+    return state
 
 
 def infer_satmae_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -41,10 +41,12 @@ from polyfm.geo.bands import (
     MissingBands,
     Normalization,
     canonical_band,
+    normalization_for,
     plan_bands,
     remap_in_channels,
     wavelength,
 )
+from polyfm.geo.models.satmae import resize_pos_embed, resolve_checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -121,13 +123,21 @@ class _BandAware:
         return plan
 
     def input_normalization(self) -> Normalization | None:
-        if self.normalization is None or self.normalization.kind == "scale":
-            return self.normalization
-        stats = [
-            (self.normalization.mean[self.bands.index(b)], self.normalization.std[self.bands.index(b)]) if b in self.bands else (0.0, 1.0)
-            for b in self.input_bands
-        ]
-        return Normalization(self.normalization.kind, tuple(m for m, _ in stats), tuple(s for _, s in stats), self.normalization.divisor, self.normalization.quantize)
+        """The weights' normalisation laid out for ``input_bands``."""
+        return normalization_for(self.input_bands, self.bands, self.normalization)
+
+    def _finish_init(self, pretrained: str | None, input_bands: Sequence[str] | None, missing_bands: MissingBands) -> None:
+        # For YAML recipes: load weights into this configuration, then map the data's bands.
+        if pretrained is not None:
+            path, spec = resolve_checkpoint(pretrained)
+            if spec is not None and "normalization" in spec.meta:
+                self.normalization = Normalization.from_meta(spec.meta["normalization"])
+            self.load_state(_read_softcon_state(path), source=str(path))
+        if input_bands is not None:
+            self.adapt_bands(input_bands, missing_bands)
+
+    def load_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def _check_channels(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != len(self.input_bands):
@@ -143,7 +153,15 @@ class _BandAware:
 class SoftConResNet50(ResNet, _BandAware, Encoder, PretrainedMixin):
     """torchvision ResNet-50 with a ``in_chans``-channel ``conv1`` and ``fc = Identity``."""
 
-    def __init__(self, in_chans: int = 13, bands: Sequence[str] | None = None, normalization: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        in_chans: int = 13,
+        bands: Sequence[str] | None = None,
+        normalization: Mapping[str, Any] | None = None,
+        pretrained: str | None = None,
+        input_bands: Sequence[str] | None = None,
+        missing_bands: MissingBands = "error",
+    ) -> None:
         super().__init__(Bottleneck, [3, 4, 6, 3])
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.fc = nn.Identity()
@@ -154,6 +172,7 @@ class SoftConResNet50(ResNet, _BandAware, Encoder, PretrainedMixin):
         self.input_bands = list(self.bands)
         self.normalization = Normalization.from_meta(normalization) if normalization else None
         self.band_plan = None
+        self._finish_init(pretrained, input_bands, missing_bands)
 
     def _first_conv(self) -> nn.Conv2d:
         return self.conv1
@@ -191,21 +210,26 @@ class SoftConResNet50(ResNet, _BandAware, Encoder, PretrainedMixin):
         load_state_dict_checked(model, state, source="ImageNet ResNet-50")
         return model
 
+    def load_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        if "conv1.weight" not in state:
+            raise CheckpointError(f"{source} is not a ResNet-50 checkpoint (no 'conv1.weight'; first keys {sorted(state)[:6]})")
+        if self.band_plan is not None:
+            raise ConfigError("load weights before adapt_bands(), not after")
+        load_state_dict_checked(self, {k: v for k, v in state.items() if not k.startswith("fc.")}, source=source)
+
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SoftConResNet50:
-        state = strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
+        state = _read_softcon_state(path)
         if "conv1.weight" not in state:
             raise CheckpointError(f"{path} is not a ResNet-50 checkpoint (no 'conv1.weight'; first keys {sorted(state)[:6]})")
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        meta = dict(spec.meta) if spec is not None else {}
-        kwargs: dict[str, Any] = {"in_chans": int(state["conv1.weight"].shape[1])}
-        if "bands" in meta:
-            kwargs["bands"] = meta["bands"]
-        if "normalization" in meta:
-            kwargs["normalization"] = meta["normalization"]
+        kwargs = _meta_kwargs(spec, ("bands", "normalization"))
+        kwargs["in_chans"] = int(state["conv1.weight"].shape[1])
         kwargs.update(config)
+        input_bands, missing = kwargs.pop("input_bands", None), kwargs.pop("missing_bands", "error")
         model = cls(**kwargs)
-        load_state_dict_checked(model, state, source=str(path))
+        model.load_state(state, source=str(path))
+        if input_bands is not None:
+            model.adapt_bands(input_bands, missing)
         return model
 
 
@@ -234,6 +258,9 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
         drop_path_rate: float = 0.0,
         bands: Sequence[str] | None = None,
         normalization: Mapping[str, Any] | None = None,
+        pretrained: str | None = None,
+        input_bands: Sequence[str] | None = None,
+        missing_bands: MissingBands = "error",
     ) -> None:
         if size not in VIT_SIZES:
             raise ConfigError(f"size must be one of {sorted(VIT_SIZES)}, got {size!r}")
@@ -257,6 +284,7 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
         self.input_bands = list(self.bands)
         self.normalization = Normalization.from_meta(normalization) if normalization else None
         self.band_plan = None
+        self._finish_init(pretrained, input_bands, missing_bands)
 
     def _first_conv(self) -> nn.Conv2d:
         return self.patch_embed.proj
@@ -304,34 +332,47 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
         load_state_dict_checked(model, state, strict=False, ignore_missing=["mask_token"], source="DINOv2 ViT")
         return model
 
+    def load_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        if "patch_embed.proj.weight" not in state:
+            raise CheckpointError(f"{source} is not a DINOv2 ViT checkpoint (no 'patch_embed.proj.weight'; first keys {sorted(state)[:6]})")
+        if self.band_plan is not None:
+            raise ConfigError("load weights before adapt_bands(), not after")
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        _fit_pos_embed(self, state)
+        # torchgeo's converted "_enc" files drop mask_token; keep ours at zero then.
+        load_state_dict_checked(self, state, strict=True, ignore_missing=["mask_token"], source=source)
+
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SoftConViT:
-        state = strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
-        state = strip_prefix(state, "backbone.")
+        state = strip_prefix(_read_softcon_state(path), "backbone.")
         if "patch_embed.proj.weight" not in state:
             raise CheckpointError(f"{path} is not a DINOv2 ViT checkpoint (no 'patch_embed.proj.weight'; first keys {sorted(state)[:6]})")
         embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
         size = next((name for name, dims in VIT_SIZES.items() if dims["embed_dim"] == embed_dim), None)
         if size is None:
-            raise CheckpointError(f"{path}: no known ViT size has width {embed_dim}")
-        meta = dict(spec.meta) if spec is not None else {}
-        kwargs: dict[str, Any] = {"size": size, "in_chans": int(in_chans), "patch_size": int(patch)}
+            raise CheckpointError(f"{path}: no known ViT size has width {embed_dim}; pass embed_dim, depth and num_heads")
+        kwargs = _meta_kwargs(spec, ("bands", "normalization", "img_size"))
+        kwargs.update(size=size, in_chans=int(in_chans), patch_size=int(patch))
         kwargs["depth"] = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        for key in ("bands", "normalization", "img_size"):
-            if key in meta:
-                kwargs[key] = meta[key]
         kwargs.update(config)
+        input_bands, missing = kwargs.pop("input_bands", None), kwargs.pop("missing_bands", "error")
         model = cls(**kwargs)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        _fit_pos_embed(model, state)
-        # torchgeo's converted "_enc" files drop mask_token; keep ours at zero then.
-        load_state_dict_checked(model, state, strict=True, ignore_missing=["mask_token"], source=str(path))
+        model.load_state(state, source=str(path))
+        if input_bands is not None:
+            model.adapt_bands(input_bands, missing)
         return model
 
 
-def _fit_pos_embed(model: SoftConViT, state: dict[str, torch.Tensor]) -> None:
-    from polyfm.geo.models.satmae import resize_pos_embed
+def _meta_kwargs(spec: WeightSpec | None, keys: Sequence[str]) -> dict[str, Any]:
+    meta = dict(spec.meta) if spec is not None else {}
+    return {k: meta[k] for k in keys if k in meta}
 
+
+def _read_softcon_state(path: Path) -> dict[str, torch.Tensor]:
+    return strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
+
+
+def _fit_pos_embed(model: SoftConViT, state: dict[str, torch.Tensor]) -> None:
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         grid = model.patch_embed.grid_size
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], tuple(grid))
