@@ -73,3 +73,33 @@ def test_bad_study_files_name_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         StudyConfig.load(path)
     assert str(path) in str(info.value)
+
+
+def test_cross_domain_trunk_target_takes_blocks_from_another_domains_checkpoint(tmp_path):
+    import torch
+    from polyfm.core.kit import register_kit
+    from polyfm.core.studies import run_study
+    from polyfm.core.toy import toy_kit
+    from polyfm.core.transfer import PatchTransformer
+    from polyfm.core.weights import save_safetensors
+
+    register_kit("toy", toy_kit)
+    torch.manual_seed(0)
+    # a "SatMAE-like" ViT checkpoint: image patch embedding + 2 blocks, wrapped as {'model': ...}
+    source_vit = PatchTransformer(input_kind="image", in_channels=13, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    path = tmp_path / "geo_vit.pth"
+    torch.save({"model": {f"encoder.{k}": v for k, v in source_vit.state_dict().items()}}, path)
+    bad = save_safetensors({"conv1.weight": torch.zeros(4, 3, 7, 7)}, tmp_path / "rn50.safetensors")
+
+    config = StudyConfig(
+        name="trunk", output=str(tmp_path / "out"), targets=[{"domain": "toy", "trunk": True}],
+        sources=["scratch", f"checkpoint:{path}", f"checkpoint:{bad}"], label_fractions=[1.0], seeds=[0], quick=True,
+    )
+    out = run_study(config)
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["source"]) == {"scratch", f"checkpoint:{path}"} and set(table["domain"]) == {"toy+trunk"}
+    failed = list((out / "failed").glob("*.json"))
+    assert len(failed) == 1 and "No transformer blocks recognised" in failed[0].read_text()  # the ResNet cannot give blocks
+
+    with pytest.raises(ConfigError, match="add a checkpoint: or weights: source"):
+        StudyConfig(targets=[{"domain": "toy", "trunk": True}], sources=["scratch"]).validate()

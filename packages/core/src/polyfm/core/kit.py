@@ -26,6 +26,11 @@ class DomainKit:
     pretrain_epochs: int = 1
     finetune_epochs: int = 3
     data_source: str = "built-in samples"
+    #: Optional: a transformer-trunk encoder over this domain's inputs (a new input adapter
+    #: in front of ``polyfm.core.transfer.PatchTransformer`` blocks) built from
+    #: ``trunk_config`` keys (embed_dim, depth, num_heads, mlp_ratio, post_norm, layer_scale);
+    #: lets studies reuse transformer blocks pretrained in another domain.
+    make_trunk_encoder: Callable[[dict[str, object]], Encoder] | None = None
 
 
 _REGISTERED: dict[str, Callable[..., DomainKit]] = {}

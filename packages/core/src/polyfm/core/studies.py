@@ -8,7 +8,7 @@ rename), and the table, summary and plots are rebuilt from those files.
     name: my-study
     output: reports/my-study
     quick: false
-    targets: [{domain: audio}, {domain: ts, data_dir: /data}]
+    targets: [{domain: audio}, {domain: ts, data_dir: /data}, {domain: audio, trunk: true}]
     sources: [scratch, pretrained, "checkpoint:/path/encoder.safetensors", "weights:satmae-vit-base"]
     adaptations: [{mode: full}, {mode: linear}, {mode: lora, lora_rank: 8}, {mode: freeze, freeze_blocks: 2}]
     label_fractions: [0.1, 1.0]
@@ -69,6 +69,12 @@ class StudyConfig:
         for index, target in enumerate(self.targets):
             if not isinstance(target, dict) or "domain" not in target:
                 raise ConfigError(f"{where}: targets[{index}] = {target!r} needs a 'domain' key.")
+            if target.get("trunk"):
+                if not any(s.startswith(("checkpoint:", "weights:")) for s in self.sources):
+                    raise ConfigError(f"{where}: targets[{index}] uses a transformer trunk; add a checkpoint: or weights: source to take its blocks from.")
+                if "pretrained" in self.sources:
+                    raise ConfigError(f"{where}: targets[{index}] uses a transformer trunk; the 'pretrained' source pretrains the domain's own encoder, "
+                                      "not a trunk. Give a checkpoint: or weights: source instead.")
         for source in self.sources:
             if not (source in ("scratch", "pretrained") or source.startswith(("checkpoint:", "weights:"))):
                 raise ConfigError(f"{where}: source {source!r} is not one of scratch, pretrained, checkpoint:<path>, weights:<name>.")
@@ -93,6 +99,7 @@ class StudyConfig:
                         for seed in self.seeds:
                             grid.append(
                                 {
+                                    **({"trunk": True} if target.get("trunk") else {}),
                                     "domain": target["domain"],
                                     "data_dir": target.get("data_dir", self.data_dir),
                                     "source": source,
@@ -199,9 +206,40 @@ def _logged_losses(trainer: Any) -> dict[str, float]:
     return {f"pretrain_{k.replace('/', '_')}": v for k, v in metrics.items() if "loss" in k}
 
 
+def source_state(source: str) -> tuple[dict[str, Any], str]:
+    """The state dict behind a checkpoint: or weights: source, in our key layout."""
+    from polyfm.core.weights import fetch_weights, get_weights, load_checkpoint_file, unwrap_state_dict
+
+    if source.startswith("checkpoint:"):
+        path = Path(source.split(":", 1)[1]).expanduser()
+        return unwrap_state_dict(load_checkpoint_file(path)), str(path)
+    spec = get_weights(source.split(":", 1)[1])
+    state = unwrap_state_dict(load_checkpoint_file(fetch_weights(spec) / spec.primary_file))
+    return (spec.converter(state) if spec.converter else state), spec.name
+
+
+def trunk_architecture(sources: list[str], head_dim: int = 64) -> dict[str, Any]:
+    """Trunk shape shared by every source of a trunk target (scratch included), read from
+    the first checkpoint:/weights: source, so that scratch and transfer compare like for like."""
+    from polyfm.core.transfer import trunk_config
+
+    first = next(s for s in sources if s.startswith(("checkpoint:", "weights:")))
+    state, _ = source_state(first)
+    return trunk_config(state, head_dim=head_dim)
+
+
+def build_encoder(kit: Any, run: dict[str, Any]) -> Any:
+    if not run.get("trunk"):
+        return kit.make_encoder()
+    if kit.make_trunk_encoder is None:
+        raise ConfigError(f"The {run['domain']} kit has no transformer-trunk encoder (make_trunk_encoder); "
+                          "cross-domain trunks are possible for domains whose kit provides one (see docs/studies.md).")
+    return kit.make_trunk_encoder(run["trunk_architecture"])
+
+
 def load_source(encoder: Any, source: str, output: Path, run: dict[str, Any]) -> None:
     """Put the source's weights into a freshly built (scratch) encoder."""
-    from polyfm.core.weights import fetch_weights, get_weights, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
+    from polyfm.core.weights import load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
 
     if source == "scratch":
         return
@@ -210,23 +248,12 @@ def load_source(encoder: Any, source: str, output: Path, run: dict[str, Any]) ->
         state = unwrap_state_dict(load_checkpoint_file(path))
         load_state_dict_checked(encoder, state, strict=True, source=str(path))
         return
-    if source.startswith("checkpoint:"):
-        path = Path(source.split(":", 1)[1]).expanduser()
-        state = unwrap_state_dict(load_checkpoint_file(path))
+    if source.startswith(("checkpoint:", "weights:")):
+        state, name = source_state(source)
         if hasattr(encoder, "load_trunk"):  # cross-domain trunks map keys themselves
-            encoder.load_trunk(state, source=str(path))
+            encoder.load_trunk(state, source=name)
         else:
-            load_state_dict_checked(encoder, state, strict=False, source=str(path))
-        return
-    if source.startswith("weights:"):
-        spec = get_weights(source.split(":", 1)[1])
-        folder = fetch_weights(spec)
-        state = unwrap_state_dict(load_checkpoint_file(folder / spec.primary_file))
-        state = spec.converter(state) if spec.converter else state
-        if hasattr(encoder, "load_trunk"):
-            encoder.load_trunk(state, source=spec.name)
-        else:
-            load_state_dict_checked(encoder, state, strict=False, source=spec.name)
+            load_state_dict_checked(encoder, state, strict=False, source=name)
         return
     raise ConfigError(f"Unknown source {source!r}.")
 
@@ -244,7 +271,7 @@ def execute_run(run: dict[str, Any], output: str) -> dict[str, Any]:
     start = time.time()
     kit = load_kit(run["domain"], Path(run["data_dir"]) if run["data_dir"] else None, quick=run["quick"])
     L.seed_everything(run["seed"], verbose=False)
-    encoder = kit.make_encoder()
+    encoder = build_encoder(kit, run)
     load_source(encoder, run["source"], out, run)
     task = kit.make_task(encoder, Adaptation(**run["adaptation"]))
     data = kit.make_finetune_data(run["label_fraction"], run["seed"])
@@ -258,8 +285,10 @@ def execute_run(run: dict[str, Any], output: str) -> dict[str, Any]:
     n_train = len(train_set) if train_set is not None else None
     return {
         "key": key,
-        **{k: v for k, v in run.items() if k != "adaptation"},
+        **{k: v for k, v in run.items() if k not in ("adaptation", "trunk_architecture")},
+        "domain": f"{run['domain']}+trunk" if run.get("trunk") else run["domain"],
         "adaptation": Adaptation(**run["adaptation"]).label,
+        "trunk": bool(run.get("trunk")),
         "adaptation_config": json.dumps(run["adaptation"], sort_keys=True),
         "target": kit.target,
         "metric_name": kit.metric,
@@ -402,6 +431,12 @@ def run_study(config_path: Path | StudyConfig, workers: int = 1, ray_address: st
     (out / "study.yaml").parent.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     runs = config.runs()
+    if any(r.get("trunk") for r in runs):
+        architecture = trunk_architecture(config.sources)
+        print(f"[{config.name}] transformer trunk from {next(s for s in config.sources if ':' in s)}: {architecture}", flush=True)
+        for run in runs:
+            if run.get("trunk"):
+                run["trunk_architecture"] = architecture
     print(f"[{config.name}] {len(runs)} runs: {len(config.targets)} target(s) x {len(config.sources)} source(s) x "
           f"{len(config.adaptations)} adaptation(s) x {len(config.label_fractions)} fraction(s) x {len(config.seeds)} seed(s)", flush=True)
     if "pretrained" in config.sources:

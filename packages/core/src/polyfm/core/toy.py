@@ -120,4 +120,16 @@ def toy_kit(data_dir: Path | None = None, quick: bool = True) -> Any:
         make_finetune_data=lambda fraction, seed: ToyDataModule(n_train=64, n_val=128, noise=2.0, label_fraction=fraction, seed=seed),
         pretrain_epochs=3,
         finetune_epochs=3,
+        make_trunk_encoder=_toy_trunk,
     )
+
+
+def _toy_trunk(architecture: dict[str, Any]) -> Encoder:
+    """The toy vectors as a sequence of 8 one-channel steps, patched in pairs."""
+    from polyfm.core.transfer import PatchTransformer
+
+    class ToyTrunk(PatchTransformer):
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward_features(x.unsqueeze(-1))
+
+    return ToyTrunk(input_kind="series", in_channels=1, patch_size=2, max_tokens=8, **architecture)  # type: ignore[arg-type]
