@@ -132,4 +132,4 @@ def _toy_trunk(architecture: dict[str, Any]) -> Encoder:
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward_features(x.unsqueeze(-1))
 
-    return ToyTrunk(input_kind="series", in_channels=1, patch_size=2, max_tokens=8, **architecture)  # type: ignore[arg-type]
+    return ToyTrunk(input_kind="series", in_channels=1, patch_size=2, max_tokens=8, **architecture)
