@@ -55,8 +55,12 @@ def measure(step: Step, device: torch.device, warmup: int = 2, repeats: int = 5,
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times), "peak_mb": peak}
+    result = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+    if device.type == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # CPU allocations cannot be attributed per case: the process's RSS high-water mark, which only grows
+        result["rss_high_water_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -132,7 +136,8 @@ def format_row(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{row['name']:<40} ERROR {row['error']}"
     ours = row["ours"]
-    text = f"{row['name']:<40} {ours['items_per_s']:>10.1f} {row['unit']}/s  peak {ours['peak_mb']:.0f} MB"
+    memory = f"peak {ours['peak_mb']:.0f} MB" if "peak_mb" in ours else f"rss {ours['rss_high_water_mb']:.0f} MB"
+    text = f"{row['name']:<40} {ours['items_per_s']:>10.1f} {row['unit']}/s  {memory}"
     if "ratio" in row:
         text += f"  ref {row['reference']['items_per_s']:.1f}/s  ratio {row['ratio']:.2f}x"
     if "mfu" in ours:
