@@ -1,0 +1,552 @@
+"""Reading medical volumes: Decathlon ``dataset.json``, NIfTI/DICOM folders, MONAI transforms.
+
+* :func:`read_decathlon` reads a Medical Segmentation Decathlon / nnU-Net style
+  ``dataset.json`` (``training``/``validation``/``test`` lists of ``image``/``label``
+  paths, ``labels`` as ``{"0": "background", ...}`` or ``{"background": 0, ...}``) and
+  checks that every listed file exists.
+* :class:`CheckCase` runs right after loading and refuses, naming the case and the fix:
+  NaN/Inf voxels, an image whose channel count is not the model's (4D volumes), 4D label
+  maps, image/label grids that differ in shape or affine, non-integer labels and labels
+  outside ``[0, num_classes)``.
+* :func:`segmentation_transforms` builds the MONAI pipeline: orientation, spacing, CT
+  window or MR z-score, positive/negative crops; :class:`SegmentationDataModule` caches
+  the deterministic part (``CacheDataset`` in memory or ``PersistentDataset`` on disk)
+  and yields ``{"input", "target", "meta"}`` batches for polyfm's ``Segmentation`` task.
+* :class:`VolumeFolderDataModule` reads unlabelled NIfTI files and DICOM series for
+  self-supervised pretraining (random crops, ``{"input", "meta"}`` batches).
+* :func:`predict_to_nifti` segments a volume and writes the label map on the input's
+  own grid and affine (the preprocessing is inverted), with the label names beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.data.meta_tensor import MetaTensor
+from polyfm.core.data import DictDataModule
+from polyfm.core.errors import DataError
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".ima")
+
+#: TotalSegmentator v2 ids of the large abdominal organs (the example CT's label map uses these).
+TOTALSEGMENTATOR_ABDOMEN = {
+    "spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5, "stomach": 6,
+    "pancreas": 7, "adrenal_gland_right": 8, "adrenal_gland_left": 9, "esophagus": 15, "small_bowel": 18,
+    "duodenum": 19, "colon": 20, "urinary_bladder": 21,
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- dataset.json
+
+
+def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple[list[dict[str, str]], list[str]]:
+    """Cases of one section of a Decathlon ``dataset.json`` with absolute paths, and the label names.
+
+    Every listed file must exist; a missing one raises a DataError naming the entry."""
+    path = Path(dataset_json)
+    if not path.exists():
+        raise DataError("dataset.json not found: pass the path of the Decathlon-style dataset description.", path=path)
+    try:
+        description = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc}).", path=path) from exc
+    if section not in description:
+        raise DataError(f"has no {section!r} list (sections present: {sorted(k for k, v in description.items() if isinstance(v, list))}).", path=path)
+    root = path.parent
+    cases: list[dict[str, str]] = []
+    missing: list[str] = []
+    for index, entry in enumerate(description[section]):
+        entry = {"image": entry} if isinstance(entry, str) else dict(entry)  # MSD "test" lists bare paths
+        if "image" not in entry:
+            raise DataError(f"{section} entry {index} has no 'image' key: {entry}.", path=path)
+        case: dict[str, str] = {}
+        for key in ("image", "label"):
+            if key not in entry:
+                continue
+            file = (root / entry[key]).resolve() if not Path(entry[key]).is_absolute() else Path(entry[key])
+            if not file.exists():
+                missing.append(f"{section}[{index}].{key} = {entry[key]} (looked for {file})")
+            case[key] = str(file)
+        cases.append(case)
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise DataError(
+            f"{len(missing)} file(s) listed in the dataset do not exist:\n  {shown}\n"
+            "Fix the paths (they are relative to the folder of dataset.json) or remove those entries.",
+            path=path,
+        )
+    return cases, label_names(description.get("labels", {}))
+
+
+def label_names(labels: Mapping[str, Any]) -> list[str]:
+    """``{"0": "background", "1": "liver"}`` (MSD) or ``{"background": 0, "liver": 1}`` (nnU-Net v2) -> names by id."""
+    if not labels:
+        return []
+    if all(str(k).isdigit() for k in labels):
+        by_id = {int(k): str(v) for k, v in labels.items()}
+    else:
+        by_id = {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}  # region-based lists are not ids
+    return [by_id.get(i, f"label_{i}") for i in range(max(by_id) + 1)]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _case_name(data: Mapping[Hashable, Any], key: str = "image") -> str:
+    value = data.get(key)
+    meta = getattr(value, "meta", {}) if value is not None else {}
+    return str(meta.get("filename_or_obj", data.get(f"{key}_path", "?")))
+
+
+class CheckCase(mt.MapTransform):
+    """Refuse a loaded case that would silently train on garbage; the error names it and says what to do.
+
+    Runs after ``LoadImaged(..., ensure_channel_first=True)`` on MetaTensors."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int | None = None, label_map: Mapping[int, int] | None = None, label_key: str = "label") -> None:
+        super().__init__(keys=["image"], allow_missing_keys=True)
+        self.in_channels, self.num_classes, self.label_map, self.label_key = in_channels, num_classes, label_map, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image, name = d["image"], _case_name(d)
+        if image.shape[0] != self.in_channels:
+            raise DataError(
+                f"the image has {image.shape[0]} channels (a 4D volume: spatial shape {tuple(image.shape[1:])}) but the "
+                f"model takes in_channels={self.in_channels}. Split the 4D file into 3D volumes (one per time point or "
+                f"modality), or set in_channels={image.shape[0]} if they are co-registered modalities.",
+                path=name,
+            )
+        finite = torch.isfinite(torch.as_tensor(image))
+        if not bool(finite.all()):
+            raise DataError(
+                f"{int((~finite).sum())} voxels are NaN or Inf. Fix the file (e.g. fill with the background intensity, "
+                "-1024 HU for CT) before training.",
+                path=name,
+            )
+        if self.label_key in d:
+            self._check_label(d, name)
+        return d
+
+    def _check_label(self, d: dict[Hashable, Any], name: str) -> None:
+        image, label = d["image"], d[self.label_key]
+        label_name = _case_name(d, self.label_key)
+        if label.shape[0] != 1:
+            raise DataError(
+                f"the label map has {label.shape[0]} channels (4D); polyfm expects one integer label map per case "
+                "(one-hot labels: take the argmax over channels and save that).",
+                path=label_name,
+            )
+        if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+            raise DataError(
+                f"image and label grids differ: image {name} has spatial shape {tuple(image.shape[1:])}, label "
+                f"{tuple(label.shape[1:])}. Resample the label onto the image grid (nearest neighbour) or pair the right files.",
+                path=label_name,
+            )
+        image_affine, label_affine = np.asarray(image.affine), np.asarray(label.affine)
+        if not np.allclose(image_affine, label_affine, atol=1e-3, rtol=1e-4):
+            raise DataError(
+                f"image and label affines differ (image {name}:\n{image_affine.round(4)}\nlabel:\n{label_affine.round(4)}). "
+                "The label is not on the image's grid: resample it with the image as reference, or fix the header.",
+                path=label_name,
+            )
+        values = torch.as_tensor(label)
+        if bool((values != values.round()).any()):
+            bad = values[values != values.round()].unique()[:5].tolist()
+            raise DataError(f"label values must be integers; found {bad}. Was the label map resampled with linear interpolation?", path=label_name)
+        if bool((values < 0).any()):
+            raise DataError(f"negative label values {values[values < 0].unique()[:5].tolist()}; labels are class ids 0..K-1.", path=label_name)
+        if self.num_classes is not None and self.label_map is None and int(values.max()) >= self.num_classes:
+            present = [int(v) for v in values.unique() if v >= self.num_classes][:10]
+            raise DataError(
+                f"label values {present} are outside 0..{self.num_classes - 1} (num_classes={self.num_classes}). Raise num_classes, "
+                "or pass label_map to keep only some structures (every unmapped id becomes background).",
+                path=label_name,
+            )
+
+
+class RemapLabels(mt.MapTransform):
+    """Keep some structures and renumber them (``{5: 1, 1: 2}``: liver -> 1, spleen -> 2); every other id -> 0."""
+
+    def __init__(self, label_map: Mapping[int, int], key: str = "label") -> None:
+        super().__init__(keys=[key])
+        self.label_map = {int(k): int(v) for k, v in label_map.items()}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            table = torch.zeros(max(int(label.max()), max(self.label_map)) + 1, dtype=label.dtype)
+            for source, target in self.label_map.items():
+                table[source] = target
+            remapped = table[torch.as_tensor(label).long()]
+            d[key] = MetaTensor(remapped, meta=label.meta, applied_operations=label.applied_operations) if isinstance(label, MetaTensor) else remapped
+        return d
+
+
+class ToBatchKeys(mt.MapTransform):
+    """MONAI's ``image``/``label`` -> the engine's ``input``/``target``/``meta`` (plain tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__(keys=["image"])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"input": _plain(data["image"]).float().contiguous(), "meta": _case_name(data)}
+        if "label" in data:
+            out["target"] = _plain(data["label"]).long().contiguous()
+        return out
+
+
+def _plain(x: Any) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def intensity_transform(modality: str, a_min: float, a_max: float, keys: Sequence[str] = ("image",)) -> mt.MapTransform:
+    """CT: clip the HU window [a_min, a_max] to [0, 1] (MONAI's CT recipes); MR: z-score over non-zero voxels per channel."""
+    if modality.upper() == "CT":
+        return mt.ScaleIntensityRanged(keys=list(keys), a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
+    if modality.upper() in ("MR", "MRI"):
+        return mt.NormalizeIntensityd(keys=list(keys), nonzero=True, channel_wise=True)
+    raise DataError(f"Unknown modality {modality!r}: use 'CT' (HU window) or 'MR' (z-score normalisation).")
+
+
+def preprocessing(
+    keys: Sequence[str],
+    in_channels: int,
+    num_classes: int | None,
+    modality: str,
+    a_min: float,
+    a_max: float,
+    pixdim: Sequence[float] | None,
+    orientation: str | None,
+    label_map: Mapping[int, int] | None,
+) -> list[mt.Transform]:
+    """The deterministic, invertible part: load, check, remap, orient, resample, scale intensities."""
+    steps: list[mt.Transform] = [
+        mt.LoadImaged(keys=list(keys), ensure_channel_first=True, image_only=True),
+        CheckCase(in_channels=in_channels, num_classes=num_classes, label_map=label_map),
+    ]
+    if label_map and "label" in keys:
+        steps.append(RemapLabels(label_map))
+    if orientation:
+        steps.append(mt.Orientationd(keys=list(keys), axcodes=orientation))
+    if pixdim:
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        steps.append(mt.Spacingd(keys=list(keys), pixdim=tuple(pixdim), mode=modes))
+    steps.append(intensity_transform(modality, a_min, a_max))
+    return steps
+
+
+def segmentation_transforms(
+    train: bool,
+    roi_size: Sequence[int],
+    in_channels: int = 1,
+    num_classes: int | None = None,
+    modality: str = "CT",
+    a_min: float = -175.0,
+    a_max: float = 250.0,
+    pixdim: Sequence[float] | None = (1.5, 1.5, 2.0),
+    orientation: str | None = "RAS",
+    label_map: Mapping[int, int] | None = None,
+    pos: float = 1.0,
+    neg: float = 1.0,
+    num_samples: int = 2,
+    augment: bool = True,
+) -> mt.Compose:
+    """MONAI's supervised 3D pipeline (as in the BTCV / spleen bundles); training adds padding to
+    the patch size, positive/negative patch sampling around the labels and light augmentation."""
+    keys = ["image", "label"]
+    steps = preprocessing(keys, in_channels, num_classes, modality, a_min, a_max, pixdim, orientation, label_map)
+    if train:
+        steps += [
+            mt.SpatialPadd(keys=keys, spatial_size=list(roi_size)),
+            mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=list(roi_size), pos=pos, neg=neg, num_samples=num_samples, image_key="image"),
+        ]
+        if augment:
+            steps += [mt.RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(len(roi_size))]
+            steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
+    steps.append(ToBatchKeys())
+    return mt.Compose(steps)
+
+
+# ----------------------------------------------------------------------------- datamodules
+
+
+def _data_error_in(exc: BaseException) -> DataError | None:
+    """MONAI wraps errors raised inside transforms ("applying transform ..."); find ours."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DataError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class CheckedDataset(torch.utils.data.Dataset):
+    """A MONAI dataset whose DataErrors reach the user as themselves, not as MONAI's RuntimeError."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except RuntimeError as exc:
+            error = _data_error_in(exc)
+            if error is None:
+                raise
+            raise error from None
+
+
+def _make_dataset(cases: list[dict[str, str]], transform: Callable[..., Any], cache: str, cache_dir: str | None) -> CheckedDataset:
+    try:
+        if cache == "memory":
+            return CheckedDataset(CacheDataset(cases, transform, cache_rate=1.0, num_workers=0, progress=False))
+    except RuntimeError as exc:
+        error = _data_error_in(exc)
+        if error is None:
+            raise
+        raise error from None
+    if cache == "disk":
+        if not cache_dir:
+            raise DataError("cache='disk' needs cache_dir (a folder for MONAI's PersistentDataset).")
+        return CheckedDataset(PersistentDataset(cases, transform, cache_dir=cache_dir))
+    return CheckedDataset(Dataset(cases, transform))
+
+
+class SegmentationDataModule(DictDataModule):
+    """A Decathlon-style labelled dataset for 3D segmentation fine-tuning.
+
+    ``training`` cases are split into train/validation by ``val_fraction`` (or the file's own
+    ``validation`` list when it has one); ``test`` uses the file's ``test`` cases when they
+    have labels, else the validation cases. Validation and test run on whole volumes
+    (batch size 1; the task's sliding-window inferer tiles them)."""
+
+    def __init__(
+        self,
+        dataset_json: str,
+        roi_size: list[int] = [96, 96, 96],  # noqa: B006 - LightningCLI needs a plain default
+        modality: Literal["CT", "MR"] = "CT",
+        a_min: float = -175.0,
+        a_max: float = 250.0,
+        pixdim: list[float] | None = None,
+        orientation: str | None = "RAS",
+        in_channels: int = 1,
+        label_map: dict[int, int] | None = None,
+        class_names: list[str] | None = None,
+        val_fraction: float = 0.2,
+        pos: float = 1.0,
+        neg: float = 1.0,
+        num_samples: int = 2,
+        augment: bool = True,
+        cache: Literal["memory", "disk", "none"] = "memory",
+        cache_dir: str | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed, collate_fn=list_data_collate)
+        self.dataset_json, self.roi_size, self.modality, self.a_min, self.a_max = dataset_json, list(roi_size), modality, a_min, a_max
+        self.pixdim, self.orientation, self.in_channels = pixdim, orientation, in_channels
+        self.label_map = {int(k): int(v) for k, v in label_map.items()} if label_map else None
+        self.val_fraction, self.pos, self.neg, self.num_samples, self.augment = val_fraction, pos, neg, num_samples, augment
+        self.cache, self.cache_dir = cache, cache_dir
+        cases, names = read_decathlon(dataset_json, "training")
+        self.cases = cases
+        self.class_names = class_names or self._class_names(names)
+        self.num_classes = len(self.class_names)
+
+    def _class_names(self, names: list[str]) -> list[str]:
+        if self.label_map:
+            by_target = {target: names[source] if source < len(names) else f"label_{source}" for source, target in self.label_map.items()}
+            return ["background", *[by_target.get(i, f"class_{i}") for i in range(1, max(self.label_map.values()) + 1)]]
+        if not names:
+            raise DataError("dataset.json has no 'labels'; pass class_names (background first).", path=self.dataset_json)
+        return names
+
+    def transforms(self, train: bool) -> mt.Compose:
+        return segmentation_transforms(
+            train, self.roi_size, self.in_channels, self.num_classes, self.modality, self.a_min, self.a_max, self.pixdim,
+            self.orientation, self.label_map, self.pos, self.neg, self.num_samples, self.augment,
+        )  # fmt: skip
+
+    def split(self) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+        description = json.loads(Path(self.dataset_json).read_text())
+        if description.get("validation"):
+            train, val = self.cases, read_decathlon(self.dataset_json, "validation")[0]
+        else:
+            order = np.random.default_rng(self.seed).permutation(len(self.cases))
+            n_val = max(1, round(self.val_fraction * len(self.cases))) if len(self.cases) > 1 else 0
+            val = [self.cases[i] for i in sorted(order[:n_val])]
+            train = [self.cases[i] for i in sorted(order[n_val:])]
+        test_cases = [c for c in read_decathlon(self.dataset_json, "test")[0] if "label" in c] if description.get("test") else []
+        return train, val, test_cases or val
+
+    def build(self) -> tuple[CheckedDataset, CheckedDataset | None, CheckedDataset | None]:
+        train, val, test = self.split()
+        if not train:
+            raise DataError("no training cases left after the validation split; lower val_fraction.", path=self.dataset_json)
+        evaluate = self.transforms(False)
+        return (
+            _make_dataset(train, self.transforms(True), self.cache, self.cache_dir),
+            _make_dataset(val, evaluate, self.cache, self.cache_dir) if val else None,
+            _make_dataset(test, evaluate, self.cache, self.cache_dir) if test else None,
+        )
+
+    def _loader(self, dataset: Any, train: bool) -> Any:
+        if train:
+            return super()._loader(dataset, True)
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, batch_size=1, num_workers=self.num_workers, collate_fn=list_data_collate)  # whole volumes differ in size
+
+
+class RepeatedDataset(torch.utils.data.Dataset):
+    """Several passes over a few cached volumes per epoch (each pass draws fresh random crops)."""
+
+    def __init__(self, dataset: Any, repeats: int) -> None:
+        self.dataset, self.repeats = dataset, repeats
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.repeats
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % len(self.dataset)]
+
+
+def find_volumes(folder: str | Path) -> list[str]:
+    """NIfTI files and DICOM series (one per folder holding .dcm files) under ``folder``, sorted."""
+    root = Path(folder)
+    if root.is_file():
+        return [str(root)]
+    if not root.is_dir():
+        raise DataError("is not a folder or a file: point it at your unlabelled NIfTI files / DICOM series.", path=root)
+    nifti = [p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)]
+    dicom_dirs = {p.parent for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES}
+    volumes = sorted(str(p) for p in [*nifti, *dicom_dirs])
+    if not volumes:
+        raise DataError("holds no NIfTI (.nii, .nii.gz) files and no DICOM series (.dcm).", path=root)
+    return volumes
+
+
+class VolumeFolderDataModule(DictDataModule):
+    """Unlabelled volumes (NIfTI files, DICOM series folders) for self-supervised pretraining:
+    ``num_samples`` random ``roi_size`` crops per volume per epoch, batches ``{"input", "meta"}``."""
+
+    def __init__(
+        self,
+        folder: str | None = None,
+        files: list[str] | None = None,
+        roi_size: list[int] = [96, 96, 96],  # noqa: B006 - LightningCLI needs a plain default
+        num_samples: int = 4,
+        repeats: int = 1,
+        modality: Literal["CT", "MR"] = "CT",
+        a_min: float = -1000.0,
+        a_max: float = 1000.0,
+        pixdim: list[float] | None = None,
+        orientation: str | None = "RAS",
+        in_channels: int = 1,
+        cache: Literal["memory", "disk", "none"] = "memory",
+        cache_dir: str | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, collate_fn=list_data_collate)
+        if not folder and not files:
+            raise DataError("VolumeFolderDataModule needs a folder or a list of files.")
+        self.volumes = list(files or []) + (find_volumes(folder) if folder else [])
+        missing = [f for f in self.volumes if not Path(f).exists()]
+        if missing:
+            raise DataError(f"{len(missing)} listed volume(s) do not exist: {missing[:5]}. Fix the paths.")
+        self.roi_size, self.num_samples, self.repeats = list(roi_size), num_samples, repeats
+        self.modality, self.a_min, self.a_max, self.pixdim, self.orientation = modality, a_min, a_max, pixdim, orientation
+        self.in_channels, self.cache, self.cache_dir = in_channels, cache, cache_dir
+
+    def build(self) -> tuple[torch.utils.data.Dataset, None, None]:
+        steps = preprocessing(["image"], self.in_channels, None, self.modality, self.a_min, self.a_max, self.pixdim, self.orientation, None)
+        steps += [
+            mt.SpatialPadd(keys=["image"], spatial_size=self.roi_size),
+            mt.RandSpatialCropSamplesd(keys=["image"], roi_size=self.roi_size, num_samples=self.num_samples, random_size=False),
+            ToBatchKeys(),
+        ]
+        dataset = _make_dataset([{"image": v} for v in self.volumes], mt.Compose(steps), self.cache, self.cache_dir)
+        return (RepeatedDataset(dataset, self.repeats) if self.repeats > 1 else dataset), None, None
+
+    def val_dataloader(self) -> Any:
+        return []  # self-supervised: the training loss is the signal; no held-out split by default
+
+
+# ----------------------------------------------------------------------------- prediction output
+
+
+def predict_to_nifti(
+    model: torch.nn.Module,
+    image_path: str | Path,
+    output_path: str | Path,
+    inferer: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor] | None = None,
+    class_names: Sequence[str] | None = None,
+    modality: str = "CT",
+    a_min: float = -175.0,
+    a_max: float = 250.0,
+    pixdim: Sequence[float] | None = None,
+    orientation: str | None = "RAS",
+    in_channels: int = 1,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Segment ``image_path`` and write the label map as NIfTI on the input's own grid and affine.
+
+    The preprocessing (orientation, spacing) is inverted with MONAI's ``Invertd`` before
+    writing, so the output overlays the input voxel for voxel in any viewer. Label names
+    go to ``<output>.json`` (``{"labels": {"0": "background", ...}}``) and to the header's
+    description field."""
+    import nibabel as nib
+
+    pre = mt.Compose(preprocessing(["image"], in_channels, None, modality, a_min, a_max, pixdim, orientation, None))
+    data = pre({"image": str(image_path)})
+    image = data["image"]
+    model = model.to(device).eval()
+    with torch.no_grad():
+        x = torch.as_tensor(image).unsqueeze(0).float().to(device)
+        logits = inferer(x, model) if inferer is not None else model(x)
+        logits = logits[0] if isinstance(logits, list | tuple) else logits
+        labels = logits.argmax(1)[0].unsqueeze(0).cpu().to(torch.float32)
+    data["pred"] = MetaTensor(labels, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    inverted = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
+
+    source = nib.load(str(image_path))
+    labels_np = np.asarray(inverted[0]).round().astype(np.uint8 if (class_names is None or len(class_names) < 256) else np.uint16)
+    if labels_np.shape != source.shape[:3]:
+        raise DataError(f"internal: inverted prediction {labels_np.shape} does not match the input grid {source.shape[:3]}.", path=image_path)
+    header = source.header.copy()
+    header.set_data_dtype(labels_np.dtype)
+    header.set_intent("label", name="labels")
+    names = list(class_names) if class_names else [str(i) for i in range(int(logits.shape[1]))]
+    header["descrip"] = ("labels: " + ",".join(names))[:79].encode()
+    out = nib.Nifti1Image(labels_np, source.affine, header)
+    out.set_qform(source.get_qform(), int(source.header["qform_code"]))
+    out.set_sform(source.get_sform(), int(source.header["sform_code"]))
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, str(output_path))
+    sidecar = output_path.with_name(output_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    sidecar.write_text(json.dumps({"labels": dict(enumerate(names)), "source": str(image_path)}, indent=2))
+    return output_path

@@ -1,0 +1,115 @@
+"""3D segmentation fine-tuning: polyfm's ``Segmentation`` task with MONAI's loss, inferer and metrics.
+
+:class:`VolumeSegmentation` adds what the generic task cannot know about U-Nets:
+
+* the output layers are the task head: they are rebuilt for ``num_classes``
+  (``model.reset_head``) and stay trainable under every adaptation mode. ``linear``
+  trains only them (a linear probe of a U-Net is its 1x1 output convolution), ``lora``
+  puts PEFT adapters on every other convolution and linear layer (conv-LoRA), and
+  ``freeze`` freezes the first k entries of ``model.block_names()``;
+* DiceCE loss (MONAI, one-hot targets, softmax), deep supervision weights for DynUNet;
+* sliding-window inference with Gaussian blending (MONAI ``SlidingWindowInferer``) in
+  validation, test and predict when ``roi_size`` is given;
+* test metrics beyond Dice: HD95 and surface Dice per class (MONAI metrics, in voxels
+  unless ``spacing`` is given), logged as ``test/hd95``, ``test/surface_dice`` and per class.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
+from polyfm.core.adaptation import Adaptation
+from polyfm.core.tasks import OptimConfig, Segmentation
+from torch import nn
+
+
+class VolumeSegmentation(Segmentation):
+    """Fine-tune a MONAI U-Net (``polyfm.medseg.models``) for ``num_classes`` classes (background included)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        roi_size: list[int] | None = None,
+        sw_batch_size: int = 4,
+        overlap: float = 0.5,
+        adaptation: Adaptation | None = None,
+        optim: OptimConfig | None = None,
+        class_names: list[str] | None = None,
+        include_background: bool = False,
+        deep_supervision_weights: list[float] | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        spacing: list[float] | None = None,
+        surface_tolerance: float = 2.0,
+    ) -> None:
+        if hasattr(model, "reset_head"):
+            model.reset_head(num_classes)
+        adaptation = adaptation or Adaptation()
+        heads = list(model.head_names()) if hasattr(model, "head_names") else []
+        if adaptation.mode == "lora" and adaptation.lora_targets is None and heads:
+            adaptation = _lora_outside_heads(model, adaptation, heads)
+        inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian") if roi_size else None
+        super().__init__(
+            model=model,
+            num_classes=num_classes,
+            loss=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce),
+            inferer=inferer,
+            adaptation=adaptation,
+            optim=optim,
+            class_names=class_names,
+            include_background=include_background,
+            deep_supervision_weights=deep_supervision_weights,
+        )
+        # The head is new for this task: it always trains, whatever the encoder's adaptation.
+        for name, param in self.model.named_parameters():
+            if any(name == h or name.startswith(h + ".") for h in heads) and "lora_" not in name:
+                param.requires_grad_(True)
+        self.spacing, self.surface_tolerance = spacing, surface_tolerance
+        self.hd95 = HausdorffDistanceMetric(include_background=include_background, percentile=95.0, reduction="none")
+        n_thresholds = num_classes if include_background else num_classes - 1
+        self.surface_dice = SurfaceDiceMetric([surface_tolerance] * n_thresholds, include_background=include_background, reduction="none")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self.infer(batch["input"])
+        target = batch["target"]
+        self.log("test/loss", self._single_loss(logits, target), batch_size=len(target), sync_dist=True)
+        prediction = logits.argmax(1)
+        self.metrics["test_"].update(prediction, target[:, 0].long())
+        one_hot_pred = nn.functional.one_hot(prediction, self.num_classes).movedim(-1, 1)
+        one_hot_target = nn.functional.one_hot(target[:, 0].long(), self.num_classes).movedim(-1, 1)
+        kwargs = {"spacing": self.spacing} if self.spacing else {}
+        self.hd95(one_hot_pred, one_hot_target, **kwargs)
+        self.surface_dice(one_hot_pred, one_hot_target, **kwargs)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_dice("test")
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        names = names if self.include_background else names[1:]
+        for metric, label in ((self.hd95, "hd95"), (self.surface_dice, "surface_dice")):
+            per_case = metric.aggregate()  # (cases, classes); NaN where a class is absent
+            metric.reset()
+            per_class = torch.nanmean(per_case.float(), dim=0)
+            for name, value in zip(names, per_class, strict=False):
+                self.log(f"test/{label}/{name}", value)
+            self.log(f"test/{label}", torch.nanmean(per_class))
+
+
+def _lora_outside_heads(model: nn.Module, adaptation: Adaptation, heads: list[str]) -> Adaptation:
+    """LoRA on every Linear/Conv except the (new, fully trained) output layers."""
+    from polyfm.core.adaptation import lora_target_names
+
+    keep = [n for n in lora_target_names(model) if not any(n == h or n.startswith(h + ".") for h in heads)]
+    return Adaptation(
+        mode="lora",
+        lora_rank=adaptation.lora_rank,
+        lora_alpha=adaptation.lora_alpha,
+        lora_dropout=adaptation.lora_dropout,
+        lora_targets=[f"^{re.escape(n)}$" for n in keep],
+        layer_decay=adaptation.layer_decay,
+    )

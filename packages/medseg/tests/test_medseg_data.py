@@ -1,0 +1,155 @@
+"""Decathlon reading, MONAI preprocessing and the errors bad volumes get (hand-made corrupt files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from polyfm.core.errors import DataError
+from polyfm.medseg.data import (
+    SegmentationDataModule,
+    VolumeFolderDataModule,
+    find_volumes,
+    label_names,
+    predict_to_nifti,
+    read_decathlon,
+)
+
+AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -1.5, 0, 20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])  # LPS-ish, as scanners write
+
+
+def _save(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+def _dataset(tmp_path: Path, n: int = 3, shape=(24, 20, 12), labels=None, image_fn=None, label_fn=None) -> Path:
+    rng = np.random.default_rng(0)
+    training = []
+    for i in range(n):
+        image = rng.normal(0, 100, shape).astype(np.float32)
+        label = np.zeros(shape, np.uint8)
+        label[4:12, 4:10, 2:8] = 1
+        label[14:20, 10:16, 4:10] = 2
+        image = image_fn(i, image) if image_fn else image
+        label_img = label_fn(i, label) if label_fn else (label, AFFINE)
+        _save(tmp_path / "imagesTr" / f"case{i}.nii.gz", image)
+        _save(tmp_path / "labelsTr" / f"case{i}.nii.gz", *label_img)
+        training.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
+    description = {"name": "toy", "labels": labels or {"0": "background", "1": "liver", "2": "spleen"}, "training": training}
+    (tmp_path / "dataset.json").write_text(json.dumps(description))
+    return tmp_path / "dataset.json"
+
+
+def _first_batch(dataset_json: Path, **kwargs) -> dict:
+    dm = SegmentationDataModule(str(dataset_json), roi_size=[16, 16, 8], cache="none", val_fraction=0.34, **kwargs)
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+def test_medseg_decathlon_batches(tmp_path) -> None:
+    batch = _first_batch(_dataset(tmp_path), num_samples=2, batch_size=2)
+    assert batch["input"].shape == (4, 1, 16, 16, 8) and batch["input"].dtype == torch.float32
+    assert batch["target"].shape == (4, 1, 16, 16, 8) and batch["target"].dtype == torch.long
+    assert type(batch["input"]) is torch.Tensor  # plain tensors, not MetaTensors
+    assert -0.1 <= float(batch["input"].min()) and float(batch["input"].max()) <= 1.1  # CT window to [0, 1] + intensity shift
+    assert set(batch["target"].unique().tolist()) <= {0, 1, 2}
+    assert all(m.endswith(".nii.gz") for m in batch["meta"])
+
+
+def test_medseg_label_map_and_names(tmp_path) -> None:
+    dm = SegmentationDataModule(str(_dataset(tmp_path)), roi_size=[16, 16, 8], cache="none", label_map={2: 1})
+    assert dm.class_names == ["background", "spleen"] and dm.num_classes == 2
+    dm.setup()
+    assert set(next(iter(dm.train_dataloader()))["target"].unique().tolist()) <= {0, 1}
+    assert label_names({"background": 0, "liver": 1}) == ["background", "liver"]
+
+
+def test_medseg_missing_file_is_named(tmp_path) -> None:
+    path = _dataset(tmp_path)
+    (tmp_path / "labelsTr" / "case1.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"training\[1\]\.label = \./labelsTr/case1\.nii\.gz") as info:
+        read_decathlon(path)
+    assert "relative to the folder of dataset.json" in str(info.value)
+
+
+def test_medseg_shape_mismatch(tmp_path) -> None:
+    path = _dataset(tmp_path, label_fn=lambda i, lab: (lab[:, :, :10], AFFINE) if i == 2 else (lab, AFFINE))
+    with pytest.raises(DataError, match=r"labelsTr/case2.nii.gz.*grids differ.*\(24, 20, 12\).*\(24, 20, 10\)"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], cache="memory").setup()
+
+
+def test_medseg_affine_mismatch(tmp_path) -> None:
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 5.0
+    path = _dataset(tmp_path, label_fn=lambda i, lab: (lab, shifted if i == 0 else AFFINE))
+    with pytest.raises(DataError, match=r"(?s)case0.nii.gz.*affines differ.*resample it"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], cache="memory").setup()
+
+
+def test_medseg_non_integer_labels(tmp_path) -> None:
+    path = _dataset(tmp_path, label_fn=lambda i, lab: (lab.astype(np.float32) * (0.5 if i == 1 else 1.0), AFFINE))
+    with pytest.raises(DataError, match=r"case1.nii.gz.*must be integers.*linear interpolation"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], cache="memory").setup()
+
+
+def test_medseg_out_of_range_labels(tmp_path) -> None:
+    def bad(i, lab):
+        lab = lab.copy()
+        if i == 0:
+            lab[0, 0, 0] = 7
+        return lab, AFFINE
+
+    with pytest.raises(DataError, match=r"case0.nii.gz.*\[7\] are outside 0..2.*label_map"):
+        SegmentationDataModule(str(_dataset(tmp_path, label_fn=bad)), roi_size=[16, 16, 8], cache="memory").setup()
+
+
+def test_medseg_nan_voxels(tmp_path) -> None:
+    def nan(i, image):
+        if i == 2:
+            image[3, 3, 3] = np.nan
+        return image
+
+    with pytest.raises(DataError, match=r"imagesTr/case2.nii.gz.*1 voxels are NaN or Inf"):
+        SegmentationDataModule(str(_dataset(tmp_path, image_fn=nan)), roi_size=[16, 16, 8], cache="memory").setup()
+
+
+def test_medseg_4d_volume(tmp_path) -> None:
+    _save(tmp_path / "scan4d.nii.gz", np.zeros((16, 16, 8, 3), np.float32))
+    dm = VolumeFolderDataModule(folder=str(tmp_path), roi_size=[16, 16, 8], cache="memory")
+    with pytest.raises(DataError, match=r"scan4d.nii.gz.*3 channels \(a 4D volume.*in_channels=1.*Split the 4D file"):
+        dm.setup()
+
+
+def test_medseg_volume_folder_crops_and_empty_folder(tmp_path) -> None:
+    _save(tmp_path / "a" / "ct.nii.gz", np.random.default_rng(0).normal(size=(30, 30, 12)).astype(np.float32))
+    dm = VolumeFolderDataModule(folder=str(tmp_path), roi_size=[16, 16, 8], num_samples=3, batch_size=1, repeats=2)
+    dm.setup()
+    assert len(dm.train_set) == 2
+    assert next(iter(dm.train_dataloader()))["input"].shape == (3, 1, 16, 16, 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no NIfTI"):
+        find_volumes(tmp_path / "empty")
+
+
+def test_medseg_prediction_keeps_grid_and_affine(tmp_path) -> None:
+    from monai.inferers import SlidingWindowInferer
+
+    from polyfm.medseg.models import UNet
+
+    image_path = _save(tmp_path / "scan.nii.gz", np.random.default_rng(1).normal(size=(20, 18, 10)).astype(np.float32))
+    model = UNet(spatial_dims=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2))
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 8), overlap=0.5, mode="gaussian")
+    out = predict_to_nifti(
+        model, image_path, tmp_path / "pred" / "scan_seg.nii.gz", inferer=inferer, class_names=["background", "liver", "spleen"], pixdim=[2.0, 2.0, 2.5]
+    )
+    written, source = nib.load(str(out)), nib.load(image_path)
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2}
+    assert json.loads((tmp_path / "pred" / "scan_seg.json").read_text())["labels"]["2"] == "spleen"
