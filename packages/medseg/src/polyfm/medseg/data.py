@@ -358,6 +358,7 @@ class SegmentationDataModule(DictDataModule):
         augment: bool = True,
         cache: Literal["memory", "disk", "none"] = "memory",
         cache_dir: str | None = None,
+        repeats: int = 1,
         batch_size: int = 2,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -368,7 +369,7 @@ class SegmentationDataModule(DictDataModule):
         self.pixdim, self.orientation, self.in_channels = pixdim, orientation, in_channels
         self.label_map = {int(k): int(v) for k, v in label_map.items()} if label_map else None
         self.val_fraction, self.pos, self.neg, self.num_samples, self.augment = val_fraction, pos, neg, num_samples, augment
-        self.cache, self.cache_dir = cache, cache_dir
+        self.cache, self.cache_dir, self.repeats = cache, cache_dir, repeats
         cases, names = read_decathlon(dataset_json, "training")
         self.cases = cases
         self.class_names = class_names or self._class_names(names)
@@ -394,11 +395,11 @@ class SegmentationDataModule(DictDataModule):
             train, val = self.cases, read_decathlon(self.dataset_json, "validation")[0]
         else:
             order = np.random.default_rng(self.seed).permutation(len(self.cases))
-            n_val = max(1, round(self.val_fraction * len(self.cases))) if len(self.cases) > 1 else 0
+            n_val = max(1, round(self.val_fraction * len(self.cases))) if len(self.cases) > 1 and self.val_fraction > 0 else 0
             val = [self.cases[i] for i in sorted(order[:n_val])]
             train = [self.cases[i] for i in sorted(order[n_val:])]
         test_cases = [c for c in read_decathlon(self.dataset_json, "test")[0] if "label" in c] if description.get("test") else []
-        return train, val, test_cases or val
+        return train, val or test_cases, test_cases or val  # val_fraction=0: validate on the labelled test cases
 
     def build(self) -> tuple[CheckedDataset, CheckedDataset | None, CheckedDataset | None]:
         train, val, test = self.split()
@@ -410,6 +411,12 @@ class SegmentationDataModule(DictDataModule):
             _make_dataset(val, evaluate, self.cache, self.cache_dir) if val else None,
             _make_dataset(test, evaluate, self.cache, self.cache_dir) if test else None,
         )
+
+    def setup(self, stage: str | None = None) -> None:
+        fresh = self.train_set is None
+        super().setup(stage)  # builds, then keeps label_fraction of the training cases
+        if fresh and self.repeats > 1:
+            self.train_set = RepeatedDataset(self.train_set, self.repeats)  # several crop draws per case per epoch
 
     def _loader(self, dataset: Any, train: bool) -> Any:
         if train:
