@@ -32,6 +32,11 @@ class AudioSetTagging(nn.Module):
         super().__init__()
         self.mixup_alpha = mixup_alpha
 
+    # An explicit signature: LightningCLI (jsonargparse) checks objectives against the
+    # Objective protocol, and nn.Module's own __call__(*args, **kwargs) does not match it.
+    def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return super().__call__(model, batch)
+
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         waveform, target = batch["input"], batch["target"].float()
         mixup = model.training and self.mixup_alpha > 0 and len(waveform) >= 2
@@ -60,3 +65,8 @@ class ContrastiveAudio(InfoNCE):
     def __init__(self, feature_dim: int, projection_dim: int = 128, temperature: float = 0.1) -> None:
         projector = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, projection_dim))
         super().__init__(temperature=temperature, projector=projector)
+
+    # An explicit signature: LightningCLI (jsonargparse) checks objectives against the
+    # Objective protocol, and nn.Module's own __call__(*args, **kwargs) does not match it.
+    def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return super().__call__(model, batch)

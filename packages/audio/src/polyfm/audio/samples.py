@@ -152,7 +152,7 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
 
         def make_finetune_data(fraction: float, seed: int) -> L.LightningDataModule:
             return FSDDDataModule(
-                str(fsdd), sample_rate=SAMPLE_RATE, clip_seconds=clip_seconds, max_train_clips=400 if quick else None,
+                str(fsdd), sample_rate=SAMPLE_RATE, clip_seconds=clip_seconds, max_train_clips=600 if quick else None,
                 cache=True, label_fraction=fraction, seed=seed,
             )  # fmt: skip
 
@@ -182,6 +182,6 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
         make_task=make_task,
         make_finetune_data=make_finetune_data,
         pretrain_epochs=2 if quick else 10,
-        finetune_epochs=3 if quick else 15,
+        finetune_epochs=(5 if real else 3) if quick else 15,
         data_source=source,
     )

@@ -108,6 +108,26 @@ class PannsModel(Encoder, PretrainedMixin):
         return self.frontend.num_frames(num_samples)
 
     # -- released checkpoints -----------------------------------------------------------
+    def load_panns_checkpoint(self, name_or_path: str | Path) -> PannsModel:
+        """Load released weights (a registry name such as ``panns-cnn14``, or a ``.pth``
+        path) into this model, strictly, after checking the torchlibrosa front end.
+        This is what the ``pretrained`` constructor argument does, so YAML recipes can
+        start from the official checkpoints."""
+        from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa
+        from polyfm.core.weights import fetch_weights, get_weights
+
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            spec = get_weights(str(name_or_path))
+            path = fetch_weights(spec) / spec.primary_file
+        state = unwrap_state_dict(load_checkpoint_file(path))
+        if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+            state = {k[len("module.") :]: v for k, v in state.items()}
+        state, frontend_tensors = split_torchlibrosa(state)
+        check_torchlibrosa_frontend(frontend_tensors, self.frontend, source=str(path))
+        load_state_dict_checked(self, state, strict=True, source=str(path))
+        return self
+
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> PannsModel:
         """Build from a PANNs ``.pth`` (``{'model': state_dict}``) or one of ours.
@@ -118,18 +138,13 @@ class PannsModel(Encoder, PretrainedMixin):
         model's configuration, so a 16 kHz checkpoint given 32 kHz settings fails
         loudly instead of producing quietly wrong features.
         """
-        from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa
-
-        state = unwrap_state_dict(load_checkpoint_file(path))
-        if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-            state = {k[len("module."):]: v for k, v in state.items()}
-        state, frontend_tensors = split_torchlibrosa(state)
-        if "classes_num" not in config and "fc_audioset.weight" in state:
-            config["classes_num"] = int(state["fc_audioset.weight"].shape[0])
+        if "classes_num" not in config:
+            state = unwrap_state_dict(load_checkpoint_file(path))
+            key = next((k for k in ("fc_audioset.weight", "module.fc_audioset.weight") if k in state), None)
+            if key is not None:
+                config["classes_num"] = int(state[key].shape[0])
         try:
             model = cls(**config)
         except TypeError as exc:
             raise CheckpointError(f"{cls.__name__} does not take {sorted(config)}: {exc}") from exc
-        check_torchlibrosa_frontend(frontend_tensors, model.frontend, source=str(path))
-        load_state_dict_checked(model, state, strict=True, source=str(path))
-        return model
+        return model.load_panns_checkpoint(path)

@@ -32,6 +32,7 @@ class Cnn10(PannsModel):
         freq_drop_width: int = 8,
         block_dropout: float = 0.2,
         head_dropout: float = 0.5,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__(
             sample_rate, window_size, hop_size, mel_bins, fmin, fmax, classes_num,
@@ -49,6 +50,8 @@ class Cnn10(PannsModel):
         init_bn(self.bn0)
         init_layer(self.fc1)
         init_layer(self.fc_audioset)
+        if pretrained:
+            self.load_panns_checkpoint(pretrained)
 
     def block_names(self) -> list[str]:
         return ["bn0", "conv_block1", "conv_block2", "conv_block3", "conv_block4", "fc1"]

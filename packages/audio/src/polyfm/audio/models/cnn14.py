@@ -43,7 +43,8 @@ class Cnn14(PannsModel):
     """PANNs Cnn14. Arguments are PANNs' (sample_rate, window_size, hop_size, mel_bins,
     fmin, fmax, classes_num) plus ours: ``base_channels`` (64 in the released model;
     smaller values give a narrow Cnn14 for tests and demos), SpecAugment and dropout
-    switches. Input: mono waveforms ``(B, samples)`` at ``sample_rate``."""
+    switches, and ``pretrained`` (a registry name or ``.pth`` path loaded at the end of
+    construction, for YAML recipes). Input: mono waveforms ``(B, samples)`` at ``sample_rate``."""
 
     family = "cnn14"
 
@@ -62,6 +63,7 @@ class Cnn14(PannsModel):
         freq_drop_width: int = 8,
         block_dropout: float = 0.2,
         head_dropout: float = 0.5,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__(
             sample_rate, window_size, hop_size, mel_bins, fmin, fmax, classes_num,
@@ -80,12 +82,19 @@ class Cnn14(PannsModel):
         init_bn(self.bn0)
         init_layer(self.fc1)
         init_layer(self.fc_audioset)
+        if pretrained:
+            self.load_panns_checkpoint(pretrained)
 
     def block_names(self) -> list[str]:
         return ["bn0", *(f"conv_block{i}" for i in range(1, 7)), "fc1"]
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Conv blocks 1-6 with PANNs' dropout: ``(B, 1, T, F)`` -> ``(B, C, T/32, F/32)``."""
+        if x.shape[2] < 32 or x.shape[3] < 32:
+            raise ValueError(
+                f"{type(self).__name__} pools time and mel bins by 32: got {x.shape[2]} frames x {x.shape[3]} mel bins. "
+                "Use longer clips (clip_seconds) or a smaller hop_size."
+            )
         blocks = [self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4, self.conv_block5, self.conv_block6]
         for index, block in enumerate(blocks):
             x = block(x, pool_size=(1, 1) if index == 5 else (2, 2), pool_type="avg")
@@ -117,8 +126,9 @@ class Cnn14_16k(Cnn14):  # noqa: N801 - PANNs' own class name
         freq_drop_width: int = 8,
         block_dropout: float = 0.2,
         head_dropout: float = 0.5,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__(
             sample_rate, window_size, hop_size, mel_bins, fmin, fmax, classes_num, base_channels,
-            spec_augment, time_drop_width, freq_drop_width, block_dropout, head_dropout,
+            spec_augment, time_drop_width, freq_drop_width, block_dropout, head_dropout, pretrained,
         )  # fmt: skip

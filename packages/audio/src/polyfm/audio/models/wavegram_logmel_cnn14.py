@@ -55,6 +55,7 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
         freq_drop_width: int = 8,
         block_dropout: float = 0.2,
         head_dropout: float = 0.5,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__(
             sample_rate, window_size, hop_size, mel_bins, fmin, fmax, classes_num,
@@ -84,6 +85,8 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
         init_bn(self.bn0)
         init_layer(self.fc1)
         init_layer(self.fc_audioset)
+        if pretrained:
+            self.load_panns_checkpoint(pretrained)
 
     def block_names(self) -> list[str]:
         wavegram = ["pre_conv0", "pre_bn0", "pre_block1", "pre_block2", "pre_block3", "pre_block4"]
