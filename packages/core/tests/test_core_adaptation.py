@@ -7,6 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+
 from polyfm.core import Adaptation, Classification, OptimConfig, build_trainer, greedy_soup, merge_lora, uniform_soup
 from polyfm.core.errors import ConfigError
 from polyfm.core.toy import ToyDataModule, ToyEncoder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+
 from polyfm.core import Classification, NonFiniteLossError, OptimConfig, build_trainer
 from polyfm.core.toy import ToyDataModule, ToyEncoder
 

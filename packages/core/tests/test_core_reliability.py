@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from polyfm.core.errors import CheckpointError, ConfigError, DataError
 from polyfm.core.safety import safe_extract
 from polyfm.core.studies import StudyConfig

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from polyfm.core.errors import ConfigError
 from polyfm.core.studies import StudyConfig, run_key
 
@@ -77,6 +78,7 @@ def test_bad_study_files_name_the_problem(tmp_path, text, message):
 
 def test_cross_domain_trunk_target_takes_blocks_from_another_domains_checkpoint(tmp_path):
     import torch
+
     from polyfm.core.kit import register_kit
     from polyfm.core.studies import run_study
     from polyfm.core.toy import toy_kit

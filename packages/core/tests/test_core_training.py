@@ -15,12 +15,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from polyfm.core import Classification, NonFiniteLossError, OptimConfig, Regression, build_trainer
 from polyfm.core.data import TensorDictDataset, label_fraction_indices
 from polyfm.core.errors import ConfigError
 from polyfm.core.toy import ToyDataModule, ToyEncoder
 from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir
-from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "train_toy_script.py"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from polyfm.core import Adaptation, Classification
 from polyfm.core.errors import CheckpointError
 from polyfm.core.transfer import PatchTransformer, trunk_config

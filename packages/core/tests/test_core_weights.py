@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+
 from polyfm.core.errors import CheckpointError
 from polyfm.core.toy import ToyEncoder
 from polyfm.core.weights import (

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
 from polyfm.core import Classification, OptimConfig, build_trainer
 from polyfm.core.toy import ToyDataModule, ToyEncoder
 from polyfm.core.weights import save_safetensors

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from polyfm.core.errors import ConfigError
 from torch import nn
+
+from polyfm.core.errors import ConfigError
 
 AdaptationMode = Literal["full", "linear", "freeze", "lora"]
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

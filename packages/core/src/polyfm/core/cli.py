@@ -19,6 +19,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def lightning_main(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
+
     from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir
 
     class PolyfmCLI(LightningCLI):

@@ -12,8 +12,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from polyfm.core.errors import ConfigError
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from polyfm.core.errors import ConfigError
 
 
 def data_dir(required: bool = False) -> Path | None:

@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import lightning as L
+
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.encoder import Encoder
 

@@ -12,8 +12,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from polyfm.core.tasks import EngineModule, OptimConfig
 from torch import nn
+
+from polyfm.core.tasks import EngineModule, OptimConfig
 
 
 class Objective(Protocol):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from polyfm.core.errors import ConfigError
 
 SOURCE_KINDS = ("scratch", "pretrained", "checkpoint:", "weights:")
@@ -175,6 +176,7 @@ def pretrain_domain(output: Path, domain: str, data_dir: str | None, quick: bool
     """Pretrain the domain's encoder with its own objective once; cached on disk."""
     import lightning as L
     import torch
+
     from polyfm.core.kit import load_kit
     from polyfm.core.trainer import build_trainer
     from polyfm.core.weights import save_safetensors
@@ -261,6 +263,7 @@ def load_source(encoder: Any, source: str, output: Path, run: dict[str, Any]) ->
 def execute_run(run: dict[str, Any], output: str) -> dict[str, Any]:
     """Fine-tune one grid point and return its row. Runs in a worker process too."""
     import lightning as L
+
     from polyfm.core.adaptation import Adaptation
     from polyfm.core.kit import load_kit
     from polyfm.core.trainer import build_trainer

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from torch import nn
+
 from polyfm.core.adaptation import Adaptation, apply_adaptation, freeze_batchnorm_statistics
 from polyfm.core.errors import NonFiniteLossError
-from torch import nn
 
 
 @dataclass

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from polyfm.core.data import DictDataModule, TensorDictDataset
 from polyfm.core.encoder import Encoder
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
-from torch import nn
 
 
 class ToyEncoder(Encoder, PretrainedMixin):

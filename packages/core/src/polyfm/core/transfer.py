@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError
-from torch import nn
 
 InputKind = Literal["image", "series", "tokens"]
 _VIT_BLOCK = re.compile(r"^(?P<prefix>.*?)blocks\.(?P<index>\d+)\.(?P<rest>.+)$")

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from polyfm.core.errors import CheckpointError
 from torch import nn
+
+from polyfm.core.errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 
