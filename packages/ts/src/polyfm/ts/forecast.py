@@ -146,7 +146,7 @@ def fine_tune(
     task = Forecasting(model, adaptation=adaptation, optim=OptimConfig(lr=lr, weight_decay=weight_decay))
     trainer = build_trainer(
         max_epochs=epochs, max_steps=max_steps, default_root_dir=str(root), loggers=(), enable_progress_bar=progress,
-        enable_checkpointing=False, **trainer_kwargs,
+        enable_checkpointing=False, **{"enable_model_summary": False, **trainer_kwargs},
     )
     trainer.fit(task, datamodule=dm)
     return task
@@ -173,7 +173,7 @@ def forecast(
     """
     config = model.config  # type: ignore[union-attr]
     series = read_series(data, timestamp_column, columns, on_missing=on_missing)
-    if len(series.columns) != config.num_input_channels:
+    if config.channel_specific and len(series.columns) != config.num_input_channels:
         raise DataError(
             f"has {len(series.columns)} channels {series.columns}; the model expects {config.num_input_channels}. "
             "Select them with columns=[...].",

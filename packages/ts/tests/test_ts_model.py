@@ -1,0 +1,90 @@
+"""TTM: registry and hub-layout loading, encoder contract, input handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from polyfm.core.adaptation import Adaptation, apply_adaptation
+from polyfm.core.errors import CheckpointError, ConfigError
+from polyfm.core.weights import get_weights
+from polyfm.ts.models.ttm import TTM, TTMConfig, head_only
+
+SMALL = dict(context_length=64, prediction_length=16, patch_length=8, d_model=16, decoder_d_model=8, num_layers=1,
+             adaptive_patching_levels=2, num_input_channels=1)
+
+
+def test_ts_registry_lists_r1_r2_variants() -> None:
+    spec = get_weights("ttm-r2-512-96")
+    assert spec.files["model.safetensors"][0] == "https://huggingface.co/ibm-granite/granite-timeseries-ttm-r2/resolve/main/model.safetensors"
+    assert spec.primary_file == "model.safetensors" and "config.json" in spec.files
+    assert get_weights("ttm-r2-1536-96").meta["revision"] == "1536-96-r2"
+    assert get_weights("ttm-r1-1024-96").files["config.json"][0].endswith("/granite-timeseries-ttm-r1/resolve/1024_96_v1/config.json")
+    assert get_weights("ttm-r2.1-512-96-ft").meta["context_length"] == 512
+
+
+def test_ts_from_pretrained_registry_cache_hub_id_and_offline_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("POLYFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("POLYFM_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"resolve/512-192-r2/model.safetensors.*cache"):
+        TTM.from_pretrained("ttm-r2-512-192")
+    torch.manual_seed(0)
+    model = TTM(**SMALL)
+    model.save_pretrained(tmp_path / "cache" / "weights" / "ttm-r2-512-96")  # as the downloader would leave it
+    for name in ("ttm-r2-512-96", "ibm-granite/granite-timeseries-ttm-r2"):
+        loaded = TTM.from_pretrained(name)
+        assert torch.equal(loaded.state_dict()["head.base_forecast_block.weight"], model.state_dict()["head.base_forecast_block.weight"])
+    # a snapshot in the Hugging Face cache (e.g. from granite-tsfm) is used as is
+    repo = tmp_path / "hf" / "hub" / "models--ibm-granite--granite-timeseries-ttm-r2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "1024-96-r2").write_text("abc123")
+    model.save_pretrained(repo / "snapshots" / "abc123")
+    assert TTM.from_pretrained("ibm-granite/granite-timeseries-ttm-r2@1024-96-r2").config.context_length == 64
+
+
+def test_ts_checkpoint_mismatch_and_r3_configs_are_refused(tmp_path) -> None:
+    model = TTM(**SMALL)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "d_model": 32}))
+    with pytest.raises(CheckpointError, match=r"shape mismatch"):
+        TTM.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"register_tokens.*r3"):
+        TTMConfig.from_dict({**config, "register_tokens": 2})
+    with pytest.raises(ConfigError, match=r"patch_stride"):
+        TTMConfig.from_dict({**config, "patch_stride": 4})
+
+
+def test_ts_encoder_contract_and_head_only() -> None:
+    model = TTM(**SMALL)
+    x = torch.randn(3, 64, 5)  # a common-channel TTM takes any channel count
+    assert model.forward_features(x).shape == (3, model.feature_dim)
+    assert model(x)["prediction_outputs"].shape == (3, 16, 5)
+    assert model.block_names()[0] == "backbone.encoder.patcher" and len(model.block_names()) == 3
+    apply_adaptation(model, head_only(model))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"decoder", "head"}
+    lora = apply_adaptation(TTM(**SMALL), Adaptation(mode="lora", lora_rank=2))
+    assert any("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+    assert lora(x)["prediction_outputs"].shape == (3, 16, 5)
+
+
+def test_ts_input_length_and_channels() -> None:
+    torch.manual_seed(0)
+    model = TTM(**SMALL).eval()
+    x = torch.randn(2, 80, 1) * 3 + 10
+    with torch.no_grad():
+        full = model(x)["prediction_outputs"]
+        assert torch.equal(full, model(x[:, -64:])["prediction_outputs"])  # longer input: last context_length points
+        short = model(x[:, -40:])["prediction_outputs"]  # shorter: left-padded, padding unobserved
+    assert torch.isfinite(short).all() and short.shape == (2, 16, 1)
+    # padding is excluded from the window statistics: the forecast's level follows the data, not the zeros
+    assert (short.mean() - x[:, -40:].mean()).abs() < 5
+    mixer = TTM(**{**SMALL, "num_input_channels": 3, "mode": "mix_channel"})
+    with pytest.raises(ValueError, match=r"2 channels; this TTM was built for num_input_channels=3"):
+        mixer(torch.randn(2, 64, 2))
+    prefix = TTM(**{**SMALL, "resolution_prefix_tuning": True})
+    with pytest.raises(ValueError, match=r"freq_token"):
+        prefix(torch.randn(2, 64, 1))
