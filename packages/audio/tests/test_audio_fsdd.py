@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import soundfile as sf
 import torch
+
 from polyfm.audio.data import FSDDDataModule, read_fsdd
 from polyfm.audio.models import Cnn6
 from polyfm.core.tasks import Classification, OptimConfig

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from polyfm.audio.models import MODELS, Cnn6, Cnn14, Cnn14_16k, Cnn14_DecisionLevelMax
 from polyfm.audio.models.frontend import LogMelFrontEnd, SpecAugment, do_mixup, mixup_lambdas
 from polyfm.audio.weights import MEL_W, STFT_REAL, WEIGHTS, panns_to_polyfm, to_panns_state_dict

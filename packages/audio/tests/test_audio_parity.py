@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from polyfm.audio.bench import load_panns_reference
 from polyfm.audio.models import Cnn14, Cnn14_DecisionLevelMax
 from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+
 from polyfm.audio.models import Cnn6, Cnn14
 from polyfm.audio.objectives import AudioSetTagging, ContrastiveAudio
 from polyfm.audio.samples import SyntheticAudioDataModule, demo_encoder, demo_kit, synthetic_tagging

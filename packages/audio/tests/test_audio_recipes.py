@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import polyfm.audio
 import pytest
 import soundfile as sf
+
+import polyfm.audio
 
 RECIPES = Path(polyfm.audio.__file__).parent / "recipes"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+
 from polyfm.audio.models import Cnn14_DecisionLevelMax
 from polyfm.audio.tasks import SoundEventDetection, frame_f1
 from polyfm.core.adaptation import Adaptation
@@ -63,3 +64,43 @@ def test_sed_finetune_loss_falls_and_frame_f1() -> None:
     # weak labels (clip tags) train through the max over segments
     weak = task.loss(task(data.inputs[:2]), data.targets[:2].amax(dim=1))
     assert torch.isfinite(weak)
+
+
+def test_tag_file_and_plot_framewise_png(tmp_path) -> None:
+    import numpy as np
+    import pytest
+    import soundfile as sf
+
+    pytest.importorskip("matplotlib")
+    from polyfm.audio.inference import audioset_labels, plot_framewise, tag_file
+
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,Speech\n1,/m/b,Dog\n2,/m/c,Music\n")
+    names = audioset_labels(tmp_path / "labels.csv")
+    assert names == ["Speech", "Dog", "Music"]
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, (0.2 * np.sin(2 * np.pi * 500 * np.arange(24000) / 16000)).astype(np.float32), 16000)  # 1.5 s at 16 kHz
+    model = Cnn14_DecisionLevelMax(base_channels=4, classes_num=3)
+    result = tag_file(model, wav, names, top_k=2)
+    assert len(result["tags"]) == 2 and result["tags"][0][1] >= result["tags"][1][1]
+    assert result["waveform"].shape == (1, 48000)  # resampled to the model's 32 kHz
+    png = plot_framewise(model, wav, tmp_path / "sed.png", names, top_k=3)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_event_list_to_frame_targets(tmp_path) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from polyfm.audio.data import SoundEventDataModule
+
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, np.zeros(16000, np.float32) + 0.01, 16000)
+    (tmp_path / "events.tsv").write_text("filename\tonset\toffset\tevent_label\na.wav\t0.10\t0.30\tdog\na.wav\t0.5\t0.9\tspeech\nb.wav\t\t\t\n")
+    dm = SoundEventDataModule(str(tmp_path / "events.tsv"), val=str(tmp_path / "events.tsv"), clip_seconds=1.0, batch_size=2)
+    dm.setup()
+    assert dm.class_names == ["dog", "speech"]
+    batch = next(iter(dm.val_dataloader()))
+    target = batch["target"]
+    assert target.shape == (2, 101, 2)  # 1 s at 32 kHz, hop 320
+    assert target[0, 10:31, 0].all() and not target[0, 32:, 0].any() and target[0, 50:91, 1].all()
+    assert target[1].sum() == 0

@@ -34,10 +34,15 @@ _EXPORTS = {
     "read_fold_csv": "polyfm.audio.data",
     "read_folder": "polyfm.audio.data",
     "read_fsdd": "polyfm.audio.data",
+    "read_events_csv": "polyfm.audio.data",
+    "SoundEventDataModule": "polyfm.audio.data",
     "AudioSetTagging": "polyfm.audio.objectives",
     "ContrastiveAudio": "polyfm.audio.objectives",
     "SoundEventDetection": "polyfm.audio.tasks",
     "frame_f1": "polyfm.audio.tasks",
+    "tag_file": "polyfm.audio.inference",
+    "plot_framewise": "polyfm.audio.inference",
+    "audioset_labels": "polyfm.audio.inference",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from polyfm.core.bench import BenchCase
 
 Step = Callable[[], object]
@@ -94,6 +95,7 @@ def _reference(device: torch.device) -> torch.nn.Module:
 def _decode_resample_case(clips: int) -> BenchCase:
     def ours(device: torch.device) -> Step:
         import soundfile as sf
+
         from polyfm.audio.data import load_audio
 
         folder = Path(tempfile.mkdtemp(prefix="polyfm-audio-bench-"))

@@ -38,9 +38,10 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+from torch.utils.data import DataLoader, Dataset, Subset
+
 from polyfm.core.data import DictDataModule, EpochSeededSampler, data_dir
 from polyfm.core.errors import ConfigError, DataError
-from torch.utils.data import DataLoader, Dataset, Subset
 
 log = logging.getLogger(__name__)
 
@@ -697,3 +698,108 @@ class UnlabelledAudioDataModule(DictDataModule):
             return TwoViewAudioDataset(clips, self.gain_db)
 
         return make(train_paths), (make(val_paths) if val_paths else None), None
+
+
+# ----------------------------------------------------------------------------- sound event detection
+
+Event = tuple[float, float, int]  # onset seconds, offset seconds, class index
+
+
+def read_events_csv(
+    csv_path: str | Path, audio_root: str | Path | None = None, class_names: Sequence[str] | None = None
+) -> tuple[list[Path], list[list[Event]], list[str]]:
+    """Strong labels in DCASE's format: ``filename, onset, offset, event_label`` (tab or
+    comma separated, with a header). A file with no events can be listed with empty
+    onset/offset/label. Returns one list of ``(onset, offset, class)`` per file."""
+    csv_path = Path(csv_path)
+    root = Path(audio_root) if audio_root is not None else csv_path.parent
+    if not csv_path.is_file():
+        raise DataError("event list not found.", path=csv_path)
+    text = csv_path.read_text()
+    delimiter = "\t" if "\t" in text.splitlines()[0] else ","
+    rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+    required = ["filename", "onset", "offset", "event_label"]
+    if not rows or any(c not in rows[0] for c in required):
+        raise DataError(f"expected columns {required}.", path=csv_path)
+    labels = [r["event_label"] for r in rows if r["event_label"]]
+    classes = list(class_names) if class_names is not None else sorted(set(labels))
+    index = {name: i for i, name in enumerate(classes)}
+    per_file: dict[str, list[Event]] = {}
+    for number, row in enumerate(rows, start=2):
+        events = per_file.setdefault(row["filename"], [])
+        if not row["event_label"]:
+            continue
+        try:
+            onset, offset = float(row["onset"]), float(row["offset"])
+        except ValueError as exc:
+            raise DataError(f"onset/offset must be numbers ({exc}).", path=csv_path, row=number) from exc
+        if offset < onset or row["event_label"] not in index:
+            raise DataError(f"bad event ({onset}, {offset}, {row['event_label']!r}); offsets follow onsets, labels in {classes}.", path=csv_path, row=number)
+        events.append((onset, offset, index[row["event_label"]]))
+    return [_resolve(root, name) for name in per_file], list(per_file.values()), classes
+
+
+class SoundEventDataset(AudioClipDataset):
+    """Clips with frame targets ``(frames, classes)`` at the model's frame rate
+    (``1 + samples // hop_size`` frames, PANNs' centred STFT). Clips are cropped from the
+    start (no random crop: events are placed in time) and zero-padded."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        events: Sequence[list[Event]],
+        num_classes: int,
+        sample_rate: int = 32000,
+        hop_size: int = 320,
+        clip_seconds: float = 10.0,
+        on_error: OnError = "raise",
+    ) -> None:
+        super().__init__(paths, list(range(len(paths))), num_classes, False, sample_rate, clip_seconds, False, on_error)
+        self.events_by_index = list(events)
+        self.hop_size = hop_size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        frames = 1 + self.clip_samples // self.hop_size
+        target = torch.zeros(frames, self.num_classes or 0)
+        frame_rate = self.sample_rate / self.hop_size
+        for onset, offset, cls in self.events_by_index[self.labels[index]]:  # type: ignore[index]
+            target[int(round(onset * frame_rate)) : int(round(offset * frame_rate)) + 1, cls] = 1.0
+        item["target"] = target
+        return item
+
+
+class SoundEventDataModule(AudioDataModule):
+    """Sound event detection from DCASE-style event lists (``filename, onset, offset,
+    event_label``) for :class:`~polyfm.audio.tasks.SoundEventDetection`."""
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        test: str | None = None,
+        audio_root: str | None = None,
+        sample_rate: int = 32000,
+        hop_size: int = 320,
+        clip_seconds: float = 10.0,
+        on_error: OnError = "raise",
+        batch_size: int = 16,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        self.train, self.val, self.test, self.audio_root = train, val, test, audio_root
+        self.sample_rate, self.hop_size, self.clip_seconds, self.on_error = sample_rate, hop_size, clip_seconds, on_error
+
+    def build(self) -> tuple[SoundEventDataset, SoundEventDataset | None, SoundEventDataset | None]:
+        paths, events, self.class_names = read_events_csv(self.train, self.audio_root)
+
+        def make(p: list[Path], e: list[list[Event]]) -> SoundEventDataset:
+            return SoundEventDataset(p, e, len(self.class_names), self.sample_rate, self.hop_size, self.clip_seconds, self.on_error)
+
+        splits = [read_events_csv(s, self.audio_root, self.class_names) if s else None for s in (self.val, self.test)]
+        return make(paths, events), *(make(s[0], s[1]) if s else None for s in splits)  # type: ignore[return-value]
+
+    def train_labels(self) -> list[Any] | None:
+        return None

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.audio.models.frontend import do_mixup, mixup_lambdas
 from polyfm.core.pretrain import InfoNCE
-from torch import nn
 
 
 class AudioSetTagging(nn.Module):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
 from polyfm.audio.data import AudioClipDataset, FSDDDataModule, TwoViewAudioDataset, read_fsdd
 from polyfm.audio.models import Cnn6
 from polyfm.audio.objectives import AudioSetTagging, ContrastiveAudio

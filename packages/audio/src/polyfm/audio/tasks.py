@@ -16,10 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from torch import nn
+
 from polyfm.audio.models.cnn14_decision_level_max import interpolate, pad_framewise_output
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.tasks import EncoderTask, OptimConfig
-from torch import nn
 
 
 def frame_f1(probabilities: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -20,9 +20,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
+
 from polyfm.core.errors import CheckpointError
 from polyfm.core.weights import StateDict, WeightSpec, unwrap_state_dict
-from torch import nn
 
 STFT_REAL = "spectrogram_extractor.stft.conv_real.weight"
 STFT_IMAG = "spectrogram_extractor.stft.conv_imag.weight"

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from polyfm.audio.models.frontend import LogMelFrontEnd, SpecAugment, do_mixup
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
-from torch import nn
 
 
 def init_layer(layer: nn.Module) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.audio.models.base import PannsModel, init_bn, init_layer
 from polyfm.audio.models.cnn14 import ConvBlock
-from torch import nn
 
 
 class Cnn10(PannsModel):

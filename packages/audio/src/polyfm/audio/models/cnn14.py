@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from polyfm.audio.models.base import PannsModel, init_bn, init_layer
 from torch import nn
+
+from polyfm.audio.models.base import PannsModel, init_bn, init_layer
 
 
 class ConvBlock(nn.Module):

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.audio.models.base import init_bn, init_layer
 from polyfm.audio.models.cnn10 import Cnn10
-from torch import nn
 
 
 class ConvBlock5x5(nn.Module):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.audio.models.base import PannsModel, init_bn, init_layer
 from polyfm.audio.models.cnn14 import ConvBlock
 from polyfm.audio.models.frontend import do_mixup
-from torch import nn
 
 
 class ConvPreWavBlock(nn.Module):

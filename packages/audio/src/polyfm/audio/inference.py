@@ -1,0 +1,85 @@
+"""Tag a file and plot its framewise output, as PANNs' inference scripts do.
+
+``tag_file`` runs any PANNs model on one file (decoded, mixed down and resampled to the
+model's rate) and returns the top classes; ``plot_framewise`` draws the log-mel and the
+framewise probabilities of the top classes of a sound event detection model to a PNG
+(matplotlib is needed for the plot only).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyfm.audio.data import load_audio
+from polyfm.core.errors import DataError
+
+
+def audioset_labels(csv_path: str | Path) -> list[str]:
+    """Display names from AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``)."""
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "display_name" not in rows[0]:
+        raise DataError("expected columns index, mid, display_name (AudioSet's class_labels_indices.csv).", path=csv_path)
+    return [row["display_name"] for row in sorted(rows, key=lambda r: int(r["index"]))]
+
+
+@torch.no_grad()
+def tag_file(model: torch.nn.Module, path: str | Path, class_names: list[str] | None = None, top_k: int = 10) -> dict[str, Any]:
+    """Clip-level tags of one file: ``{"tags": [(name, probability)...], "output": forward dict}``."""
+    model.eval()
+    device = next(model.parameters()).device
+    waveform = load_audio(path, sample_rate=model.sample_rate)[None].to(device)
+    out = model(waveform)
+    probabilities = out["clipwise_output"][0].float().cpu()
+    names = class_names or [str(i) for i in range(len(probabilities))]
+    order = torch.argsort(probabilities, descending=True)[:top_k].tolist()
+    return {"tags": [(names[i], float(probabilities[i])) for i in order], "output": {k: v.cpu() for k, v in out.items()}, "waveform": waveform.cpu()}
+
+
+def plot_framewise(
+    model: torch.nn.Module,
+    path: str | Path,
+    png: str | Path,
+    class_names: list[str] | None = None,
+    top_k: int = 10,
+) -> Path:
+    """Log-mel (top) and framewise probabilities of the ``top_k`` clip classes (bottom), saved to ``png``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_framewise needs matplotlib: pip install matplotlib") from exc
+    result = tag_file(model, path, class_names, top_k)
+    output = result["output"]
+    if "framewise_output" not in output:
+        raise TypeError(f"{type(model).__name__} has no framewise output; use Cnn14_DecisionLevelMax for sound event detection.")
+    framewise = output["framewise_output"][0]  # (frames, classes)
+    top = torch.argsort(output["clipwise_output"][0], descending=True)[:top_k].tolist()
+    names = class_names or [str(i) for i in range(framewise.shape[1])]
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        log_mel = model.frontend(result["waveform"].to(device))[0, 0].cpu()
+    hop_seconds = model.frontend.hop_size / model.sample_rate
+    figure, (top_axis, bottom_axis) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    top_axis.imshow(log_mel.T, origin="lower", aspect="auto", cmap="jet", extent=(0, log_mel.shape[0] * hop_seconds, 0, log_mel.shape[1]))
+    top_axis.set_ylabel("mel bin")
+    top_axis.set_title(f"Log-mel spectrogram: {Path(path).name}")
+    bottom_axis.imshow(
+        framewise[:, top].T, origin="upper", aspect="auto", cmap="jet", vmin=0, vmax=1,
+        extent=(0, framewise.shape[0] * hop_seconds, len(top) - 0.5, -0.5), interpolation="nearest",
+    )  # fmt: skip
+    bottom_axis.set_yticks(range(len(top)), [names[i] for i in top])
+    bottom_axis.set_xlabel("seconds")
+    bottom_axis.set_title("Framewise output (top classes)")
+    figure.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
+    return png
