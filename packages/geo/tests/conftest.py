@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)  # 2 shared cores: a second thread only adds contention
 warnings.filterwarnings("ignore", message=".*xFormers.*")
 
 

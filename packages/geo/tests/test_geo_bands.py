@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from polyfm.core.errors import DataError
 from polyfm.geo.bands import Normalization, canonical_band, plan_bands
 from polyfm.geo.data import chip_loader, raster_dataset

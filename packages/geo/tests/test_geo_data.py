@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.geo.bands import SENTINEL2_BANDS, Normalization
 from polyfm.geo.data import (

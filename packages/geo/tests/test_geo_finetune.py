@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.tasks import Classification, OptimConfig
 from polyfm.geo.bands import SENTINEL2_BANDS

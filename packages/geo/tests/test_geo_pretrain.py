@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from polyfm.core.data import DictDataModule, TensorDictDataset
 from polyfm.core.pretrain import Pretraining
 from polyfm.core.tasks import OptimConfig

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from polyfm.geo.samples import synthetic_scene, write_geotiff, write_scene_folder
 
 RECIPES = Path(__file__).resolve().parents[1] / "src" / "polyfm" / "geo" / "recipes"

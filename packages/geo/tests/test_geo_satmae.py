@@ -6,6 +6,7 @@ from functools import partial
 
 import pytest
 import torch
+
 from polyfm.core.errors import CheckpointError
 from polyfm.geo.models.satmae import SatMAE, SatMAETemporal, sincos_2d
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+
 from polyfm.core.pretrain import Pretraining
 from polyfm.core.tasks import OptimConfig
 from polyfm.geo.models.softcon import SoftConResNet50, SoftConViT, expand_rgb_kernel

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from polyfm.core.errors import CheckpointError
 from polyfm.core.weights import get_weights, register_weights
 from polyfm.geo.models.satmae import SatMAE

@@ -26,6 +26,7 @@ __all__ = [
     "raster_dataset",
     "chip_loader",
     "GeoSegmentation",
+    "GeoClassification",
 ]
 
 _WHERE = {
@@ -46,6 +47,7 @@ _WHERE = {
     "raster_dataset": "polyfm.geo.data",
     "chip_loader": "polyfm.geo.data",
     "GeoSegmentation": "polyfm.geo.tasks",
+    "GeoClassification": "polyfm.geo.tasks",
 }
 
 

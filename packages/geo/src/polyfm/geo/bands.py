@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
 from polyfm.core.errors import ConfigError, DataError
 
 MissingBands = Literal["error", "nearest", "mean"]

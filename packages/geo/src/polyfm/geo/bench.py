@@ -13,8 +13,9 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from polyfm.core.bench import BenchCase
 from torch import nn
+
+from polyfm.core.bench import BenchCase
 
 Step = Callable[[], object]
 

@@ -24,10 +24,11 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
 from polyfm.core.data import DictDataModule
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.geo.bands import Normalization, canonical_band, resolve_normalization
-from torch.utils.data import DataLoader, Dataset
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.pretrain import SoftContrastive
-from torch import nn
 
 
 class SatMAEObjective(nn.Module):

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from polyfm.geo.bands import SENTINEL2_BANDS
 
 LAND_COVER = ["water", "trees", "grass", "flooded_vegetation", "crops", "shrub_and_scrub", "built", "bare", "snow_and_ice"]
@@ -113,10 +114,11 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> Any:
     from polyfm.core.data import DictDataModule, TensorDictDataset
     from polyfm.core.kit import DomainKit
     from polyfm.core.pretrain import Pretraining
-    from polyfm.core.tasks import Classification, OptimConfig
+    from polyfm.core.tasks import OptimConfig
     from polyfm.geo.bands import Normalization
     from polyfm.geo.models.satmae import SatMAE
     from polyfm.geo.objectives import SatMAEObjective
+    from polyfm.geo.tasks import GeoClassification
     from polyfm.geo.weights import WEIGHTS
 
     size = 16 if quick else 32
@@ -157,9 +159,12 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> Any:
         make_encoder=make_encoder,
         make_pretraining=lambda enc: Pretraining(enc, SatMAEObjective(), OptimConfig(lr=1.5e-3, weight_decay=0.05, warmup_steps=5)),
         make_pretrain_data=lambda: _Tensors((101, 102, 103), (n_pretrain, 64, 64)),
-        make_task=lambda enc, adaptation: Classification(enc, num_classes, adaptation=adaptation or Adaptation(), optim=OptimConfig(lr=1e-3)),
+        make_task=lambda enc, adaptation: GeoClassification(
+            enc, num_classes, adaptation=adaptation or Adaptation(),
+            optim=OptimConfig(lr=1e-2 if adaptation is not None and adaptation.mode == "linear" else 2e-3, weight_decay=0.01),
+        ),
         make_finetune_data=lambda fraction, seed: _Tensors((201, 202, 203), (n_train, n_eval, n_eval), fraction, seed),
-        pretrain_epochs=2 if quick else 20,
-        finetune_epochs=3 if quick else 15,
+        pretrain_epochs=4 if quick else 30,
+        finetune_epochs=8 if quick else 20,
         data_source="generated Sentinel-2 tiles (no labelled multispectral data offline)",
     )

@@ -1,12 +1,13 @@
-"""Segmentation with mean IoU: core's Segmentation task plus torchmetrics' MeanIoU."""
+"""Geo tasks on top of core's: classification with MAE's linear-probe head, segmentation with mIoU."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from polyfm.core.tasks import Segmentation
 from torchmetrics.segmentation import MeanIoU
+
+from polyfm.core.tasks import Classification, Segmentation
 
 
 class GeoSegmentation(Segmentation):
@@ -27,3 +28,17 @@ class GeoSegmentation(Segmentation):
         metric = self.iou[f"{stage}_"]
         self.log(f"{stage}/miou", metric.compute(), prog_bar=True)
         metric.reset()
+
+
+class GeoClassification(Classification):
+    """:class:`polyfm.core.tasks.Classification` with MAE's linear-probe head option.
+
+    MAE features (pooled, layer-normed tokens) share a large common component; MAE and
+    SatMAE probe them through ``BatchNorm1d(affine=False)`` before the linear layer
+    (``probe_batchnorm=True``), which makes a probe trainable in a few epochs.
+    """
+
+    def __init__(self, *args: Any, probe_batchnorm: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if probe_batchnorm:
+            self.head = torch.nn.Sequential(torch.nn.BatchNorm1d(self.encoder.feature_dim, affine=False, eps=1e-6), *self.head)

@@ -30,6 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath  # noqa: F401  (timm Block uses it; imported for clarity of the dependency)
+from timm.models.vision_transformer import Block
+from torch import nn
+
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError, DataError
 from polyfm.core.weights import (
@@ -51,9 +55,6 @@ from polyfm.geo.bands import (
     plan_bands,
     remap_in_channels,
 )
-from timm.layers import DropPath  # noqa: F401  (timm Block uses it; imported for clarity of the dependency)
-from timm.models.vision_transformer import Block
-from torch import nn
 
 # fMoW-Sentinel after the official --dropped_bands 0 9 10 (B1, B9, B10).
 SATMAE_BANDS: list[str] = ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import ConfigError
-from torch import nn
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError, DataError
 from polyfm.core.weights import (
@@ -47,9 +51,6 @@ from polyfm.geo.bands import (
     wavelength,
 )
 from polyfm.geo.models.satmae import resize_pos_embed, resolve_checkpoint
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
-from torchvision.models.resnet import Bottleneck, ResNet
 
 RGB_ORDER = ["B4", "B3", "B2"]  # ImageNet / DINOv2 kernels read R, G, B
 
