@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from polyfm.core.errors import DataError
 from polyfm.ts.data import ForecastDataModule, read_series, split_borders
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from polyfm.core.errors import DataError
 from polyfm.ts.data import ForecastDataModule, PretrainDataModule
 from polyfm.ts.forecast import baselines, fine_tune, forecast, rolling_evaluate

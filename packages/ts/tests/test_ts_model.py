@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from polyfm.core.adaptation import Adaptation, apply_adaptation
 from polyfm.core.errors import CheckpointError, ConfigError
 from polyfm.core.weights import get_weights
@@ -88,3 +89,13 @@ def test_ts_input_length_and_channels() -> None:
     prefix = TTM(**{**SMALL, "resolution_prefix_tuning": True})
     with pytest.raises(ValueError, match=r"freq_token"):
         prefix(torch.randn(2, 64, 1))
+
+
+def test_ts_pretrained_argument_for_recipes(tmp_path) -> None:
+    """``TTM(..., pretrained=...)`` (what the YAML recipes use) loads strictly into the given architecture."""
+    source = TTM(**SMALL)
+    source.save_pretrained(tmp_path / "ckpt")
+    loaded = TTM(**SMALL, pretrained=str(tmp_path / "ckpt"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"shape mismatch"):
+        TTM(**{**SMALL, "decoder_d_model": 4}, pretrained=str(tmp_path / "ckpt"))

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+
 from polyfm.core.weights import load_state_dict_checked
 from polyfm.ts.models.ttm import TTM, TTMConfig
 

@@ -29,6 +29,7 @@ relevant ``past_observed_mask``, ``freq_token (B,)``, ``future_known_values (B, 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Dataset, Subset
+
 from polyfm.core.data import DictDataModule
 from polyfm.core.errors import ConfigError, DataError
-from torch.utils.data import Dataset, Subset
 
 log = logging.getLogger("polyfm.ts")
 
@@ -474,7 +476,7 @@ class ForecastDataModule(DictDataModule):
         """Read, check, split and fit the scaler (idempotent; ``setup`` calls it)."""
         if self._prepared:
             return
-        source = self.frame if self.frame is not None else self.path
+        source = self.frame if self.frame is not None else os.path.expandvars(self.path)  # "$POLYFM_DATA_DIR/ts/..." in recipes
         series = read_series(source, self.timestamp_column, self.columns, self.on_missing, self.on_duplicate, self.on_gap,
                              name=self.path if self.frame is not None else None)
         self.borders = split_borders(len(series), series.step, self.split)
@@ -583,7 +585,7 @@ def expand_sources(paths: Sequence[str | Path]) -> list[Path]:
     """Files as given, and the CSV/Parquet files inside folders (sorted)."""
     files: list[Path] = []
     for entry in paths:
-        entry = Path(entry)
+        entry = Path(os.path.expandvars(str(entry))).expanduser()
         if entry.is_dir():
             found = sorted(p for p in entry.rglob("*") if p.suffix.lower() in (".csv", ".parquet", ".pq"))
             if not found:

@@ -23,10 +23,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from polyfm.core.errors import DataError
-from polyfm.ts.data import ForecastDataModule, StandardScaler, WindowDataset, frequency_token, read_series
 from torch import nn
 from torch.utils.data import DataLoader
+
+from polyfm.core.errors import DataError
+from polyfm.ts.data import ForecastDataModule, StandardScaler, WindowDataset, frequency_token, read_series
 
 log = logging.getLogger("polyfm.ts")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.kit import DomainKit
 

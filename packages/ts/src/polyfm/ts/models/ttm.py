@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked
-from torch import nn
 
 
 def hf_cache_folder(repo: str, revision: str) -> Path | None:
@@ -737,11 +738,17 @@ class TTM(Encoder, PretrainedMixin):
         fcm_prepend_past_offset: int | None = None,
         categorical_vocab_size_list: list[int] | None = None,
         prediction_filter_length: int | None = None,
+        pretrained: str | None = None,
     ):
+        """``pretrained`` (a registry name, hub id or folder) loads released weights into this
+        architecture, strictly: the arguments must describe the checkpoint's (see its config.json)."""
         super().__init__()
-        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__", "pretrained")}
         self.config = TTMConfig(patch_stride=patch_length, **arguments)
         self._build()
+        if pretrained:
+            source = TTM.from_pretrained(pretrained)
+            load_state_dict_checked(self, source.state_dict(), strict=True, source=str(pretrained))
 
     @classmethod
     def from_config(cls, config: TTMConfig | dict[str, Any]) -> TTM:
