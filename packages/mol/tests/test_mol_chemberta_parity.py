@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+
 from polyfm.core.errors import CheckpointError, DataError
 from polyfm.mol.models.chemberta import ChemBERTa
 from polyfm.mol.tokenizers import SmilesTokenizer, load_hub_tokenizer, load_tokenizer, split_smiles
-from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
 
 SMILES = ["CCO", "Clc1ccc(Br)cc1", "C[C@@H](N)C(=O)O", "CC(=O)Oc1ccccc1C(=O)O"]
 

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+
 from polyfm.core.errors import DataError
 from polyfm.mol.conformers import ConformerSettings, generate_conformers
 from polyfm.mol.data import (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from polyfm.core.errors import CheckpointError
 from polyfm.mol.conformers import ConformerSettings, collate_unimol, embed_smiles, unimol_features
 from polyfm.mol.models.unimol import UniMol, UniMolDictionary

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from polyfm.mol.models.unimol import UniMolDictionary
 
 log = logging.getLogger(__name__)

@@ -24,13 +24,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
+
 from polyfm.core.data import DictDataModule
 from polyfm.core.errors import ConfigError, DataError
-from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-SplitKind = Literal["scaffold", "random", "stratified"]
+SplitKind = Literal["scaffold", "scaffold_balanced", "random", "stratified"]
 FragmentPolicy = Literal["keep", "largest", "error"]
 
 
@@ -259,11 +260,13 @@ def split_indices(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if kind == "scaffold":
         return scaffold_split(smiles, fractions, seed)
+    if kind == "scaffold_balanced":
+        return scaffold_split(smiles, fractions, seed, balanced=True)
     if kind == "random":
         return random_split(len(smiles), fractions, seed)
     if kind == "stratified":
         return stratified_split(targets, fractions, seed)
-    raise ConfigError(f"unknown split {kind!r}: use scaffold, random or stratified.")
+    raise ConfigError(f"unknown split {kind!r}: use scaffold, scaffold_balanced, random or stratified.")
 
 
 # ----------------------------------------------------------------------------- descriptors (ChemBERTa-2 MTR)

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import lightning as L
+
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.kit import DomainKit
 from polyfm.core.pretrain import Pretraining

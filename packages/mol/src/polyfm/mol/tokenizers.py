@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from polyfm.core.errors import DataError
 
 log = logging.getLogger(__name__)

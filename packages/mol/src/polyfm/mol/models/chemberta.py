@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import RobertaConfig, RobertaModel
+from transformers.models.roberta.modeling_roberta import RobertaLMHead
+
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
-from transformers import RobertaConfig, RobertaModel
-from transformers.models.roberta.modeling_roberta import RobertaLMHead
 
 # keys some hub checkpoints carry that the model recomputes or does not use
 _IGNORED_UNEXPECTED = (

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, DataError
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
-from torch import nn
 
 # The released molecule dictionary (mol.dict.txt, identical for the all-H and no-H models),
 # in file order. The official loader (unicore.data.Dictionary) numbers symbols in file
