@@ -14,7 +14,7 @@ from polyfm.geo.models.satmae import SatMAE
 from polyfm.geo.models.segmentation import DenseSegmenter
 from polyfm.geo.models.softcon import SoftConResNet50, SoftConViT
 from polyfm.geo.samples import synthetic_dataset, write_geotiff, write_scene_folder
-from polyfm.geo.tasks import GeoSegmentation
+from polyfm.geo.tasks import GeoClassification, GeoSegmentation
 from polyfm.geo.weights import WEIGHTS
 
 NUM_CLASSES = 4
@@ -70,19 +70,21 @@ def test_linear_probe_and_lora_train_only_what_they_should(scene_root, trainer_f
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dm = datamodule(scene_root, model)
     adaptation = Adaptation(mode=mode, lora_rank=4, lora_targets=[r"attn\.qkv", r"mlp\.fc\d"])
-    task = Classification(model, NUM_CLASSES, adaptation=adaptation, optim=OptimConfig(lr=1e-2 if mode == "linear" else 3e-3, weight_decay=0.0))
+    # MAE's probe head: BatchNorm1d(affine=False) before the linear layer
+    task = GeoClassification(model, NUM_CLASSES, adaptation=adaptation, optim=OptimConfig(lr=1e-2 if mode == "linear" else 3e-3, weight_decay=0.0))
+    head = {"head.2.weight", "head.2.bias"}
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     if mode == "linear":
-        assert trainable == {"head.1.weight", "head.1.bias"}
+        assert trainable == head
     else:
-        assert trainable - {"head.1.weight", "head.1.bias"} and all("lora_" in n for n in trainable if n.startswith("encoder."))
-    trainer = trainer_factory(epochs=5)
+        assert trainable - head and all("lora_" in n for n in trainable if n.startswith("encoder."))
+    trainer = trainer_factory(epochs=8)
     trainer.fit(task, dm)
     for name, value in task.encoder.state_dict().items():
         if "lora_" not in name and "base_layer" not in name and name in before:
             torch.testing.assert_close(value, before[name], msg=f"{name} changed under {mode}")
     result = trainer.test(task, dm, verbose=False)[0]
-    assert result["test/acc"] > 0.45, result  # chance 0.25; features of an untrained encoder already separate spectra
+    assert result["test/acc"] > 0.5, result  # chance 0.25 (measured: linear 0.81, LoRA 0.62)
 
 
 def test_softcon_resnet_and_vit_encoders_fit_the_task_contract():
