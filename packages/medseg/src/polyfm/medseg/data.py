@@ -31,6 +31,7 @@ import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from monai.data.meta_tensor import MetaTensor
+
 from polyfm.core.data import DictDataModule
 from polyfm.core.errors import DataError
 
@@ -266,16 +267,21 @@ def segmentation_transforms(
     neg: float = 1.0,
     num_samples: int = 2,
     augment: bool = True,
+    class_ratios: Sequence[float] | None = None,
 ) -> mt.Compose:
     """MONAI's supervised 3D pipeline (as in the BTCV / spleen bundles); training adds padding to
-    the patch size, positive/negative patch sampling around the labels and light augmentation."""
+    the patch size, positive/negative patch sampling around the labels (or, with ``class_ratios``,
+    patches centred on each class in those proportions) and light augmentation."""
     keys = ["image", "label"]
     steps = preprocessing(keys, in_channels, num_classes, modality, a_min, a_max, pixdim, orientation, label_map)
     if train:
         steps += [
             mt.SpatialPadd(keys=keys, spatial_size=list(roi_size)),
-            mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=list(roi_size), pos=pos, neg=neg, num_samples=num_samples, image_key="image"),
         ]
+        if class_ratios is not None:  # balanced over classes: small organs get as many patches as the liver
+            steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(roi_size), ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image"))
+        else:
+            steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=list(roi_size), pos=pos, neg=neg, num_samples=num_samples, image_key="image"))
         if augment:
             steps += [mt.RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(len(roi_size))]
             steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
@@ -356,6 +362,7 @@ class SegmentationDataModule(DictDataModule):
         neg: float = 1.0,
         num_samples: int = 2,
         augment: bool = True,
+        class_ratios: list[float] | None = None,
         cache: Literal["memory", "disk", "none"] = "memory",
         cache_dir: str | None = None,
         repeats: int = 1,
@@ -369,6 +376,7 @@ class SegmentationDataModule(DictDataModule):
         self.pixdim, self.orientation, self.in_channels = pixdim, orientation, in_channels
         self.label_map = {int(k): int(v) for k, v in label_map.items()} if label_map else None
         self.val_fraction, self.pos, self.neg, self.num_samples, self.augment = val_fraction, pos, neg, num_samples, augment
+        self.class_ratios = class_ratios
         self.cache, self.cache_dir, self.repeats = cache, cache_dir, repeats
         cases, names = read_decathlon(dataset_json, "training")
         self.cases = cases
@@ -386,7 +394,7 @@ class SegmentationDataModule(DictDataModule):
     def transforms(self, train: bool) -> mt.Compose:
         return segmentation_transforms(
             train, self.roi_size, self.in_channels, self.num_classes, self.modality, self.a_min, self.a_max, self.pixdim,
-            self.orientation, self.label_map, self.pos, self.neg, self.num_samples, self.augment,
+            self.orientation, self.label_map, self.pos, self.neg, self.num_samples, self.augment, self.class_ratios,
         )  # fmt: skip
 
     def split(self) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from polyfm.core.errors import ConfigError
 from torch import nn
+
+from polyfm.core.errors import ConfigError
 
 
 def _random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -44,6 +45,14 @@ def _random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
     return out
 
 
+class ObjectiveModule(nn.Module):
+    """An objective with parameters (heads, projectors). The explicit ``__call__`` signature lets
+    LightningCLI see that it implements ``polyfm.core.pretrain.Objective`` (nn.Module's is ``*args``)."""
+
+    def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return super().__call__(model, batch)
+
+
 def _check_outputs(model: nn.Module, needed: int, objective: str) -> None:
     have = getattr(model, "num_outputs", None)
     if have is not None and have != needed:
@@ -53,7 +62,7 @@ def _check_outputs(model: nn.Module, needed: int, objective: str) -> None:
         )
 
 
-class VolumeFusion(nn.Module):
+class VolumeFusion(ObjectiveModule):
     """MIS-FM Volume Fusion: predict the per-voxel fusion coefficient of two fused sub-volumes."""
 
     def __init__(
@@ -118,7 +127,7 @@ class VolumeFusion(nn.Module):
         return {"loss": loss, "voxel_accuracy": accuracy.detach()}
 
 
-class MaskedVolumeInpainting(nn.Module):
+class MaskedVolumeInpainting(ObjectiveModule):
     """Masked-volume modelling for CNN U-Nets: cubes of ``block_size`` covering about ``mask_ratio``
     of the volume are replaced by noise; L1 between the output and the original on masked voxels."""
 
@@ -195,7 +204,7 @@ def aug_rand(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class SwinSSL(nn.Module):
+class SwinSSL(ObjectiveModule):
     """SwinUNETR self-supervised pretraining (rotation + contrastive + reconstruction) on the
     Swin-ViT of a :class:`polyfm.medseg.models.SwinUNETR`; ``dim`` is its ``16 * feature_size``."""
 

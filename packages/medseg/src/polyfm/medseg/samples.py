@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from polyfm.core.errors import DataError
 
 #: the organs the real-data examples segment (TotalSegmentator ids -> our classes); both kidneys are one class
-ORGANS = {"liver": (5,), "spleen": (1,), "kidneys": (2, 3), "stomach": (6,)}
+ORGANS = {"liver": (5,), "spleen": (1,), "kidneys": (2, 3)}
 SLABS = {"slab_a": (0, 10), "slab_b": (10, 20), "slab_c": (20, 30)}  # the example CT has 30 axial slices
 HELD_OUT = ("slab_b",)
 

@@ -23,9 +23,10 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
+from torch import nn
+
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.tasks import OptimConfig, Segmentation
-from torch import nn
 
 
 class VolumeSegmentation(Segmentation):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from polyfm.core.weights import StateDict, WeightSpec, unwrap_state_dict
 
 EXTRA_DATA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1"

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError
 from polyfm.core.weights import (
@@ -34,7 +36,6 @@ from polyfm.core.weights import (
     load_state_dict_checked,
     unwrap_state_dict,
 )
-from torch import nn
 
 
 class MedSegNet(Encoder, PretrainedMixin):

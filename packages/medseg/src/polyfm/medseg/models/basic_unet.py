@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import BasicUNet as MonaiBasicUNet
+
 from polyfm.medseg.models.base import MedSegNet
 
 

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import DynUNet as MonaiDynUNet
 from monai.networks.nets.dynunet import DynUNetSkipLayer
-from polyfm.medseg.models.base import MedSegNet
 from torch import nn
+
+from polyfm.medseg.models.base import MedSegNet
 
 
 class DynUNet(MonaiDynUNet, MedSegNet):

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+
 from polyfm.medseg.models.base import MedSegNet
 
 #: parts of the SSL model (research-contributions SwinUNETR/Pretrain SSLHead) that are not the Swin-ViT

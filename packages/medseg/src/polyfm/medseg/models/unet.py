@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import UNet as MonaiUNet
-from polyfm.medseg.models.base import MedSegNet
 from torch import nn
+
+from polyfm.medseg.models.base import MedSegNet
 
 
 def _is_level(module: nn.Module) -> bool:
