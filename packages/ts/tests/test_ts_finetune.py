@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -72,6 +73,11 @@ def test_ts_forecast_dataframe_in_dataframe_out(tmp_path) -> None:
     with torch.no_grad():
         expected = model(past)["prediction_outputs"][0].numpy()
     np.testing.assert_allclose(out[["x0", "x1"]].to_numpy(), expected, rtol=1e-5, atol=1e-4)  # original units
+    if importlib.util.find_spec("matplotlib"):
+        from polyfm.ts.forecast import plot_forecast
+
+        plot_forecast(frame, out, column="x1", path=tmp_path / "forecast.png")
+        assert (tmp_path / "forecast.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(DataError, match=r"the model expects 3"):
         forecast(_small(64, 16, num_input_channels=3, mode="mix_channel"), frame)
     exo = _small(64, 16, num_input_channels=2, exogenous_channel_indices=[1], enable_forecast_channel_mixing=True)

@@ -217,3 +217,42 @@ def forecast(
     out = pd.DataFrame(prediction, columns=[series.columns[i] for i in targets])
     out.insert(0, timestamp_column or "step", series.future_timestamps(len(series) - 1, horizon))
     return out
+
+
+def plot_forecast(
+    history: pd.DataFrame,
+    predicted: pd.DataFrame,
+    truth: pd.DataFrame | None = None,
+    column: str | None = None,
+    timestamp_column: str = "date",
+    history_points: int | None = 336,
+    path: str | Path | None = None,
+) -> Any:
+    """History + forecast (+ truth) of one channel; saved as PNG when ``path`` is given.
+    Needs matplotlib (``pip install polyfm-ts[plot]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        raise ImportError("plot_forecast needs matplotlib: pip install 'polyfm-ts[plot]'") from exc
+    column = column or [c for c in predicted.columns if c != timestamp_column][-1]
+    recent = history.iloc[-history_points:] if history_points else history
+    recent = recent.assign(**{timestamp_column: pd.to_datetime(recent[timestamp_column])})
+    if truth is not None:
+        truth = truth.assign(**{timestamp_column: pd.to_datetime(truth[timestamp_column])})
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.plot(recent[timestamp_column], recent[column], color="0.35", lw=1.0, label="history")
+    if truth is not None:
+        ax.plot(truth[timestamp_column], truth[column], color="tab:green", lw=1.0, label="truth")
+    ax.plot(predicted[timestamp_column], predicted[column], color="tab:red", lw=1.5, label="forecast")
+    ax.axvline(predicted[timestamp_column].iloc[0], color="0.6", ls="--", lw=0.8)
+    ax.set_ylabel(column)
+    ax.legend(loc="upper left", frameon=False, ncol=3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
