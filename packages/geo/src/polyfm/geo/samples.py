@@ -109,47 +109,60 @@ def write_scene_folder(root: str | Path, per_class: int = 4, size: int = 32, num
 
 
 def demo_kit(data_dir: Path | None, quick: bool = False) -> Any:
-    """SatMAE MAE-pretraining on generated 13-band tiles, then scene classification."""
+    """SoftCon pretraining of a small DINOv2-style ViT on generated 13-band tiles, then scene
+    classification of their dominant land cover.
+
+    Pretraining sees other tiles (other seeds) with only their land-cover *fraction*
+    vectors, as SoftCon sees Dynamic World maps of SSL4EO-S12 scenes; fine-tuning learns
+    the dominant class from few labels. No labelled multispectral data exists offline, so
+    ``data_dir`` is not used (the real RGB files have no labels).
+    """
     from polyfm.core.adaptation import Adaptation
-    from polyfm.core.data import DictDataModule, TensorDictDataset
+    from polyfm.core.data import DictDataModule
     from polyfm.core.kit import DomainKit
     from polyfm.core.pretrain import Pretraining
     from polyfm.core.tasks import OptimConfig
     from polyfm.geo.bands import Normalization
-    from polyfm.geo.models.satmae import SatMAE
-    from polyfm.geo.objectives import SatMAEObjective
+    from polyfm.geo.models.softcon import SoftConViT
+    from polyfm.geo.objectives import SoftConObjective
     from polyfm.geo.tasks import GeoClassification
     from polyfm.geo.weights import WEIGHTS
 
     size = 16 if quick else 32
-    n_pretrain, n_train, n_eval = (192, 180, 90) if quick else (1024, 540, 270)
-    num_classes = 9
-    satmae_meta = next(w for w in WEIGHTS if w.family == "satmae").meta
-    satmae_bands = list(satmae_meta["bands"])
-    keep = [SENTINEL2_BANDS.index(b) for b in satmae_bands]
-    norm = Normalization.from_meta({**satmae_meta["normalization"], "quantize": False})
+    n_pretrain, n_train, n_eval = (192, 180, 90) if quick else (1536, 540, 270)
+    num_classes = len(LAND_COVER)
+    meta = next(w for w in WEIGHTS if w.name == "softcon-vits14-s2").meta
+    norm = Normalization.from_meta({**meta["normalization"], "quantize": False})
 
-    def tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        data = synthetic_dataset(n, size, num_classes, seed)
-        return norm(torch.from_numpy(data["images"][:, keep].astype(np.float32))), torch.from_numpy(data["labels"]).long()
+    class Scenes(torch.utils.data.Dataset):
+        def __init__(self, n: int, seed: int) -> None:
+            data = synthetic_dataset(n, size, num_classes, seed)
+            self.x = norm(torch.from_numpy(data["images"].astype(np.float32)))
+            self.y = torch.from_numpy(data["labels"]).long()
+            self.fractions = torch.from_numpy(data["fractions"]).float()
 
-    class _Tensors(DictDataModule):
-        def __init__(self, seeds: tuple[int, int, int], sizes: tuple[int, int, int], label_fraction: float = 1.0, seed: int = 0) -> None:
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"input": self.x[i], "labels": self.fractions[i], "target": self.y[i], "meta": i}
+
+    class ScenesModule(DictDataModule):
+        def __init__(self, sizes: tuple[int, int, int], seeds: tuple[int, int, int], label_fraction: float = 1.0, seed: int = 0) -> None:
             super().__init__(batch_size=32, label_fraction=label_fraction, seed=seed)
-            self.seeds, self.sizes = seeds, sizes
+            self.sizes, self.seeds = sizes, seeds
             self._labels: list[int] = []
 
         def build(self) -> Any:
-            (xtr, ytr), (xva, yva), (xte, yte) = (tensors(n, s) for n, s in zip(self.sizes, self.seeds, strict=True))
-            self._labels = ytr.tolist()
-            return TensorDictDataset(xtr, ytr), TensorDictDataset(xva, yva), TensorDictDataset(xte, yte)
+            train, val, test = (Scenes(n, s) for n, s in zip(self.sizes, self.seeds, strict=True))
+            self._labels = train.y.tolist()
+            return train, val, test
 
         def train_labels(self) -> list[int]:
             return self._labels
 
-    def make_encoder() -> SatMAE:
-        return SatMAE(img_size=size, patch_size=4, embed_dim=64, depth=2, num_heads=4, channel_embed=16,
-                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, decoder_channel_embed=8)
+    def make_encoder() -> SoftConViT:
+        return SoftConViT(in_chans=13, img_size=size, patch_size=4, embed_dim=64, depth=2 if quick else 4, num_heads=4)
 
     return DomainKit(
         name="geo",
@@ -157,14 +170,16 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> Any:
         metric="test/acc",
         higher_is_better=True,
         make_encoder=make_encoder,
-        make_pretraining=lambda enc: Pretraining(enc, SatMAEObjective(), OptimConfig(lr=1.5e-3, weight_decay=0.05, warmup_steps=5)),
-        make_pretrain_data=lambda: _Tensors((101, 102, 103), (n_pretrain, 64, 64)),
+        make_pretraining=lambda enc: Pretraining(
+            enc, SoftConObjective(enc.feature_dim, projection_dim=32, mask_ratio=0.3), OptimConfig(lr=1e-3, weight_decay=0.05, warmup_steps=5)
+        ),
+        make_pretrain_data=lambda: ScenesModule((n_pretrain, 64, 64), (101, 102, 103)),
         make_task=lambda enc, adaptation: GeoClassification(
             enc, num_classes, adaptation=adaptation or Adaptation(),
             optim=OptimConfig(lr=1e-2 if adaptation is not None and adaptation.mode == "linear" else 2e-3, weight_decay=0.01),
         ),
-        make_finetune_data=lambda fraction, seed: _Tensors((201, 202, 203), (n_train, n_eval, n_eval), fraction, seed),
-        pretrain_epochs=4 if quick else 30,
+        make_finetune_data=lambda fraction, seed: ScenesModule((n_train, n_eval, n_eval), (201, 202, 203), fraction, seed),
+        pretrain_epochs=4 if quick else 20,
         finetune_epochs=8 if quick else 20,
         data_source="generated Sentinel-2 tiles (no labelled multispectral data offline)",
     )
