@@ -56,10 +56,11 @@ def ensure_env(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Run the tests: all packages, or those named after `--`."""
     ensure_env(session)
-    chosen = session.posargs or [*PACKAGES, "tests"]
+    options = [a for a in session.posargs if a.startswith("-")]  # pytest options, e.g. -x, -k expr, --durations=20
+    chosen = [a for a in session.posargs if not a.startswith("-")] or [*PACKAGES, "tests"]
     paths = [str(ROOT / "tests") if name == "tests" else str(ROOT / "packages" / name / "tests") for name in chosen]
     env = {"POLYFM_DATA_DIR": os.environ.get("POLYFM_DATA_DIR", ""), "POLYFM_OFFLINE": "1"}
-    session.run(_bin("python"), "-m", "pytest", *paths, "-q", env=env, external=True)
+    session.run(_bin("python"), "-m", "pytest", *paths, "-q", "--durations=25", *options, env=env, external=True)
 
 
 @nox.session
