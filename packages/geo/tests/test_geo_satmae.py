@@ -112,3 +112,31 @@ def test_temporal_variant_runs_and_round_trips(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "temporal.pth")
     loaded = SatMAETemporal.from_pretrained(tmp_path / "temporal.pth", num_heads=4, decoder_num_heads=4)
     assert loaded.forward_features({"images": images, "timestamps": timestamps}).shape == (2, 448)
+
+
+def test_satmae_pp_upsample_block_matches_official():
+    official = pytest.importorskip("rshf.satmaepp.model")
+    from polyfm.geo.models.satmae import UpsampleBlock
+
+    ref = official.UpsampleBlock(40, 10).eval()
+    ours = UpsampleBlock(40, 10).eval()
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    for p in ref.parameters():
+        p.data.normal_(0, 0.1)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 40, 8, 8)
+    with torch.no_grad():
+        for a, b in zip(ours(x), ref(x), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_dense_features_feed_the_segmentation_decoder():
+    from polyfm.geo.models.segmentation import DenseSegmenter
+    from polyfm.geo.models.softcon import SoftConResNet50
+
+    satmae = SatMAE(**{**TINY, "decoder_depth": 0})
+    assert satmae.forward_dense(torch.rand(2, 10, 32, 32)).shape == (2, 64, 4, 4)
+    for encoder, channels in ((satmae, 10), (SoftConResNet50(in_chans=13), 13)):
+        model = DenseSegmenter(encoder, num_classes=5, decoder_channels=16)
+        assert model(torch.rand(2, channels, 32, 32)).shape == (2, 5, 32, 32)
+        assert model.block_names()[-1] == "decoder" and model.block_names()[0].startswith("encoder.")
