@@ -164,3 +164,13 @@ def test_torchgeo_eurosat_by_path_maps_its_band_order(tmp_path):
         in_s2_order = model(x[:, [EUROSAT_ORDER.index(b) for b in ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]]])
         model.adapt_bands(dm.bands)
         torch.testing.assert_close(model(x), in_s2_order, atol=1e-5, rtol=1e-4)
+
+
+def test_nan_pixels_are_reported_with_the_file(tmp_path):
+    tile = np.full((13, 8, 8), 1000.0, dtype=np.float32)
+    tile[4, 2, 2] = np.nan
+    write_geotiff(tmp_path / "water" / "cloudy.tif", tile)
+    dm = GeoTiffDataModule(bands=list(SENTINEL2_BANDS), root=str(tmp_path), val_fraction=0, test_fraction=0)
+    dm.setup()
+    with pytest.raises(DataError, match="cloudy.tif: holds NaN or Inf values"):
+        dm.train_set[0]
