@@ -62,3 +62,14 @@ def test_pretrain_recipe_runs_on_chips(tmp_path, monkeypatch):
         "data": {"init_args": {"paths": [str(tmp_path / "big")], "size": 32, "length": 8, "batch_size": 4}},
         "trainer": {"fast_dev_run": True, "enable_progress_bar": False},
     })
+
+
+def test_softcon_lora_multilabel_recipe_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root, _ = write_scene_folder(tmp_path / "scenes", per_class=3, size=28, num_classes=3)
+    _fit(tmp_path, "finetune-softcon-lora-multilabel.yaml", {
+        "model": {"init_args": {"encoder": {"init_args": {"pretrained": None, "img_size": 28, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+                                "num_classes": 3}},
+        "data": {"init_args": {"csv_path": str(root / "labels.csv"), "chip_size": 28, "batch_size": 4}},
+        "trainer": {"fast_dev_run": True, "enable_progress_bar": False},
+    })

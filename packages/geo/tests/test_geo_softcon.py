@@ -92,3 +92,11 @@ def test_softcon_loss_falls_vit():
     start, end = sum(losses[:3]) / 3 - floor, sum(losses[-3:]) / 3 - floor
     assert end < 0.5 * start, (start, end)
     assert out["positives_per_anchor"] > 1.0  # soft targets: several positives per anchor
+
+
+def test_continual_init_from_dinov2_rgb():
+    rgb = official_vit(in_chans=3)
+    model = SoftConViT.from_dinov2(rgb.state_dict(), bands=["B2", "B3", "B4", "B8", "VV"], size="small")
+    torch.testing.assert_close(model.patch_embed.proj.weight[:, 2], rgb.patch_embed.proj.weight[:, 0] * 3 / 5)
+    torch.testing.assert_close(model.blocks[3].ls1.gamma, rgb.blocks[3].ls1.gamma)
+    assert model(torch.randn(1, 5, 56, 56)).shape == (1, 384)
