@@ -54,7 +54,13 @@ def test_mae_matches_official(spatial_mask):
 
 def test_pretrain_checkpoint_loads_and_interpolates(tmp_path):
     ref = official_mae()
-    torch.save({"model": ref.state_dict(), "epoch": 199}, tmp_path / "pretrain-vit-base-e199.pth")
+    # as MAE's misc.save_model writes it: with the optimizer state and the argparse Namespace
+    import argparse
+
+    args = argparse.Namespace(model="mae_vit_base_patch16", input_size=32, grouped_bands=[[0, 1, 2, 6]], blr=1e-4)
+    optimizer = torch.optim.AdamW(ref.parameters())
+    torch.save({"model": ref.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 199, "scaler": {"scale": 65536.0}, "args": args},
+               tmp_path / "pretrain-vit-base-e199.pth")
     full = SatMAE.from_pretrained(tmp_path / "pretrain-vit-base-e199.pth", num_heads=4, decoder_num_heads=4)
     assert full.decoder_depth == 1 and full.img_size == 32
     torch.testing.assert_close(full.blocks[1].mlp.fc2.weight, ref.blocks[1].mlp.fc2.weight)

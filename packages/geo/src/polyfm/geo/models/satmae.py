@@ -560,8 +560,21 @@ def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, WeightSpec | Non
     return fetch_weights(spec) / spec.primary_file, spec
 
 
+def read_official_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by the official MAE-style training scripts.
+
+    Those save ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` where ``args`` is an
+    ``argparse.Namespace``. Loading stays ``weights_only=True``; only ``Namespace`` (a plain
+    attribute container, nothing executable) is added to the allowed types for this read.
+    """
+    import argparse
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_checkpoint_file(path)
+
+
 def _read_state(path: Path, spec: WeightSpec | None) -> dict[str, torch.Tensor]:
-    state = strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
+    state = strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module.")
     if spec is not None and spec.converter is not None:
         state = spec.converter(state)
     return state
@@ -749,7 +762,7 @@ class SatMAETemporal(Encoder, PretrainedMixin):
 
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SatMAETemporal:
-        state = unwrap_state_dict(load_checkpoint_file(path))
+        state = strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module.")
         if "patch_embed.proj.weight" not in state:
             raise CheckpointError(f"{path} is not a temporal SatMAE checkpoint (no 'patch_embed.proj.weight')")
         embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape

@@ -33,7 +33,6 @@ from polyfm.core.errors import CheckpointError, ConfigError, DataError
 from polyfm.core.weights import (
     PretrainedMixin,
     WeightSpec,
-    load_checkpoint_file,
     load_state_dict_checked,
     strip_prefix,
     unwrap_state_dict,
@@ -50,7 +49,7 @@ from polyfm.geo.bands import (
     remap_in_channels,
     wavelength,
 )
-from polyfm.geo.models.satmae import resize_pos_embed, resolve_checkpoint
+from polyfm.geo.models.satmae import read_official_checkpoint, resize_pos_embed, resolve_checkpoint
 
 RGB_ORDER = ["B4", "B3", "B2"]  # ImageNet / DINOv2 kernels read R, G, B
 
@@ -370,7 +369,7 @@ def _meta_kwargs(spec: WeightSpec | None, keys: Sequence[str]) -> dict[str, Any]
 
 
 def _read_softcon_state(path: Path) -> dict[str, torch.Tensor]:
-    return strip_prefix(unwrap_state_dict(load_checkpoint_file(path)), "module.")
+    return strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module.")
 
 
 def _fit_pos_embed(model: SoftConViT, state: dict[str, torch.Tensor]) -> None:
