@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ def _clips(root: Path) -> Path:
 
 def _fit(tmp_path: Path, recipe: str, *overrides: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "polyfm.core.cli", "fit", "--config", str(RECIPES / recipe), "--trainer.fast_dev_run=true", *overrides]
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread, no spin-waiting on a shared CPU
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_every_recipe_parses() -> None:

@@ -117,12 +117,18 @@ class FSDDTwoViewDataModule(DictDataModule):
         super().__init__(batch_size=batch_size, seed=seed)
         self.root, self.max_clips, self.clip_seconds = root, max_clips, clip_seconds
 
-    def build(self) -> tuple[TwoViewAudioDataset, None, None]:
+    def build(self) -> tuple[TwoViewAudioDataset, TwoViewAudioDataset, None]:
         paths, _, _ = read_fsdd(self.root, "train")
         if self.max_clips is not None:
             step = max(1, len(paths) // self.max_clips)
             paths = paths[::step][: self.max_clips]
-        return TwoViewAudioDataset(AudioClipDataset(paths, None, sample_rate=SAMPLE_RATE, clip_seconds=self.clip_seconds), gain_db=6.0), None, None
+        held_out = paths[::10]  # every 10th clip for the validation loss
+        train = [p for i, p in enumerate(paths) if i % 10]
+
+        def views(p: list[Path]) -> TwoViewAudioDataset:
+            return TwoViewAudioDataset(AudioClipDataset(p, None, sample_rate=SAMPLE_RATE, clip_seconds=self.clip_seconds), gain_db=6.0)
+
+        return views(train), views(held_out), None
 
 
 def demo_encoder(classes_num: int = SOURCES) -> Cnn6:
@@ -149,11 +155,11 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
             return Pretraining(encoder, ContrastiveAudio(encoder.feature_dim, projection_dim=32, temperature=0.2), optim)
 
         def make_pretrain_data() -> L.LightningDataModule:
-            return FSDDTwoViewDataModule(str(fsdd), max_clips=256 if quick else None, clip_seconds=clip_seconds)
+            return FSDDTwoViewDataModule(str(fsdd), max_clips=512 if quick else None, clip_seconds=clip_seconds)
 
         def make_finetune_data(fraction: float, seed: int) -> L.LightningDataModule:
             return FSDDDataModule(
-                str(fsdd), sample_rate=SAMPLE_RATE, clip_seconds=clip_seconds, max_train_clips=600 if quick else None,
+                str(fsdd), sample_rate=SAMPLE_RATE, clip_seconds=clip_seconds, max_train_clips=1000 if quick else None,
                 cache=True, label_fraction=fraction, seed=seed,
             )  # fmt: skip
 
@@ -183,6 +189,6 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
         make_task=make_task,
         make_finetune_data=make_finetune_data,
         pretrain_epochs=2 if quick else 10,
-        finetune_epochs=(5 if real else 3) if quick else 15,
+        finetune_epochs=(8 if real else 3) if quick else 15,
         data_source=source,
     )
