@@ -146,3 +146,17 @@ def test_dense_features_feed_the_segmentation_decoder():
         model = DenseSegmenter(encoder, num_classes=5, decoder_channels=16)
         assert model(torch.rand(2, channels, 32, 32)).shape == (2, 5, 32, 32)
         assert model.block_names()[-1] == "decoder" and model.block_names()[0].startswith("encoder.")
+
+
+def test_cls_pooled_finetuned_checkpoint(tmp_path):
+    ref = rshf_satmae.GroupChannelsVisionTransformer(
+        global_pool=False, channel_embed=16, img_size=32, patch_size=8, in_chans=10, embed_dim=64, depth=1, num_heads=4,
+        mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=3).eval()
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    torch.save({"model": ref.state_dict()}, tmp_path / "ft-cls.pth")
+    ours = SatMAE.from_pretrained(tmp_path / "ft-cls.pth", num_heads=4).eval()
+    assert ours.fc_norm is None
+    x = torch.rand(2, 10, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-4)

@@ -600,7 +600,9 @@ def infer_satmae_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         "num_heads": {768: 12, 1024: 16, 1280: 16}.get(int(embed_dim), max(1, int(embed_dim) // 64)),
         "channel_embed": int(channel_embed),
         "img_size": grid * int(patch),
-        "global_pool": "fc_norm.weight" in state or "norm.weight" in state,
+        # fc_norm: fine-tuned with global pooling; a head without fc_norm: fine-tuned on the
+        # CLS token (norm kept); a pretraining file: SatMAE's fine-tuning default, pooling
+        "global_pool": "fc_norm.weight" in state or "head.weight" not in state,
     }
     if group_sizes == [4, 4, 2]:
         config["channel_groups"], config["bands"] = SATMAE_GROUPS, SATMAE_BANDS
@@ -625,8 +627,6 @@ def infer_satmae_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         config["multiscale_proj_ratio"] = state["proj_up_conv.weight"].shape[0] // sum(group_sizes)
     if "head.weight" in state:
         config["num_classes"] = int(state["head.weight"].shape[0])
-    if "fc_norm.weight" in state:
-        config["global_pool"] = True
     return config
 
 
