@@ -779,6 +779,12 @@ class TTM(Encoder, PretrainedMixin):
         names += [f"backbone.encoder.mlp_mixer_encoder.mixers.{i}" for i in range(len(self.backbone.encoder.mlp_mixer_encoder.mixers))]
         return names
 
+    def block_index(self, parameter_name: str) -> int:
+        """Decoder and head are the task head: past the last backbone block (full LR under layer decay)."""
+        if parameter_name.startswith(("decoder.", "head.")):
+            return len(self.block_names())
+        return super().block_index(parameter_name)
+
     def forward_features(self, x: torch.Tensor, freq_token: torch.Tensor | None = None, past_observed_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Backbone embedding (B, C, P, d_model) averaged over channels and patches: (B, d_model)."""
         values, mask = self._fit_length(x, past_observed_mask)
