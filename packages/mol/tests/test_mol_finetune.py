@@ -44,6 +44,7 @@ def tiny(model: str, tokenizer_size: int | None = None):
         attention_dropout=0.0,
         pretraining_heads=False,
         final_head_layer_norm=False,
+        pooling="mean",
     )
 
 
@@ -65,6 +66,7 @@ def datamodule(name: str, model: str, cache: str, split: str = "scaffold", fract
         mmff=False,
         conformer_cache=cache,
         conformer_workers=2,
+        conformer_timeout=2,
     )
     dm.setup()
     return dm

@@ -42,15 +42,16 @@ class ConformerSettings:
     remove_hs: bool = False
     mmff: bool = True
     max_attempts: int = 1000
+    timeout: int = 10  # seconds per embedding attempt: large, flexible molecules can take minutes
 
     def key(self) -> str:
-        return f"s{self.seed}-h{int(not self.remove_hs)}-m{int(self.mmff)}-a{self.max_attempts}"
+        return f"s{self.seed}-h{int(not self.remove_hs)}-m{int(self.mmff)}-a{self.max_attempts}-t{self.timeout:g}"
 
 
 def embed_smiles(smiles: str, settings: ConformerSettings) -> Conformer:
     """One seeded ETKDG conformer of ``smiles`` (hydrogens added for embedding).
 
-    On failure, random-coordinate embedding is tried, then 2D coordinates
+    On failure or timeout, random-coordinate embedding is tried, then 2D coordinates
     (``is_3d=False``, with the reason in ``message``)."""
     from rdkit import Chem, RDLogger
     from rdkit.Chem import AllChem
@@ -62,6 +63,7 @@ def embed_smiles(smiles: str, settings: ConformerSettings) -> Conformer:
     mol = Chem.AddHs(mol)
     params = AllChem.ETKDGv3()
     params.randomSeed = settings.seed
+    params.timeout = max(1, int(round(settings.timeout)))
     status = AllChem.EmbedMolecule(mol, params)
     if status != 0:  # hard cases (macrocycles, cages): random starting coordinates, more attempts
         params.useRandomCoords = True

@@ -104,7 +104,9 @@ def read_molecule_csv(
     """Read a MoleculeNet-style CSV. ``target_columns=None`` takes every column but the SMILES one."""
     import pandas as pd
 
-    path = Path(path)
+    path = Path(os.path.expandvars(os.fspath(path))).expanduser()  # recipes write $POLYFM_DATA_DIR/...
+    if "$" in str(path):
+        raise DataError("the path names an environment variable that is not set (e.g. POLYFM_DATA_DIR).", path=path)
     if not path.exists():
         raise DataError("file not found.", path=path)
     try:
@@ -433,20 +435,27 @@ class UniMolFeaturiser(Featuriser):
         mmff: bool = True,
         conformer_cache: str | None = None,
         conformer_workers: int = 1,
+        conformer_timeout: int = 10,
     ) -> None:
         from polyfm.mol.models.unimol import UniMolDictionary
 
         self.dictionary = UniMolDictionary.official() if dictionary is None else UniMolDictionary.load(dictionary)
         self.remove_hs, self.max_atoms, self.max_atoms_policy = remove_hs, max_atoms, max_atoms_policy
         self.conformer_seed, self.mmff = conformer_seed, mmff
-        self.conformer_cache, self.conformer_workers = conformer_cache, conformer_workers
+        self.conformer_cache, self.conformer_workers, self.conformer_timeout = (
+            conformer_cache,
+            conformer_workers,
+            conformer_timeout,
+        )
         self.fallback_2d_rows: list[int] = []
         self.cropped_rows: list[int] = []
 
     def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:
         from polyfm.mol.conformers import ConformerSettings, generate_conformers, unimol_features
 
-        settings = ConformerSettings(seed=self.conformer_seed, remove_hs=self.remove_hs, mmff=self.mmff)
+        settings = ConformerSettings(
+            seed=self.conformer_seed, remove_hs=self.remove_hs, mmff=self.mmff, timeout=self.conformer_timeout
+        )
         conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
         self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
         features = []
@@ -532,6 +541,7 @@ class MoleculeDataModule(DictDataModule):
         mmff: bool = True,
         conformer_cache: str | None = None,
         conformer_workers: int = 1,
+        conformer_timeout: int = 10,
         batch_size: int = 32,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -550,6 +560,7 @@ class MoleculeDataModule(DictDataModule):
             mmff=mmff,
             conformer_cache=conformer_cache,
             conformer_workers=conformer_workers,
+            conformer_timeout=conformer_timeout,
         )
         super().__init__(
             batch_size=batch_size,
@@ -612,6 +623,11 @@ class MoleculeDataModule(DictDataModule):
                 [table.smiles[i] for i in idx], table.targets[idx], [meta[i] for i in idx], lambda k, idx=idx: featurise(idx[k])
             )
 
+        if not len(self.split[0]):
+            raise ConfigError(
+                f"{table.path}: the {self.split_kind} split left no training molecules (one scaffold covers "
+                f"{len(self.split[2])} of {len(table)}); use split='random' or 'scaffold_balanced', or more varied data."
+            )
         return subset(self.split[0]), subset(self.split[1]), subset(self.split[2])
 
     def train_labels(self) -> list[Any] | None:
@@ -649,6 +665,7 @@ class MoleculePretrainDataModule(DictDataModule):
         mmff: bool = True,
         conformer_cache: str | None = None,
         conformer_workers: int = 1,
+        conformer_timeout: int = 10,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
@@ -667,6 +684,7 @@ class MoleculePretrainDataModule(DictDataModule):
             mmff=mmff,
             conformer_cache=conformer_cache,
             conformer_workers=conformer_workers,
+            conformer_timeout=conformer_timeout,
         )
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, collate_fn=self.featuriser.collate())
         self.csv_path, self.smiles_list, self.smiles_column = csv_path, smiles, smiles_column

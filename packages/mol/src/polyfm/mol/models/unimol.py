@@ -365,7 +365,9 @@ class UniMol(Encoder, PretrainedMixin):
 
     ``dictionary`` is a ``dict.txt`` path, a list of symbols, or None for the released
     molecule dictionary. ``pretraining_heads`` adds ``lm_head``, ``pair2coord_proj`` and
-    ``dist_head`` (present in the released pretrained checkpoints).
+    ``dist_head`` (present in the released pretrained checkpoints). ``pooling="mean"``
+    averages the atom representations instead of reading [CLS] (often better from scratch
+    on small data).
     """
 
     def __init__(
@@ -383,8 +385,12 @@ class UniMol(Encoder, PretrainedMixin):
         activation_fn: str = "gelu",
         pretraining_heads: bool = True,
         final_head_layer_norm: bool = True,
+        pooling: str = "cls",
     ) -> None:
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.pooling = pooling
         if isinstance(dictionary, UniMolDictionary):
             self.dictionary = dictionary
         elif dictionary is None:
@@ -478,8 +484,14 @@ class UniMol(Encoder, PretrainedMixin):
         return result
 
     def forward_features(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.forward(x["src_tokens"], x["src_distance"], x["src_coord"], x["src_edge_type"])
-        return out["encoder_rep"][:, 0, :]
+        """[CLS] representation (``pooling="cls"``, unimol_tools' ``cls_repr``), or the mean over atoms."""
+        tokens = x["src_tokens"]
+        rep = self.forward(tokens, x["src_distance"], x["src_coord"], x["src_edge_type"])["encoder_rep"]
+        if self.pooling == "cls":
+            return rep[:, 0, :]
+        d = self.dictionary
+        atoms = (~torch.isin(tokens, torch.tensor([d.pad, d.bos, d.eos], device=tokens.device))).unsqueeze(-1).to(rep.dtype)
+        return (rep * atoms).sum(1) / atoms.sum(1).clamp(min=1.0)
 
     # -- checkpoints ------------------------------------------------------------------
 
