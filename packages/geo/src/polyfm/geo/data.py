@@ -519,10 +519,8 @@ def chip_loader(
 
 
 class ChipDataModule(L.LightningDataModule):
-    """Unlabelled chips from large scenes for pretraining: random chips to train, a grid to validate.
-
-    ``views=2`` yields ``view1``/``view2`` (two flips/rotations of each chip) for contrastive objectives.
-    """
+    """Unlabelled chips from large scenes for pretraining (``{"input", "meta"}``): random chips
+    (``RandomGeoSampler``) to train, a regular grid (``GridGeoSampler``) to validate."""
 
     def __init__(
         self,

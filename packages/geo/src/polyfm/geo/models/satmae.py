@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath  # noqa: F401  (timm Block uses it; imported for clarity of the dependency)
 from timm.models.vision_transformer import Block
 from torch import nn
 
