@@ -132,3 +132,14 @@ def test_segmentation_miou_beats_majority(segmentation_csv, trainer_factory):
     probe = GeoSegmentation(DenseSegmenter(SoftConViT(in_chans=13, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), 3), 3, adaptation=frozen)
     assert all(not p.requires_grad for n, p in probe.named_parameters() if n.startswith("model.encoder."))
     assert any(p.requires_grad for n, p in probe.named_parameters() if n.startswith("model.decoder."))
+
+
+def test_lora_on_resnet_convolutions():
+    torch.manual_seed(0)
+    encoder = SoftConResNet50(in_chans=13)
+    task = Classification(encoder, 3, adaptation=Adaptation(mode="lora", lora_rank=4, lora_targets=[r"layer4\.\d\.conv\d"]))
+    trainable = [n for n, p in task.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+    assert trainable and all("lora_" in n and "layer4" in n for n in trainable)
+    loss = torch.nn.functional.cross_entropy(task(torch.rand(2, 13, 64, 64)), torch.tensor([0, 2]))
+    loss.backward()
+    assert all(p.grad is not None for n, p in task.named_parameters() if p.requires_grad and "lora_B" in n)
