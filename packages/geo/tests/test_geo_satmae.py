@@ -115,9 +115,16 @@ def test_temporal_variant_runs_and_round_trips(tmp_path):
     timestamps = torch.tensor([[[2, 0, 10], [3, 5, 12], [4, 11, 9]]] * 2)
     out = model.forward_mae(images, timestamps)
     assert out["pred"].shape == (2, 3 * 16, 8 * 8 * 3) and out["mask"].sum() == 2 * 36
-    torch.save({"model": model.state_dict()}, tmp_path / "temporal.pth")
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if not k.startswith("fc_norm.")}}, tmp_path / "temporal.pth")
     loaded = SatMAETemporal.from_pretrained(tmp_path / "temporal.pth", num_heads=4, decoder_num_heads=4)
     assert loaded.forward_features({"images": images, "timestamps": timestamps}).shape == (2, 448)
+    # a fine-tuned file in models_vit_temporal.py's layout: fc_norm and head, no norm, no decoder
+    finetuned = SatMAETemporal(img_size=32, patch_size=8, embed_dim=448, depth=1, num_heads=4, decoder_depth=0, num_classes=62)
+    state = {k: v for k, v in finetuned.state_dict().items() if not k.startswith("norm.")}
+    torch.save({"model": state}, tmp_path / "finetune_fmow_temporal.pth")
+    loaded = SatMAETemporal.from_pretrained(tmp_path / "finetune_fmow_temporal.pth", num_heads=4).eval()
+    assert loaded.fc_norm is not None and loaded.head.out_features == 62
+    torch.testing.assert_close(loaded({"images": images, "timestamps": timestamps}), finetuned.eval()({"images": images, "timestamps": timestamps}))
 
 
 def test_satmae_pp_upsample_block_matches_official():

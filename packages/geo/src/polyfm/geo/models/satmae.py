@@ -637,7 +637,9 @@ class SatMAETemporal(Encoder, PretrainedMixin):
     series share ``patch_embed``; each token's code is the 2-D position (width
     ``embed_dim - 384``) concatenated with sin-cos codes of the frame's year, month and
     hour (128 each; 64 each in the decoder). Input ``{"images": (B, 3, C, H, W),
-    "timestamps": (B, 3, 3)}`` with (year - min_year, month - 1, hour)."""
+    "timestamps": (B, 3, 3)}`` with (year - min_year, month - 1, hour). Features follow the
+    fine-tuning model (``models_vit_temporal.py``): the CLS token gets the spatial table's
+    first row, then mean-pooled tokens + ``fc_norm`` (``global_pool``) or the normed CLS."""
 
     def __init__(
         self,
@@ -655,6 +657,8 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         norm_pix_loss: bool = False,
         same_mask: bool = False,
         num_frames: int = 3,
+        global_pool: bool = True,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         grid = img_size // patch_size
@@ -666,6 +670,8 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim - 384, grid).float()[None], requires_grad=False)
         self.blocks = _vit_blocks(embed_dim, depth, num_heads, mlp_ratio, 0.0)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool else None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
         self.decoder_depth = decoder_depth
         if decoder_depth > 0:
             self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -682,7 +688,8 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         self.apply(_init_mae_weights)
 
     def block_names(self) -> list[str]:
-        return ["cls_token", "pos_embed", "patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm"]
+        tail = ["norm"] + (["fc_norm"] if self.fc_norm is not None else [])
+        return ["cls_token", "pos_embed", "patch_embed", *(f"blocks.{i}" for i in range(len(self.blocks))), *tail]
 
     def _time_codes(self, timestamps: torch.Tensor, width: int, tokens_per_frame: int) -> torch.Tensor:
         ts = timestamps.reshape(-1, 3).float()
@@ -717,10 +724,13 @@ class SatMAETemporal(Encoder, PretrainedMixin):
 
     def forward_features(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
         h = self._embed(x["images"], x["timestamps"])
-        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+        cls = self.cls_token + torch.cat([self.pos_embed[:, :1], self.pos_embed.new_zeros(1, 1, 384)], dim=-1)
+        h = torch.cat([cls.expand(h.shape[0], -1, -1), h], dim=1)
         for block in self.blocks:
             h = block(h)
-        return self.norm(h)[:, 1:].mean(1)
+        if self.fc_norm is not None:
+            return self.fc_norm(h[:, 1:].mean(1))
+        return self.norm(h)[:, 0]
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """Channel-last patches (``nchpwq->nhwpqc``), as the temporal model's official code."""
@@ -757,7 +767,8 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         return {"loss": loss, "pred": pred, "mask": mask}
 
     def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.forward_features(x)
+        features = self.forward_features(x)
+        return self.head(features) if self.head is not None else features
 
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SatMAETemporal:
@@ -776,8 +787,14 @@ class SatMAETemporal(Encoder, PretrainedMixin):
             inferred["decoder_depth"] = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
         else:
             inferred["decoder_depth"] = 0
+        inferred["global_pool"] = "fc_norm.weight" in state or "head.weight" not in state
+        if "head.weight" in state:
+            inferred["num_classes"] = int(state["head.weight"].shape[0])
         inferred.update(config)
         model = cls(**inferred)
-        ignore = [] if model.decoder_depth > 0 else ["decoder_", "mask_token"]
-        load_state_dict_checked(model, state, strict=True, ignore_unexpected=ignore, source=str(path))
+        if model.head is None:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        ignore_missing = [p for p, key in (("fc_norm.", "fc_norm.weight"), ("norm.", "norm.weight")) if key not in state]
+        ignore_unexpected = [] if model.decoder_depth > 0 else ["decoder_", "mask_token"]
+        load_state_dict_checked(model, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=str(path))
         return model
