@@ -99,3 +99,19 @@ def test_ts_pretrained_argument_for_recipes(tmp_path) -> None:
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
     with pytest.raises(CheckpointError, match=r"shape mismatch"):
         TTM(**{**SMALL, "decoder_d_model": 4}, pretrained=str(tmp_path / "ckpt"))
+
+
+def test_ts_package_imports_no_transformers_or_other_domains() -> None:
+    """Pure torch at run time: no module of polyfm.ts imports transformers, granite-tsfm or another domain."""
+    import ast
+    from pathlib import Path
+
+    import polyfm.ts
+
+    banned = ("transformers", "tsfm_public", "torchaudio", "monai", "rdkit", "torchgeo", "polyfm.audio", "polyfm.geo",
+              "polyfm.mol", "polyfm.medseg")
+    for path in Path(polyfm.ts.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(banned) or path.name == "bench.py" and name.startswith("tsfm_public"), (path, name)
