@@ -7,8 +7,17 @@ import lightning as L
 import pytest
 import torch
 
-torch.set_num_threads(1)  # 2 shared cores: a second thread only adds contention
 warnings.filterwarnings("ignore", message=".*xFormers.*")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """On 2 shared cores a second intra-op thread only adds contention (10x slower steps
+    measured); scoped to this package's tests so other packages keep their setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_trainer(tmp_path, epochs: int = 1, **kwargs) -> L.Trainer:
