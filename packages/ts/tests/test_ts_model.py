@@ -115,3 +115,21 @@ def test_ts_package_imports_no_transformers_or_other_domains() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert not name.startswith(banned) or path.name == "bench.py" and name.startswith("tsfm_public"), (path, name)
+
+
+def test_ts_from_pretrained_with_new_decoder_parts(tmp_path, caplog) -> None:
+    """Fine-tuning recipe: a common-channel checkpoint + mix-channel decoder and exogenous mixer for a
+    3-channel target; the backbone loads exactly, the new parts start fresh and are reported."""
+    import logging
+
+    source = TTM(**SMALL)
+    source.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="polyfm.ts"):
+        model = TTM.from_pretrained(tmp_path, num_input_channels=3, decoder_mode="mix_channel", exogenous_channel_indices=[2],
+                                    enable_forecast_channel_mixing=True)
+    assert "initialised fresh" in caplog.text and "head.fcm_block" in caplog.text
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items() if k.startswith("backbone."))
+    out = model(torch.randn(2, 64, 3), future_known_values=torch.randn(2, 16, 3))["prediction_outputs"]
+    assert out.shape == (2, 16, 2)
+    with pytest.raises(CheckpointError, match=r"shape mismatch"):
+        TTM.from_pretrained(tmp_path, d_model=32)

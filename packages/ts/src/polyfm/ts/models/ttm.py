@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -38,7 +39,7 @@ from torch import nn
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError
-from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked
+from polyfm.core.weights import PretrainedMixin, WeightSpec, diff_keys, load_checkpoint_file, load_state_dict_checked
 
 
 def hf_cache_folder(repo: str, revision: str) -> Path | None:
@@ -51,6 +52,15 @@ def hf_cache_folder(repo: str, revision: str) -> Path | None:
     folder = root / "snapshots" / ref.read_text().strip()
     return folder if (folder / "config.json").exists() and (folder / "model.safetensors").exists() else None
 
+
+log = logging.getLogger("polyfm.ts")
+_UNSET = object()
+# config overrides after which the decoder/head may hold parts the checkpoint does not have
+_STRUCTURAL_OVERRIDES = {
+    "decoder_mode", "num_input_channels", "enable_forecast_channel_mixing", "exogenous_channel_indices",
+    "prediction_channel_indices", "fcm_use_mixer", "fcm_context_length", "fcm_gated_attn", "fcm_mix_layers",
+    "categorical_vocab_size_list", "decoder_raw_residual",
+}
 
 # Frequency tokens of granite-tsfm's DEFAULT_FREQUENCY_MAPPING (resolution prefix tuning).
 FREQUENCY_TOKENS: dict[str, int] = {
@@ -910,12 +920,22 @@ class TTM(Encoder, PretrainedMixin):
             raw = json.loads((folder / "config.json").read_text())
         elif spec is None and not config:
             raise CheckpointError(f"{folder} has no config.json: pass the TTM configuration as keyword arguments.")
+        changed = {k for k, v in config.items() if raw.get(k, _UNSET) != v}
         raw.update(config)
         model = cls.from_config(TTMConfig.from_dict(raw, source=str(folder / "config.json")))
         state = load_checkpoint_file(weights)
         if spec is not None and spec.converter is not None:
             state = spec.converter(state)
-        load_state_dict_checked(model, state, strict=True, source=str(weights))
+        # Overrides may add parts the checkpoint lacks (a mix-channel decoder, the forecast channel mixer for
+        # exogenous channels): those start fresh, as granite-tsfm's fine-tuning recipes do; the backbone must
+        # still load completely and every shape must match.
+        adds_parts = bool(changed & _STRUCTURAL_OVERRIDES)
+        load_state_dict_checked(model, state, strict=True, source=str(weights), ignore_missing=("decoder.", "head.") if adds_parts else ())
+        fresh = diff_keys(model, state).missing
+        if fresh:
+            parts = sorted({".".join(k.split(".")[:2]) for k in fresh})
+            log.warning("%s: %s changed; %d tensors initialised fresh in %s", weights, sorted(changed & _STRUCTURAL_OVERRIDES),
+                        len(fresh), parts)
         return model
 
 
