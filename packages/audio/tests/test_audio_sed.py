@@ -84,6 +84,11 @@ def test_tag_file_and_plot_framewise_png(tmp_path) -> None:
     assert len(result["tags"]) == 2 and result["tags"][0][1] >= result["tags"][1][1]
     assert result["waveform"].shape == (1, 48000)  # resampled to the model's 32 kHz
     png = plot_framewise(model, wav, tmp_path / "sed.png", names, top_k=3)
+    from polyfm.audio.inference import extract_embeddings
+
+    batches = [{"input": result["waveform"].repeat(3, 1), "target": torch.tensor([0, 1, 2]), "meta": ["a", "b", "c"]}]
+    probe = extract_embeddings(model, batches)
+    assert probe["embedding"].shape == (3, model.feature_dim) and probe["meta"] == ["a", "b", "c"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -41,6 +41,7 @@ _EXPORTS = {
     "SoundEventDetection": "polyfm.audio.tasks",
     "frame_f1": "polyfm.audio.tasks",
     "tag_file": "polyfm.audio.inference",
+    "extract_embeddings": "polyfm.audio.inference",
     "plot_framewise": "polyfm.audio.inference",
     "audioset_labels": "polyfm.audio.inference",
 }

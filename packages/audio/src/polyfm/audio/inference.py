@@ -40,6 +40,21 @@ def tag_file(model: torch.nn.Module, path: str | Path, class_names: list[str] | 
     return {"tags": [(names[i], float(probabilities[i])) for i in order], "output": {k: v.cpu() for k, v in out.items()}, "waveform": waveform.cpu()}
 
 
+@torch.no_grad()
+def extract_embeddings(model: torch.nn.Module, loader: Any) -> dict[str, Any]:
+    """Embeddings of every batch of ``loader`` (batches as the DataModules yield them), for
+    linear probes outside Lightning (e.g. scikit-learn): ``{"embedding": (N, D), "target": ..., "meta": [...]}``."""
+    model.eval()
+    device = next(model.parameters()).device
+    embeddings, targets, meta = [], [], []
+    for batch in loader:
+        embeddings.append(model(batch["input"].to(device))["embedding"].float().cpu())
+        if "target" in batch:
+            targets.append(batch["target"])
+        meta.extend(batch.get("meta") or [])
+    return {"embedding": torch.cat(embeddings), "target": torch.cat(targets) if targets else None, "meta": meta}
+
+
 def plot_framewise(
     model: torch.nn.Module,
     path: str | Path,

@@ -59,8 +59,12 @@ class LogMelFrontEnd(nn.Module):
                 f"a clip of {waveform.shape[-1]} samples is too short for window_size={self.window_size} "
                 f"(reflect padding needs more than {self.window_size // 2}); pad clips to a fixed duration first."
             )
+        with torch.autocast(device_type=waveform.device.type, enabled=False):  # log-mel in fp32 under bf16/fp16 training
+            return self._log_mel(waveform.float())
+
+    def _log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         power = torchaudio.functional.spectrogram(
-            waveform.float(),
+            waveform,
             pad=0,
             window=self.window,
             n_fft=self.window_size,
