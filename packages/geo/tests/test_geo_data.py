@@ -78,7 +78,7 @@ def test_csv_errors_name_file_and_row(tmp_path, scenes):
     with pytest.raises(DataError, match=r"missing column\(s\) \['path'\]"):
         read_label_csv(bad)
     bad.write_text(f"path,water,trees\n{good},1,\n{good},yes,0\n")
-    with pytest.raises(DataError, match="row 3: column 'water' holds 'yes'"):
+    with pytest.raises(DataError, match=r"row 3: column 'water' holds 'yes'; expected a value in \[0, 1\]"):
         read_label_csv(bad, label_column=None, label_columns=["water", "trees"])
     bad.write_text(f"path,water,trees\n{good},1,\n")
     items, _ = read_label_csv(bad, label_column=None, label_columns=["water", "trees"])

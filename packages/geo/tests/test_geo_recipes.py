@@ -73,3 +73,15 @@ def test_softcon_lora_multilabel_recipe_runs(tmp_path, monkeypatch):
         "data": {"init_args": {"csv_path": str(root / "labels.csv"), "chip_size": 28, "batch_size": 4}},
         "trainer": {"fast_dev_run": True, "enable_progress_bar": False},
     })
+
+
+def test_softcon_pretrain_recipe_runs_on_cover_fractions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root, names = write_scene_folder(tmp_path / "scenes", per_class=3, size=28, num_classes=3)
+    _fit(tmp_path, "pretrain-softcon-geotiff.yaml", {
+        "model": {"init_args": {"model": {"init_args": {"pretrained": None, "img_size": 28, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+                                "objective": {"init_args": {"feature_dim": 32, "projection_dim": 16}}}},
+        "data": {"init_args": {"csv_path": str(root / "labels.csv"), "label_columns": [f"cover_{n}" for n in names],
+                               "chip_size": 28, "batch_size": 4}},
+        "trainer": {"fast_dev_run": True, "enable_progress_bar": False},
+    })

@@ -115,7 +115,8 @@ def read_label_csv(
     """Read ``path,label`` rows (paths relative to the CSV's folder).
 
     Multi-label: ``label`` holds names joined by ``separator``, or ``label_columns`` name
-    one 0/1 (empty = missing) column per class. Returns items and the class names.
+    one column per class holding 0/1 or a soft label in [0, 1] (e.g. a land-cover fraction,
+    as SoftCon pretraining uses); empty = missing. Returns items and the class names.
     """
     csv_path = Path(csv_path)
     if not csv_path.exists():
@@ -149,10 +150,14 @@ def read_label_csv(
                 value = (row[c] or "").strip()
                 if value == "":
                     vector.append(float("nan"))
-                elif value in ("0", "1", "0.0", "1.0"):
-                    vector.append(float(value))
-                else:
-                    raise DataError(f"column {c!r} holds {value!r}; expected 0, 1 or empty", path=csv_path, row=number)
+                    continue
+                try:
+                    number_value = float(value)
+                except ValueError:
+                    number_value = float("nan")
+                if not 0.0 <= number_value <= 1.0:  # 0/1 tags, or soft labels such as land-cover fractions
+                    raise DataError(f"column {c!r} holds {value!r}; expected a value in [0, 1] or empty", path=csv_path, row=number)
+                vector.append(number_value)
             items.append((path, vector))
             continue
         value = (row[label_column] or "").strip()  # type: ignore[index]

@@ -91,16 +91,17 @@ def write_geotiff(path: str | Path, array: np.ndarray, band_names: list[str] | N
 
 
 def write_scene_folder(root: str | Path, per_class: int = 4, size: int = 32, num_classes: int = 4, seed: int = 0) -> tuple[Path, list[str]]:
-    """``root/<class>/<i>.tif`` 13-band scenes and a ``labels.csv`` (path, label, multi-label tags)."""
+    """``root/<class>/<i>.tif`` 13-band scenes and a ``labels.csv``: path, dominant class, multi-label
+    tags (cover >= 15 %), and one ``cover_<class>`` column of land-cover fractions per class."""
     root = Path(root)
     data = synthetic_dataset(per_class * num_classes, size, num_classes, seed)
     names = LAND_COVER[:num_classes]
-    rows = ["path,label,tags"]
+    rows = ["path,label,tags," + ",".join(f"cover_{n}" for n in names)]
     for i, (tile, label, frac) in enumerate(zip(data["images"], data["labels"], data["fractions"], strict=True)):
         rel = f"{names[label]}/{i:04d}.tif"
         write_geotiff(root / rel, tile, list(SENTINEL2_BANDS), origin=(10.0 + i * 0.01, 50.0))
         tags = ";".join(n for n, f in zip(names, frac, strict=True) if f >= 0.15)
-        rows.append(f"{rel},{names[label]},{tags}")
+        rows.append(f"{rel},{names[label]},{tags}," + ",".join(f"{f:.4f}" for f in frac))
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root, names
 
