@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from polyfm.geo.models.satmae import SatMAE, SatMAETemporal
-from polyfm.geo.models.segmentation import DenseSegmenter
+from polyfm.geo.models.segmentation import DenseSegmenter, TiledInferer
 from polyfm.geo.models.softcon import SoftConResNet50, SoftConViT
 
 MODELS: dict[str, type] = {
@@ -14,4 +14,4 @@ MODELS: dict[str, type] = {
     "dense-segmenter": DenseSegmenter,
 }
 
-__all__ = ["MODELS", "SatMAE", "SatMAETemporal", "SoftConResNet50", "SoftConViT", "DenseSegmenter"]
+__all__ = ["MODELS", "SatMAE", "SatMAETemporal", "SoftConResNet50", "SoftConViT", "DenseSegmenter", "TiledInferer"]

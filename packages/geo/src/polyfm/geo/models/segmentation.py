@@ -88,3 +88,49 @@ class DenseSegmenter(Encoder):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
+
+
+class TiledInferer:
+    """Sliding-window inference for scenes larger than memory allows: ``inferer(x, model)``.
+
+    Windows of ``window`` pixels with ``overlap`` (fraction) cover the scene; logits are
+    blended with a separable triangular weight so window borders count less; the scene
+    is padded (reflect) to fit. Pass it as ``Segmentation(..., inferer=TiledInferer(...))``.
+    """
+
+    def __init__(self, window: int = 224, overlap: float = 0.25, batch_size: int = 8) -> None:
+        if not 0.0 <= overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+        self.window, self.overlap, self.batch_size = window, overlap, batch_size
+
+    def _starts(self, length: int) -> list[int]:
+        step = max(1, int(self.window * (1 - self.overlap)))
+        starts = list(range(0, max(length - self.window, 0) + 1, step))
+        if starts[-1] + self.window < length:
+            starts.append(length - self.window)
+        return starts
+
+    def __call__(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = max(0, self.window - h), max(0, self.window - w)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+        hh, ww = x.shape[-2:]
+        ramp = torch.minimum(torch.arange(1, self.window + 1), torch.arange(self.window, 0, -1)).float().to(x.device)
+        weight = (ramp[:, None] * ramp[None, :]) / ramp.max() ** 2
+        corners = [(top, left) for top in self._starts(hh) for left in self._starts(ww)]
+        output: torch.Tensor | None = None
+        total = x.new_zeros(1, 1, hh, ww)
+        for i in range(0, len(corners), self.batch_size):
+            chunk = corners[i : i + self.batch_size]
+            tiles = torch.cat([x[..., t : t + self.window, l : l + self.window] for t, l in chunk])
+            logits = model(tiles)
+            logits = logits[0] if isinstance(logits, list | tuple) else logits
+            if output is None:
+                output = x.new_zeros(x.shape[0], logits.shape[1], hh, ww)
+            for j, (t, l) in enumerate(chunk):
+                part = logits[j * x.shape[0] : (j + 1) * x.shape[0]]
+                output[..., t : t + self.window, l : l + self.window] += part * weight
+                total[..., t : t + self.window, l : l + self.window] += weight
+        assert output is not None
+        return (output / total)[..., :h, :w]
