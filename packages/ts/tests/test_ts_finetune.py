@@ -28,7 +28,7 @@ def _small(context: int, horizon: int, **extra) -> TTM:
                num_layers=2, adaptive_patching_levels=2, dropout=0.1, head_dropout=0.1, **extra)
 
 
-def test_ts_etth1_few_shot_beats_naive_baselines() -> None:
+def test_ts_etth1_few_shot_beats_naive_baselines(tmp_path) -> None:
     """10% of ETTh1's training windows, the standard split, test MSE on the scaled data (as the papers report)."""
     root = os.environ.get("POLYFM_DATA_DIR")
     if not root or not (Path(root) / "ts" / "ETTh1.csv").exists():
@@ -37,7 +37,7 @@ def test_ts_etth1_few_shot_beats_naive_baselines() -> None:
     dm = ForecastDataModule(str(Path(root) / "ts" / "ETTh1.csv"), context_length=512, horizon=96, label_fraction=0.1,
                             eval_stride=24, batch_size=64)
     model = _small(512, 96, num_input_channels=7)
-    fine_tune(model, dm, mode="full", epochs=3, lr=3e-3, root="runs/test-ts-etth1", limit_val_batches=0)
+    fine_tune(model, dm, mode="full", epochs=3, lr=3e-3, root=str(tmp_path), limit_val_batches=0)
     scores = rolling_evaluate(model, dm, "test")
     naive = baselines(dm, "test", season=24)
     assert scores["windows"] == naive["repeat_last"]["windows"] == len(range(11520, 14400 - 96 + 1, 24))
