@@ -132,3 +132,27 @@ def test_registry_names_and_offline_error(tmp_path, monkeypatch) -> None:
     loaded = Cnn6.from_pretrained("panns-cnn6").eval()
     x = torch.randn(1, 32000) * 0.1
     torch.testing.assert_close(loaded(x)["embedding"], reference(x)["embedding"])
+
+
+def test_training_checkpoint_with_numpy_sampler_state_loads_safely(tmp_path) -> None:
+    """PANNs' main.py saves {'iteration', 'model', 'sampler'}; the sampler holds numpy arrays."""
+    import pickle
+
+    model = Cnn6(base_channels=4, classes_num=5).eval()
+    sampler = {"indexes_per_class": [np.arange(7), np.arange(3)], "queue": [np.int64(4)], "pointers_of_classes": [0, 1]}
+    path = tmp_path / "600000_iterations.pth"
+    torch.save({"iteration": 600000, "model": to_panns_state_dict(model), "sampler": sampler, "test_mAP": np.float64(0.343)}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # what a plain safe load says
+    loaded = Cnn6.from_pretrained(path, base_channels=4).eval()
+    x = torch.randn(1, 32000) * 0.1
+    torch.testing.assert_close(loaded(x)["embedding"], model(x)["embedding"])
+
+    class Payload:  # anything beyond numpy data is still refused
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": to_panns_state_dict(model), "extra": Payload(), "arr": np.arange(2)}, bad)
+    with pytest.raises(CheckpointError, match="Refused to load"):
+        Cnn6.from_pretrained(bad, base_channels=4)

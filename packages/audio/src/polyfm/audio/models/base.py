@@ -17,7 +17,7 @@ from torch import nn
 from polyfm.audio.models.frontend import LogMelFrontEnd, SpecAugment, do_mixup
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError
-from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
+from polyfm.core.weights import PretrainedMixin, WeightSpec, load_state_dict_checked, unwrap_state_dict
 
 
 def init_layer(layer: nn.Module) -> None:
@@ -114,14 +114,14 @@ class PannsModel(Encoder, PretrainedMixin):
         path) into this model, strictly, after checking the torchlibrosa front end.
         This is what the ``pretrained`` constructor argument does, so YAML recipes can
         start from the official checkpoints."""
-        from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa
+        from polyfm.audio.weights import check_torchlibrosa_frontend, read_panns_checkpoint, split_torchlibrosa
         from polyfm.core.weights import fetch_weights, get_weights
 
         path = Path(name_or_path).expanduser()
         if not path.exists():
             spec = get_weights(str(name_or_path))
             path = fetch_weights(spec) / spec.primary_file
-        state = unwrap_state_dict(load_checkpoint_file(path))
+        state = unwrap_state_dict(read_panns_checkpoint(path))
         if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
             state = {k[len("module.") :]: v for k, v in state.items()}
         state, frontend_tensors = split_torchlibrosa(state)
@@ -140,7 +140,9 @@ class PannsModel(Encoder, PretrainedMixin):
         loudly instead of producing quietly wrong features.
         """
         if "classes_num" not in config:
-            state = unwrap_state_dict(load_checkpoint_file(path))
+            from polyfm.audio.weights import read_panns_checkpoint
+
+            state = unwrap_state_dict(read_panns_checkpoint(path))
             key = next((k for k in ("fc_audioset.weight", "module.fc_audioset.weight") if k in state), None)
             if key is not None:
                 config["classes_num"] = int(state[key].shape[0])
