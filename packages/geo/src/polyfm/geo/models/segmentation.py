@@ -123,14 +123,14 @@ class TiledInferer:
         total = x.new_zeros(1, 1, hh, ww)
         for i in range(0, len(corners), self.batch_size):
             chunk = corners[i : i + self.batch_size]
-            tiles = torch.cat([x[..., t : t + self.window, l : l + self.window] for t, l in chunk])
+            tiles = torch.cat([x[..., top : top + self.window, left : left + self.window] for top, left in chunk])
             logits = model(tiles)
             logits = logits[0] if isinstance(logits, list | tuple) else logits
             if output is None:
                 output = x.new_zeros(x.shape[0], logits.shape[1], hh, ww)
-            for j, (t, l) in enumerate(chunk):
+            for j, (top, left) in enumerate(chunk):
                 part = logits[j * x.shape[0] : (j + 1) * x.shape[0]]
-                output[..., t : t + self.window, l : l + self.window] += part * weight
-                total[..., t : t + self.window, l : l + self.window] += weight
+                output[..., top : top + self.window, left : left + self.window] += part * weight
+                total[..., top : top + self.window, left : left + self.window] += weight
         assert output is not None
         return (output / total)[..., :h, :w]
