@@ -129,6 +129,12 @@ def test_registry_names_and_offline_error(tmp_path, monkeypatch) -> None:
     folder.mkdir(parents=True)
     reference = Cnn6().eval()
     _save_official(reference, folder / "Cnn6_mAP=0.343.pth")
+    with pytest.raises(CheckpointError, match="Zenodo lists md5 e25e26b84585b14c7754c91e48efc9be"):
+        Cnn6.from_pretrained("panns-cnn6")  # random weights are not the released file
+    import hashlib
+
+    md5 = hashlib.md5((folder / "Cnn6_mAP=0.343.pth").read_bytes()).hexdigest()
+    monkeypatch.setitem(names["panns-cnn6"].meta, "zenodo_md5", md5)  # pretend ours is the released file
     loaded = Cnn6.from_pretrained("panns-cnn6").eval()
     x = torch.randn(1, 32000) * 0.1
     torch.testing.assert_close(loaded(x)["embedding"], reference(x)["embedding"])

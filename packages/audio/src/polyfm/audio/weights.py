@@ -147,6 +147,31 @@ def panns_to_polyfm(checkpoint: Mapping[str, Any]) -> StateDict:
     return split_torchlibrosa(unwrap_state_dict(checkpoint))[0]
 
 
+# md5 sums as Zenodo lists them (the only checksum it publishes); checked on load by name.
+ZENODO_MD5 = {
+    "Cnn14_mAP=0.431.pth": "541141fa2ee191a88f24a3219fff024e",
+    "Cnn10_mAP=0.380.pth": "bfb1f1f9968938fa8ef4012b8471f5f6",
+    "Cnn6_mAP=0.343.pth": "e25e26b84585b14c7754c91e48efc9be",
+    "Wavegram_Logmel_Cnn14_mAP=0.439.pth": "17fa9ab65af3c0eb5ffbc5f65552c4e1",
+}
+
+
+def verify_md5(path: Path, expected: str | None) -> None:
+    if expected is None:
+        return
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise CheckpointError(
+            f"Checksum mismatch for {path}: Zenodo lists md5 {expected}, the file has {digest.hexdigest()}. "
+            "It is corrupt or not the released file; delete it and fetch again."
+        )
+
+
 def _spec(name: str, family: str, filename: str, config: Mapping[str, Any], mean_ap: float, description: str) -> WeightSpec:
     return WeightSpec(
         name=name,
@@ -160,6 +185,7 @@ def _spec(name: str, family: str, filename: str, config: Mapping[str, Any], mean
             "labels_url": AUDIOSET_LABELS_URL,
             "audioset_mAP": mean_ap,
             "source": "Kong et al., PANNs (2020); Zenodo record 3987831",
+            "zenodo_md5": ZENODO_MD5.get(filename),
         },
         config=dict(config),
         converter=panns_to_polyfm,

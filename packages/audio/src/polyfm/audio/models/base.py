@@ -114,13 +114,14 @@ class PannsModel(Encoder, PretrainedMixin):
         path) into this model, strictly, after checking the torchlibrosa front end.
         This is what the ``pretrained`` constructor argument does, so YAML recipes can
         start from the official checkpoints."""
-        from polyfm.audio.weights import check_torchlibrosa_frontend, read_panns_checkpoint, split_torchlibrosa
+        from polyfm.audio.weights import check_torchlibrosa_frontend, read_panns_checkpoint, split_torchlibrosa, verify_md5
         from polyfm.core.weights import fetch_weights, get_weights
 
         path = Path(name_or_path).expanduser()
         if not path.exists():
             spec = get_weights(str(name_or_path))
             path = fetch_weights(spec) / spec.primary_file
+            verify_md5(path, spec.meta.get("zenodo_md5"))
         state = unwrap_state_dict(read_panns_checkpoint(path))
         if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
             state = {k[len("module.") :]: v for k, v in state.items()}
@@ -139,8 +140,11 @@ class PannsModel(Encoder, PretrainedMixin):
         model's configuration, so a 16 kHz checkpoint given 32 kHz settings fails
         loudly instead of producing quietly wrong features.
         """
+        from polyfm.audio.weights import read_panns_checkpoint, verify_md5
+
+        if spec is not None and path.is_file():
+            verify_md5(path, spec.meta.get("zenodo_md5"))
         if "classes_num" not in config:
-            from polyfm.audio.weights import read_panns_checkpoint
 
             state = unwrap_state_dict(read_panns_checkpoint(path))
             key = next((k for k in ("fc_audioset.weight", "module.fc_audioset.weight") if k in state), None)
