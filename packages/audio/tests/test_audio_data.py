@@ -180,3 +180,17 @@ def test_unlabelled_folder_two_views(tmp_path: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert batch["view1"].shape == batch["view2"].shape == (2, 16000)
     assert not torch.allclose(batch["view1"], batch["view2"])
+
+
+def test_folder_splits_share_the_training_class_ids(tmp_path: Path) -> None:
+    for split, classes in (("train", ("bird", "car", "dog")), ("val", ("car", "dog"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            sf.write(tmp_path / split / name / "x.wav", tone(0.2, 16000), 16000)
+    dm = AudioClipsDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "val"), format="folder", clip_seconds=0.2)
+    dm.setup()
+    assert dm.class_names == ["bird", "car", "dog"] and dm.val_set.labels == [1, 2]  # not [0, 1]
+    (tmp_path / "val" / "cat").mkdir()
+    sf.write(tmp_path / "val" / "cat" / "x.wav", tone(0.2, 16000), 16000)
+    with pytest.raises(DataError, match=r"sub-folder\(s\) \['cat'\] are not among the classes"):
+        AudioClipsDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "val"), format="folder").setup()

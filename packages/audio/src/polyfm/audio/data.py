@@ -340,12 +340,14 @@ def read_audioset_csv(
     audio_root: str | Path,
     class_labels_csv: str | Path | None = None,
     file_template: str = "Y{ytid}.wav",
+    class_mids: Sequence[str] | None = None,
 ) -> tuple[list[Path], list[Label], list[str]]:
     """An AudioSet segment CSV (``balanced_train_segments.csv`` ...): ``#`` comment lines,
     then ``YTID, start_seconds, end_seconds, "mid1,mid2"``. Files are found as
     ``audio_root / file_template.format(ytid=..., start=..., end=...)`` (PANNs' downloader
     names them ``Y<YTID>.wav``). Classes come from ``class_labels_indices.csv``
-    (``index,mid,display_name``) when given, else the sorted MIDs seen. Labels are lists."""
+    (``index,mid,display_name``) when given, else ``class_mids`` (e.g. the training
+    split's), else the sorted MIDs seen. Labels are lists."""
     csv_path, root = Path(csv_path), Path(audio_root)
     if not csv_path.is_file():
         raise DataError("AudioSet segment CSV not found.", path=csv_path)
@@ -363,7 +365,7 @@ def read_audioset_csv(
         mids_in_order = [r["mid"] for r in sorted(rows, key=lambda r: int(r["index"]))]
         classes = [r["display_name"] for r in sorted(rows, key=lambda r: int(r["index"]))]
     else:
-        mids_in_order = sorted({m for *_, mids in records for m in mids})
+        mids_in_order = list(class_mids) if class_mids is not None else sorted({m for *_, mids in records for m in mids})
         classes = list(mids_in_order)
     index = {mid: i for i, mid in enumerate(mids_in_order)}
     paths: list[Path] = []
@@ -371,7 +373,7 @@ def read_audioset_csv(
     for number, ytid, start, end, mids in records:
         unknown = [m for m in mids if m not in index]
         if unknown:
-            raise DataError(f"label MID(s) {unknown} are not in {class_labels_csv}", path=csv_path, row=number)
+            raise DataError(f"label MID(s) {unknown} are not among the classes ({class_labels_csv or 'the training split'})", path=csv_path, row=number)
         paths.append(root / file_template.format(ytid=ytid, start=start, end=end))
         labels.append([index[m] for m in mids])
     return paths, labels, classes
@@ -409,17 +411,24 @@ def read_fold_csv(
     return [_resolve(root, r[file_column]) for r in chosen], [int(r[target_column]) for r in chosen], classes
 
 
-def read_folder(root: str | Path, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[list[Path], list[Label] | None, list[str]]:
+def read_folder(
+    root: str | Path, extensions: Sequence[str] = AUDIO_EXTENSIONS, class_names: Sequence[str] | None = None
+) -> tuple[list[Path], list[Label] | None, list[str]]:
     """A folder of clips: ``root/<class>/*.wav`` gives labelled clips (class = sub-folder
-    name, sorted); audio directly under ``root`` and no sub-folders gives unlabelled clips."""
+    name, sorted, or the index in ``class_names`` such as the training split's); audio
+    directly under ``root`` and no sub-folders gives unlabelled clips."""
     root = Path(root)
     if not root.is_dir():
         raise DataError("folder not found.", path=root)
     subfolders = sorted(p for p in root.iterdir() if p.is_dir())
     if subfolders:
-        classes = [p.name for p in subfolders]
+        classes = list(class_names) if class_names is not None else [p.name for p in subfolders]
+        unknown = [p.name for p in subfolders if p.name not in classes]
+        if unknown:
+            raise DataError(f"sub-folder(s) {unknown} are not among the classes {classes}.", path=root)
         paths, labels = [], []
-        for label, folder in enumerate(subfolders):
+        for folder in subfolders:
+            label = classes.index(folder.name)
             for path in sorted(folder.rglob("*")):
                 if path.suffix.lower() in extensions:
                     paths.append(path)
@@ -566,18 +575,20 @@ class AudioClipsDataModule(AudioDataModule):
         self.sample_rate, self.clip_seconds, self.random_crop = sample_rate, clip_seconds, random_crop
         self.on_error, self.check = on_error, check
         self.multilabel = format == "audioset"
+        self._mids: list[str] | None = None
 
     def _read(self, source: str, folds: list[int] | None = None) -> tuple[list[Path], list[Label] | None, list[str]]:
         if self.format == "csv":
             return read_manifest_csv(source, self.audio_root, label_separator=self.label_separator, class_names=self.class_names or None)
+        known = self.class_names or None  # evaluation splits use the training split's class ids
         if self.format == "audioset":
             if self.audio_root is None:
                 raise ConfigError("format='audioset' needs audio_root (the folder holding Y<YTID>.wav files).")
-            return read_audioset_csv(source, self.audio_root, self.class_labels_csv)
+            return read_audioset_csv(source, self.audio_root, self.class_labels_csv, class_mids=self._mids)
         if self.format == "folds":
             return read_fold_csv(source, folds or [], self.audio_root)
         if self.format == "folder":
-            return read_folder(source)
+            return read_folder(source, class_names=known)
         raise ConfigError(f"unknown format {self.format!r}: csv, audioset, folds or folder.")
 
     def _dataset(self, paths: list[Path], labels: list[Label] | None, train: bool) -> AudioClipDataset:
@@ -597,6 +608,8 @@ class AudioClipsDataModule(AudioDataModule):
             splits = [self._read(self.train, f) if f else None for f in (self.val_folds, self.test_folds)]
         else:
             paths, labels, self.class_names = self._read(self.train)
+            if self.format == "audioset" and self.class_labels_csv is None:
+                self._mids = list(self.class_names)  # without the labels file, classes are the training split's MIDs
             splits = [self._read(s) if s else None for s in (self.val, self.test)]
         self.multilabel = self.multilabel or any(isinstance(label, list) for label in labels or [])
         if labels is None:
