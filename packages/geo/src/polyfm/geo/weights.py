@@ -72,12 +72,12 @@ _SOFTCON_HF_MAIN = "https://huggingface.co/wangyi111/softcon/resolve/main/"
 
 def _satmae(name: str, url: str, description: str, **config: object) -> WeightSpec:
     filename = url.rsplit("/", 1)[1]
-    return WeightSpec(name=name, family="satmae", files={filename: (url, None)}, license="see https://github.com/sustainlab-group/SatMAE",
+    return WeightSpec(name=name, family="satmae", files={filename: (url, None)}, license="unspecified (no LICENSE in sustainlab-group/SatMAE)",
                       meta=_SATMAE_META, config=config, description=description)
 
 
 def _softcon(name: str, family: str, filename: str, meta: dict[str, object], base: str, description: str) -> WeightSpec:
-    return WeightSpec(name=name, family=family, files={filename: (base + filename, None)}, license="CC-BY-4.0",
+    return WeightSpec(name=name, family=family, files={filename: (base + filename, None)}, license="unspecified (see huggingface.co/wangyi111/softcon)",
                       meta=meta, description=description)
 
 
