@@ -104,3 +104,13 @@ def test_demo_kit_builtin_quick_runs_and_learns(tmp_path: Path) -> None:
     assert accuracy > 2.5 / 8, accuracy  # 8 sound types: chance is 12.5%
     assert elapsed < 120, elapsed  # well under 20 s on an idle 2-core CPU; generous for a loaded CI box
     Cnn6  # noqa: B018 - the kit's encoder family
+
+
+def test_multilabel_finetuning_reports_map_and_auroc(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    task = Classification(demo_encoder(), 8, multilabel=True, optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_steps=2))
+    dm = SyntheticAudioDataModule("tagging", n_train=192, n_eval=64, clip_seconds=0.5, batch_size=32)
+    trainer = _fit(task, dm, 5, tmp_path)
+    result = trainer.test(task, dm, verbose=False)[0]
+    assert {"test/map", "test/auroc", "test/acc"} <= set(result)
+    assert result["test/auroc"] > 0.7 and result["test/map"] > 0.45, result  # random scores: AUROC 0.5, mAP ~0.25
