@@ -36,13 +36,13 @@ def test_every_recipe_parses() -> None:
     import yaml
 
     names = sorted(p.name for p in RECIPES.glob("*.yaml"))
-    assert {"finetune-folder.yaml", "finetune-esc50.yaml", "finetune-fsdd.yaml", "pretrain-audioset.yaml", "pretrain-ssl-folder.yaml"} <= set(names)
+    assert {"finetune-folder.yaml", "finetune-esc50.yaml", "finetune-fsdd.yaml", "finetune-sed.yaml", "pretrain-audioset.yaml", "pretrain-ssl-folder.yaml"} <= set(names)
     for name in names:
         config = yaml.safe_load((RECIPES / name).read_text())
         assert config["model"]["class_path"] and config["data"]["class_path"].startswith("polyfm.audio.data.")
 
 
-@pytest.mark.parametrize("recipe", ["finetune-folder.yaml", "pretrain-ssl-folder.yaml"])
+@pytest.mark.parametrize("recipe", ["finetune-folder.yaml", "pretrain-ssl-folder.yaml", "finetune-sed.yaml"])
 def test_recipe_fast_dev_run(tmp_path: Path, recipe: str) -> None:
     clips = _clips(tmp_path / "clips")
     small = ["--model.init_args.encoder.init_args.pretrained="] if recipe.startswith("finetune") else ["--model.init_args.objective.init_args.feature_dim=128"]
@@ -55,7 +55,12 @@ def test_recipe_fast_dev_run(tmp_path: Path, recipe: str) -> None:
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
     ]
-    if recipe.startswith("finetune"):
+    if recipe == "finetune-sed.yaml":
+        events = tmp_path / "events.tsv"
+        events.write_text("filename\tonset\toffset\tevent_label\nlow/0.wav\t0.1\t0.3\tlow\nhigh/0.wav\t0.0\t0.5\thigh\n")
+        overrides += [f"--data.init_args.train={events}", f"--data.init_args.val={events}", f"--data.init_args.audio_root={clips}"]
+        overrides += ["--data.init_args.clip_seconds=0.5", "--model.init_args.num_classes=2"]
+    elif recipe.startswith("finetune"):
         overrides += [f"--data.init_args.train={clips}", f"--data.init_args.val={clips}", "--data.init_args.clip_seconds=0.5"]
     else:
         overrides += [f"--data.init_args.source={clips / 'low'}", "--data.init_args.clip_seconds=0.5", "--data.init_args.val_fraction=0.25"]
