@@ -124,3 +124,12 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "No registered weights named 'no-such-weights'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_official_checkpoints_with_training_args_load(tmp_path):
+    import argparse
+
+    path = tmp_path / "pretrain-vit-base-e199.pth"
+    torch.save({"model": ToyEncoder().state_dict(), "args": argparse.Namespace(lr=1e-3, model="mae_vit_base"), "epoch": 199}, path)
+    loaded = load_checkpoint_file(path)
+    assert loaded["args"].model == "mae_vit_base" and "stem.weight" in loaded["model"]

@@ -1,7 +1,8 @@
 """Pretraining as one LightningModule that takes an objective.
 
-An objective is a callable ``objective(model, batch) -> {"loss": ..., ...}``; every
-other entry it returns is logged. Domain packages write theirs (MAE, MLM, masked
+An objective is an ``nn.Module`` called as ``objective(model, batch) -> {"loss": ..., ...}``
+(a module, so it can own heads and LightningCLI can build it from YAML); every other
+entry it returns is logged. Domain packages write theirs (MAE, MLM, masked
 atoms, Volume Fusion, TTM's multi-resolution forecasting) in their ``objectives.py``;
 the generic ones live here.
 """
@@ -28,7 +29,7 @@ class Pretraining(EngineModule):
     are trained with the model's; after ``fit``, ``model`` holds the pretrained weights.
     """
 
-    def __init__(self, model: nn.Module, objective: Objective, optim: OptimConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, objective: nn.Module, optim: OptimConfig | None = None) -> None:
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "objective"])
         self.model = model

@@ -9,6 +9,7 @@ put it in. Pickles are only ever read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pickle
@@ -185,7 +186,10 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Official checkpoints (MAE/SatMAE, Uni-Mol, ...) store their training arguments as an
+        # argparse.Namespace: plain data, so it is allowed; anything else still refuses.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"Refused to load {path}: it holds Python objects other than tensors and plain containers, "
