@@ -12,6 +12,7 @@ import torch
 
 from polyfm.audio.data import FSDDDataModule, read_fsdd
 from polyfm.audio.models import Cnn6
+from polyfm.core.adaptation import Adaptation
 from polyfm.core.tasks import Classification, OptimConfig
 from polyfm.core.trainer import build_trainer
 
@@ -65,3 +66,21 @@ def test_finetune_on_train_split_beats_chance_by_far(tmp_path: Path) -> None:
     assert len(dm.test_set) == 250
     print(f"FSDD test accuracy (250 clips, chance 0.10): {result['test/acc']:.3f}")
     assert result["test/acc"] > 0.6, result
+
+
+def test_demo_kit_with_real_data_builds_fsdd_runs() -> None:
+    from polyfm.audio.samples import demo_kit
+
+    kit = demo_kit(Path(DATA), quick=True)  # type: ignore[arg-type]
+    assert kit.target == "fsdd-digits" and "FSDD" in kit.data_source
+    pretrain = kit.make_pretrain_data()
+    pretrain.setup()
+    views = next(iter(pretrain.train_dataloader()))
+    assert views["view1"].shape == views["view2"].shape == (32, 16000)
+    finetune = kit.make_finetune_data(0.25, 0)
+    finetune.setup()
+    assert 200 <= len(finetune.train_set) <= 300 and len(finetune.test_set) == 250  # a quarter of 1000 clips, stratified
+    encoder = kit.make_encoder()
+    task = kit.make_task(encoder, Adaptation(mode="linear"))
+    batch = next(iter(finetune.test_dataloader()))
+    assert task(batch["input"]).shape == (32, 10)
