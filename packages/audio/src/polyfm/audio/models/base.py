@@ -110,11 +110,11 @@ class PannsModel(Encoder, PretrainedMixin):
 
     # -- released checkpoints -----------------------------------------------------------
     def load_panns_checkpoint(self, name_or_path: str | Path) -> PannsModel:
-        """Load released weights (a registry name such as ``panns-cnn14``, or a ``.pth``
-        path) into this model, strictly, after checking the torchlibrosa front end.
-        This is what the ``pretrained`` constructor argument does, so YAML recipes can
-        start from the official checkpoints."""
-        from polyfm.audio.weights import check_torchlibrosa_frontend, read_panns_checkpoint, split_torchlibrosa, verify_md5
+        """Load released weights (a registry name such as ``panns-cnn14``, or a ``.pth`` /
+        ``.safetensors`` path) into this model, strictly, after checking the torchlibrosa
+        front end. This is what the ``pretrained`` constructor argument does, so YAML
+        recipes can start from the official checkpoints."""
+        from polyfm.audio.weights import verify_md5
         from polyfm.core.weights import fetch_weights, get_weights
 
         path = Path(name_or_path).expanduser()
@@ -122,12 +122,15 @@ class PannsModel(Encoder, PretrainedMixin):
             spec = get_weights(str(name_or_path))
             path = fetch_weights(spec) / spec.primary_file
             verify_md5(path, spec.meta.get("zenodo_md5"))
-        state = unwrap_state_dict(read_panns_checkpoint(path))
-        if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-            state = {k[len("module.") :]: v for k, v in state.items()}
-        state, frontend_tensors = split_torchlibrosa(state)
-        check_torchlibrosa_frontend(frontend_tensors, self.frontend, source=str(path))
-        load_state_dict_checked(self, state, strict=True, source=str(path))
+        return self.load_panns_state(_read_state(path), source=str(path))
+
+    def load_panns_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> PannsModel:
+        """Load a state dict in PANNs' layout (torchlibrosa tensors optional, checked, dropped)."""
+        from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa
+
+        trunk, frontend_tensors = split_torchlibrosa(state)
+        check_torchlibrosa_frontend(frontend_tensors, self.frontend, source=source)
+        load_state_dict_checked(self, trunk, strict=True, source=source)
         return self
 
     @classmethod
@@ -140,18 +143,25 @@ class PannsModel(Encoder, PretrainedMixin):
         model's configuration, so a 16 kHz checkpoint given 32 kHz settings fails
         loudly instead of producing quietly wrong features.
         """
-        from polyfm.audio.weights import read_panns_checkpoint, verify_md5
+        from polyfm.audio.weights import verify_md5
 
         if spec is not None and path.is_file():
             verify_md5(path, spec.meta.get("zenodo_md5"))
-        if "classes_num" not in config:
-
-            state = unwrap_state_dict(read_panns_checkpoint(path))
-            key = next((k for k in ("fc_audioset.weight", "module.fc_audioset.weight") if k in state), None)
-            if key is not None:
-                config["classes_num"] = int(state[key].shape[0])
+        state = _read_state(path)
+        if "classes_num" not in config and "fc_audioset.weight" in state:
+            config["classes_num"] = int(state["fc_audioset.weight"].shape[0])
         try:
             model = cls(**config)
         except TypeError as exc:
             raise CheckpointError(f"{cls.__name__} does not take {sorted(config)}: {exc}") from exc
-        return model.load_panns_checkpoint(path)
+        return model.load_panns_state(state, source=str(path))
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a PANNs file (``{'model': ...}``), ``module.`` prefixes removed."""
+    from polyfm.audio.weights import read_panns_checkpoint
+
+    state = unwrap_state_dict(read_panns_checkpoint(path))
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
