@@ -3,7 +3,7 @@
 * ``audio/cnn14/inference``: Cnn14 forward on 10 s clips (clips/s), eval mode;
 * ``audio/cnn14/train-step``: forward + BCE + backward + AdamW step (clips/s);
 * ``audio/decode-resample``: soundfile decode of 8 kHz WAVs + resampling to 32 kHz +
-  fixed-length crop (clips/s; no reference).
+  fixed-length crop (clips/s), vs ``librosa.load(sr=32000)`` as PANNs' scripts load audio.
 
 Quick mode uses 2 s clips and a small batch so it runs on a CPU in seconds.
 """
@@ -17,7 +17,6 @@ import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -92,26 +91,36 @@ def _reference(device: torch.device) -> torch.nn.Module:
     return models.Cnn14(32000, 1024, 320, 64, 50, 14000, 527).to(device)
 
 
-def _decode_resample_case(clips: int) -> BenchCase:
-    def ours(device: torch.device) -> Step:
-        import soundfile as sf
+def _wav_files(clips: int) -> list[Path]:
+    import soundfile as sf
 
+    folder = Path(tempfile.mkdtemp(prefix="polyfm-audio-bench-"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(clips):
+        path = folder / f"clip{index}.wav"
+        sf.write(path, (0.1 * rng.standard_normal(8000 * 2)).astype(np.float32), 8000, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def _decode_resample_case(clips: int) -> BenchCase:
+    """8 kHz 2 s WAVs to 32 kHz: ours (soundfile + torchaudio) vs librosa.load, which the
+    PANNs scripts use (soxr resampling)."""
+
+    def ours(device: torch.device) -> Step:
         from polyfm.audio.data import load_audio
 
-        folder = Path(tempfile.mkdtemp(prefix="polyfm-audio-bench-"))
-        rng = np.random.default_rng(0)
-        paths = []
-        for index in range(clips):
-            path = folder / f"clip{index}.wav"
-            sf.write(path, (0.1 * rng.standard_normal(8000 * 2)).astype(np.float32), 8000, subtype="PCM_16")
-            paths.append(path)
+        paths = _wav_files(clips)
+        return lambda: [load_audio(p, sample_rate=32000, clip_samples=32000 * 2) for p in paths]
 
-        def step() -> Any:
-            return [load_audio(p, sample_rate=32000, clip_samples=32000 * 2) for p in paths]
+    def reference(device: torch.device) -> Step:
+        import librosa
 
-        return step
+        paths = _wav_files(clips)
+        return lambda: [librosa.load(p, sr=32000, mono=True)[0] for p in paths]
 
-    return BenchCase(name="audio/decode-resample", unit="clips", items=clips, ours=ours)
+    return BenchCase(name="audio/decode-resample", unit="clips", items=clips, ours=ours, reference=reference, reference_name="librosa.load")
 
 
 def cases(quick: bool) -> list[BenchCase]:
