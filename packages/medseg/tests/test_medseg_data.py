@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from polyfm.core.errors import DataError
 from polyfm.medseg.data import (
     SegmentationDataModule,
@@ -139,6 +140,7 @@ def test_medseg_volume_folder_crops_and_empty_folder(tmp_path) -> None:
 
 def test_medseg_prediction_keeps_grid_and_affine(tmp_path) -> None:
     from monai.inferers import SlidingWindowInferer
+
     from polyfm.medseg.models import UNet
 
     image_path = _save(tmp_path / "scan.nii.gz", np.random.default_rng(1).normal(size=(20, 18, 10)).astype(np.float32))

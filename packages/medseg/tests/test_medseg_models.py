@@ -8,6 +8,7 @@ import zipfile
 import monai.networks.nets as monai_nets
 import pytest
 import torch
+
 from polyfm.core.errors import CheckpointError
 from polyfm.medseg.models import MODELS, BasicUNet, DynUNet, SwinUNETR, UNet
 

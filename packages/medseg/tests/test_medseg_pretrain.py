@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from polyfm.core.errors import ConfigError
 from polyfm.medseg.models import SwinUNETR, UNet
 from polyfm.medseg.objectives import MaskedVolumeInpainting, SwinSSL, VolumeFusion, aug_rand, rotate_batch

@@ -275,13 +275,16 @@ def segmentation_transforms(
     keys = ["image", "label"]
     steps = preprocessing(keys, in_channels, num_classes, modality, a_min, a_max, pixdim, orientation, label_map)
     if train:
-        steps += [
-            mt.SpatialPadd(keys=keys, spatial_size=list(roi_size)),
-        ]
+        # a 2D roi trains a 2D network on axial slices of the volumes (nnU-Net's 2D configuration);
+        # evaluation then runs it slice by slice over whole volumes (VolumeSegmentation's SliceInferer)
+        crop = [*roi_size, 1] if len(roi_size) == 2 else list(roi_size)
+        steps += [mt.SpatialPadd(keys=keys, spatial_size=crop)]
         if class_ratios is not None:  # balanced over classes: small organs get as many patches as the liver
-            steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(roi_size), ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image"))
+            steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=crop, ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image"))
         else:
-            steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=list(roi_size), pos=pos, neg=neg, num_samples=num_samples, image_key="image"))
+            steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=crop, pos=pos, neg=neg, num_samples=num_samples, image_key="image"))
+        if len(roi_size) == 2:
+            steps.append(mt.SqueezeDimd(keys=keys, dim=3))
         if augment:
             steps += [mt.RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(len(roi_size))]
             steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
@@ -498,11 +501,14 @@ class VolumeFolderDataModule(DictDataModule):
 
     def build(self) -> tuple[torch.utils.data.Dataset, None, None]:
         steps = preprocessing(["image"], self.in_channels, None, self.modality, self.a_min, self.a_max, self.pixdim, self.orientation, None)
+        crop = [*self.roi_size, 1] if len(self.roi_size) == 2 else self.roi_size  # 2D roi: axial slices for 2D networks
         steps += [
-            mt.SpatialPadd(keys=["image"], spatial_size=self.roi_size),
-            mt.RandSpatialCropSamplesd(keys=["image"], roi_size=self.roi_size, num_samples=self.num_samples, random_size=False),
-            ToBatchKeys(),
+            mt.SpatialPadd(keys=["image"], spatial_size=crop),
+            mt.RandSpatialCropSamplesd(keys=["image"], roi_size=crop, num_samples=self.num_samples, random_size=False),
         ]
+        if len(self.roi_size) == 2:
+            steps.append(mt.SqueezeDimd(keys=["image"], dim=3))
+        steps.append(ToBatchKeys())
         dataset = _make_dataset([{"image": v} for v in self.volumes], mt.Compose(steps), self.cache, self.cache_dir)
         return (RepeatedDataset(dataset, self.repeats) if self.repeats > 1 else dataset), None, None
 
@@ -565,3 +571,45 @@ def predict_to_nifti(
     sidecar = output_path.with_name(output_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
     sidecar.write_text(json.dumps({"labels": dict(enumerate(names)), "source": str(image_path)}, indent=2))
     return output_path
+
+
+def save_overlay_png(
+    image_path: str | Path,
+    label_paths: Mapping[str, str | Path],
+    output_png: str | Path,
+    slices: Sequence[int] | None = None,
+    a_min: float = -175.0,
+    a_max: float = 250.0,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Axial slices of a volume with label maps overlaid (one row per map: e.g. truth and prediction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(nib.load(str(image_path)))
+    volume = np.clip((np.asarray(image.dataobj, dtype=np.float32) - a_min) / (a_max - a_min), 0, 1)
+    maps = {name: np.asarray(nib.as_closest_canonical(nib.load(str(p))).dataobj) for name, p in label_paths.items()}
+    slices = list(slices) if slices is not None else np.linspace(0, volume.shape[2] - 1, 4).round().astype(int).tolist()
+    figure, axes = plt.subplots(len(maps), len(slices), figsize=(3 * len(slices), 3 * len(maps)), squeeze=False)
+    n_classes = max(int(m.max()) for m in maps.values()) + 1
+    colours = plt.get_cmap("tab10", max(n_classes, 2))
+    for row, (name, labels) in enumerate(maps.items()):
+        for col, z in enumerate(slices):
+            ax = axes[row][col]
+            ax.imshow(np.rot90(volume[:, :, z]), cmap="gray")
+            masked = np.ma.masked_equal(np.rot90(labels[:, :, z]), 0)
+            ax.imshow(masked, cmap=colours, vmin=0, vmax=max(n_classes - 1, 1), alpha=0.5, interpolation="nearest")
+            ax.set_title(f"{name}, slice {z}", fontsize=9)
+            ax.axis("off")
+    if class_names:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours(i), alpha=0.6) for i in range(1, len(class_names))]
+        figure.legend(handles, class_names[1:], loc="lower center", ncol=len(class_names) - 1, fontsize=9)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output_png, dpi=80)
+    plt.close(figure)
+    return output_png

@@ -148,7 +148,7 @@ def demo_kit(data_dir: Path | None, quick: bool = False):  # noqa: ANN201 - Doma
         return SegmentationDataModule(
             str(dataset_json), roi_size=roi, a_min=-175.0, a_max=250.0, label_map=label_map, class_names=class_names,
             num_samples=4, repeats=2 if quick else 6, batch_size=2, label_fraction=label_fraction, seed=seed, augment=False,
-            val_fraction=0.0,
+            val_fraction=0.0, class_ratios=[1.0] * len(class_names),
         )  # fmt: skip
 
     return DomainKit(

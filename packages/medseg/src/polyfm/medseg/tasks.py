@@ -9,7 +9,8 @@
   ``freeze`` freezes the first k entries of ``model.block_names()``;
 * DiceCE loss (MONAI, one-hot targets, softmax), deep supervision weights for DynUNet;
 * sliding-window inference with Gaussian blending (MONAI ``SlidingWindowInferer``) in
-  validation, test and predict when ``roi_size`` is given;
+  validation, test and predict when ``roi_size`` is given; with ``slice_axis`` (2 = axial)
+  a 2D network runs slice by slice over 3D volumes (MONAI ``SliceInferer``);
 * test metrics beyond Dice: HD95 and surface Dice per class (MONAI metrics, in voxels
   unless ``spacing`` is given), logged as ``test/hd95``, ``test/surface_dice`` and per class.
 """
@@ -20,7 +21,7 @@ import re
 from typing import Any
 
 import torch
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import SliceInferer, SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from torch import nn
@@ -48,6 +49,7 @@ class VolumeSegmentation(Segmentation):
         lambda_ce: float = 1.0,
         spacing: list[float] | None = None,
         surface_tolerance: float = 2.0,
+        slice_axis: int | None = None,
     ) -> None:
         if hasattr(model, "reset_head"):
             model.reset_head(num_classes)
@@ -55,7 +57,11 @@ class VolumeSegmentation(Segmentation):
         heads = list(model.head_names()) if hasattr(model, "head_names") else []
         if adaptation.mode == "lora" and adaptation.lora_targets is None and heads:
             adaptation = _lora_outside_heads(model, adaptation, heads)
-        inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian") if roi_size else None
+        inferer = None
+        if roi_size and slice_axis is not None:  # a 2D network over 3D volumes, one slice at a time
+            inferer = SliceInferer(spatial_dim=slice_axis, roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+        elif roi_size:
+            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
         super().__init__(
             model=model,
             num_classes=num_classes,
