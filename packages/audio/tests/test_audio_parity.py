@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from polyfm.audio.bench import load_panns_reference
-from polyfm.audio.models import Cnn14, Cnn14_DecisionLevelMax
+from polyfm.audio.models import Cnn14, Cnn14_16k, Cnn14_DecisionLevelMax
 from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa
 
 reference = pytest.importorskip("torchlibrosa") and load_panns_reference()
@@ -27,9 +27,12 @@ def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
             module.bias.data.copy_(0.4 * torch.rand(n, generator=generator) - 0.2)
 
 
-def _pair(ref_cls, our_cls):
+CONFIG_32K = {"sample_rate": 32000, "window_size": 1024, "hop_size": 320, "mel_bins": 64, "fmin": 50, "fmax": 14000, "classes_num": 527}
+
+
+def _pair(ref_cls, our_cls, config=CONFIG_32K):
     torch.manual_seed(0)
-    ref = ref_cls(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527)
+    ref = ref_cls(**config)
     _randomise_batchnorm(ref, 1)
     ref.eval()
     state = ref.state_dict()
@@ -63,4 +66,15 @@ def test_cnn14_decision_level_max_matches_panns_inference() -> None:
         expected, got = ref(waveform), ours(waveform)
     assert got["framewise_output"].shape == expected["framewise_output"].shape
     for key in ("framewise_output", "clipwise_output"):
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
+
+
+def test_cnn14_16k_matches_panns_inference_at_16khz() -> None:
+    """panns_inference's Cnn14 built with PANNs' 16 kHz settings (512/160, 50-8000 Hz) vs our Cnn14_16k."""
+    config = {"sample_rate": 16000, "window_size": 512, "hop_size": 160, "mel_bins": 64, "fmin": 50, "fmax": 8000, "classes_num": 527}
+    ref, ours = _pair(reference.Cnn14, Cnn14_16k, config)
+    waveform = 0.3 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected, got = ref(waveform), ours(waveform)
+    for key in ("clipwise_output", "embedding"):
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
