@@ -16,12 +16,10 @@ Zenodo publishes md5 only, so the sha256 entries are ``None`` (recorded as unver
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,39 +39,11 @@ CONFIG_32K: dict[str, Any] = {"sample_rate": 32000, "window_size": 1024, "hop_si
 CONFIG_16K: dict[str, Any] = {"sample_rate": 16000, "window_size": 512, "hop_size": 160, "mel_bins": 64, "fmin": 50, "fmax": 8000, "classes_num": 527}
 
 
-def _numpy_data_globals() -> list[Any]:
-    """The numpy reconstructors a training checkpoint needs for plain data: arrays,
-    scalars and dtypes. PANNs' training script saves ``{'iteration', 'model', 'sampler'}``
-    with the sampler's numpy index arrays beside the weights. These rebuild arrays from
-    bytes and run no other code; they are allowed under their numpy 1.x and 2.x names."""
-    from numpy._core import multiarray
-
-    allowed: list[Any] = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
-    allowed += [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), (multiarray.scalar, "numpy.core.multiarray.scalar")]
-    allowed += [type(np.dtype(code)) for code in ("b", "B", "h", "H", "i", "I", "l", "L", "q", "Q", "e", "f", "d", "?", "U", "S", "O")]
-    return allowed
-
-
 def read_panns_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a PANNs ``.pth`` with ``weights_only=True``. When the file also holds numpy
-    data (the training sampler's state), only numpy's array/scalar/dtype reconstructors
-    are added to the allowed globals, never arbitrary classes."""
-    try:
-        return load_checkpoint_file(path)
-    except CheckpointError as exc:
-        if not isinstance(exc.__cause__, pickle.UnpicklingError) or "numpy" not in str(exc.__cause__):
-            raise
-    try:
-        with torch.serialization.safe_globals(_numpy_data_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"Refused to load {path}: besides tensors and numpy arrays it holds Python objects, and loading them "
-            f"would run code from the file. Re-save only its 'model' state dict. Detail: {str(exc).splitlines()[0]}"
-        ) from exc
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict.")
-    return obj
+    """Read a PANNs ``.pth`` with ``weights_only=True``. Training checkpoints hold the
+    sampler's numpy state beside the weights; core allows numpy's plain-data rebuilders
+    (and nothing else) for exactly this."""
+    return load_checkpoint_file(path)
 
 
 def split_torchlibrosa(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDict]:

@@ -195,6 +195,7 @@ def pretrain_domain(output: Path, domain: str, data_dir: str | None, quick: bool
         loggers=("csv",), enable_checkpointing=False, log_every_n_steps=1, enable_model_summary=False,
     )
     start = time.time()
+    module.train()  # Lightning 2.6 keeps each module's mode: a kit's eval-mode model would train in eval mode
     trainer.fit(module, kit.make_pretrain_data())
     losses = _logged_losses(trainer)
     save_safetensors({k: v for k, v in encoder.state_dict().items() if isinstance(v, torch.Tensor)}, path)
@@ -282,6 +283,7 @@ def execute_run(run: dict[str, Any], output: str) -> dict[str, Any]:
         max_epochs=kit.finetune_epochs, default_root_dir=str(out / "runs" / key), enable_progress_bar=False,
         loggers=("csv",), enable_checkpointing=False, enable_model_summary=False,
     )
+    task.train()  # see pretrain_domain
     trainer.fit(task, data)
     tested = trainer.test(task, data, verbose=False)[0]
     train_set = getattr(data, "train_set", None)

@@ -173,6 +173,20 @@ def download(url: str, target: Path, sha256: str | None, timeout: float = 60.0) 
 # ----------------------------------------------------------------------------- safe loading
 
 
+def plain_data_globals() -> list[Any]:
+    """Classes official checkpoints use for plain data, allowed under ``weights_only=True``:
+    ``argparse.Namespace`` (training arguments of MAE/SatMAE, Uni-Mol, ...) and numpy's array,
+    scalar and dtype rebuilders (PANNs' sampler state, best scores). They rebuild data from
+    bytes and run no other code; anything else in a pickle is still refused."""
+    import numpy as np
+    from numpy._core import multiarray
+
+    allowed: list[Any] = [argparse.Namespace, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    allowed += [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), (multiarray.scalar, "numpy.core.multiarray.scalar")]
+    allowed += [type(np.dtype(code)) for code in ("b", "B", "h", "H", "i", "I", "l", "L", "q", "Q", "e", "f", "d", "?", "U", "S")]
+    return allowed
+
+
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint safely: safetensors as is, pickles only with ``weights_only=True``."""
     path = Path(path)
@@ -186,9 +200,7 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
     try:
-        # Official checkpoints (MAE/SatMAE, Uni-Mol, ...) store their training arguments as an
-        # argparse.Namespace: plain data, so it is allowed; anything else still refuses.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(plain_data_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
