@@ -154,3 +154,30 @@ def test_medseg_prediction_keeps_grid_and_affine(tmp_path) -> None:
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2}
     assert json.loads((tmp_path / "pred" / "scan_seg.json").read_text())["labels"]["2"] == "spleen"
+
+
+def test_medseg_dicom_series_folder_is_read(tmp_path) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    series, study = generate_uid(), generate_uid()
+    for z in range(6):  # one CT series, 6 slices 2 mm apart, value 100 * slice index
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = CTImageStorage, generate_uid(), ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, series, study
+        ds.Modality, ds.Rows, ds.Columns, ds.PixelSpacing, ds.SliceThickness = "CT", 20, 18, [1.5, 1.5], 2.0
+        ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.InstanceNumber = [0.0, 0.0, 2.0 * z], [1, 0, 0, 0, 1, 0], z + 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, "MONOCHROME2", 16, 16, 15
+        ds.PixelRepresentation, ds.RescaleIntercept, ds.RescaleSlope = 1, 0, 1
+        ds.PixelData = np.full((20, 18), 100 * z, np.int16).tobytes()
+        (tmp_path / "series").mkdir(exist_ok=True)
+        pydicom.dcmwrite(tmp_path / "series" / f"{z}.dcm", ds, enforce_file_format=True)
+    assert find_volumes(tmp_path) == [str(tmp_path / "series")]
+    dm = VolumeFolderDataModule(folder=str(tmp_path), roi_size=[16, 16, 6], num_samples=1, batch_size=1, orientation=None, a_min=0, a_max=500)
+    dm.setup()
+    crop = next(iter(dm.train_dataloader()))["input"][0, 0]
+    assert crop.shape == (16, 16, 6)
+    torch.testing.assert_close(crop[0, 0].sort().values, torch.arange(6) * 100 / 500.0)  # all six slices, scaled

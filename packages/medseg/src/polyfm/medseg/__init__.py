@@ -10,15 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "BasicUNet",
-    "DynUNet",
-    "SwinUNETR",
-    "UNet",
-    "MODELS",
-    "WEIGHTS",
-]
-
 _LAZY = {
     "BasicUNet": "polyfm.medseg.models",
     "DynUNet": "polyfm.medseg.models",
@@ -26,7 +17,19 @@ _LAZY = {
     "UNet": "polyfm.medseg.models",
     "MODELS": "polyfm.medseg.models",
     "WEIGHTS": "polyfm.medseg.weights",
+    "SegmentationDataModule": "polyfm.medseg.data",
+    "VolumeFolderDataModule": "polyfm.medseg.data",
+    "read_decathlon": "polyfm.medseg.data",
+    "predict_to_nifti": "polyfm.medseg.data",
+    "save_overlay_png": "polyfm.medseg.data",
+    "VolumeFusion": "polyfm.medseg.objectives",
+    "MaskedVolumeInpainting": "polyfm.medseg.objectives",
+    "SwinSSL": "polyfm.medseg.objectives",
+    "VolumeSegmentation": "polyfm.medseg.tasks",
+    "demo_kit": "polyfm.medseg.samples",
 }
+
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
