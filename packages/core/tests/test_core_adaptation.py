@@ -113,3 +113,30 @@ def test_soup_of_identical_models_changes_nothing_and_greedy_soup_beats_its_best
     soup, chosen = greedy_soup(members, accuracy)
     assert accuracy(soup) >= max(accuracy(m) for m in members)
     assert chosen[0] == max(range(3), key=lambda i: accuracy(members[i]))
+
+
+class SegmenterWithHead(torch.nn.Module):
+    """A whole model that carries its own output head, as U-Nets and forecasters do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1))
+        self.out = torch.nn.Conv2d(8, 3, 1)
+
+    def head_names(self) -> list[str]:
+        return ["out"]
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+@pytest.mark.parametrize("mode", ["linear", "lora"])
+def test_whole_model_tasks_keep_their_head_trainable(mode):
+    from polyfm.core import Segmentation
+
+    task = Segmentation(SegmenterWithHead(), 3, adaptation=Adaptation(mode=mode, lora_rank=2))
+    trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
+    assert {"out.weight", "out.bias"} <= trainable
+    assert not any(n.startswith("out.") and "lora_" in n for n, _ in task.model.named_parameters())
+    others = trainable - {"out.weight", "out.bias"}
+    assert (not others) if mode == "linear" else (others and all("lora_" in n for n in others))

@@ -69,8 +69,23 @@ def lora_target_names(module: nn.Module, patterns: Sequence[str] | None = None) 
     return names
 
 
+def head_prefixes(module: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of a whole model's own output head (``head_names()``), for
+    models that carry their head (segmentation U-Nets, forecasters): the head always trains."""
+    names = getattr(module, "head_names", None)
+    return tuple(names()) if callable(names) else ()
+
+
+def _is_under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def apply_adaptation(encoder: nn.Module, adaptation: Adaptation) -> nn.Module:
-    """Freeze or wrap ``encoder`` in place according to ``adaptation``; returns it."""
+    """Freeze or wrap ``encoder`` in place according to ``adaptation``; returns it.
+
+    A model that declares ``head_names()`` keeps those parameters trainable in every
+    mode, and LoRA leaves them unwrapped (a fresh head has nothing to adapt)."""
+    head = head_prefixes(encoder)
     if adaptation.mode == "full":
         encoder.requires_grad_(True)
     elif adaptation.mode == "linear":
@@ -86,14 +101,17 @@ def apply_adaptation(encoder: nn.Module, adaptation: Adaptation) -> nn.Module:
         for name, param in encoder.named_parameters():
             param.requires_grad_(not any(name == p or name.startswith(p + ".") for p in frozen))
     elif adaptation.mode == "lora":
-        _inject_lora(encoder, adaptation)
+        _inject_lora(encoder, adaptation, exclude=head)
+    for name, param in encoder.named_parameters():
+        if head and _is_under(name, head):
+            param.requires_grad_(True)
     return encoder
 
 
-def _inject_lora(encoder: nn.Module, adaptation: Adaptation) -> None:
+def _inject_lora(encoder: nn.Module, adaptation: Adaptation, exclude: tuple[str, ...] = ()) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = lora_target_names(encoder, adaptation.lora_targets)
+    targets = [t for t in lora_target_names(encoder, adaptation.lora_targets) if not _is_under(t, exclude)]
     if not targets:
         raise ConfigError(
             f"LoRA found no Linear/Conv layer in {type(encoder).__name__} matching {adaptation.lora_targets}; "
