@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from polyfm.core.kit import installed_kits
-from polyfm.core.studies import StudyConfig, run_study
+from polyfm.core.studies import StudyConfig, run_study, study_failures
 
 
 def run_demo(
@@ -47,5 +47,8 @@ def run_demo(
         data_dir=data_dir,
     )
     out = run_study(config)
+    failures = study_failures(out)
+    if failures:
+        raise SystemExit(f"polyfm demo: {len(failures)} run(s) failed; the report holds the others. Tracebacks: {out / 'failed'}")
     print(f"polyfm demo: done in {(time.time() - start) / 60:.1f} min. Report: {out / 'summary.md'}, table: {out / 'results.csv'}, plots: {out}/*.png", flush=True)
     return out

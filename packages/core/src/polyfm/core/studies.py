@@ -347,9 +347,12 @@ def run_grid(
         print(f"[{label}] resuming: {len(runs) - len(pending)} finished run(s) kept, {len(pending)} to go", flush=True)
 
     def record(run: dict[str, Any], row: dict[str, Any]) -> None:
-        write_json_atomic(runs_dir / f"{run_key(run)}.json", row) if row.get("status") == "ok" else write_json_atomic(
-            output / "failed" / f"{run_key(run)}.json", row
-        )
+        failed_file = output / "failed" / f"{run_key(run)}.json"
+        if row.get("status") == "ok":
+            write_json_atomic(runs_dir / f"{run_key(run)}.json", row)
+            failed_file.unlink(missing_ok=True)  # an earlier failure of this run, now retried successfully
+        else:
+            write_json_atomic(failed_file, row)
         progress.advance(row)
         if on_result:
             on_result(row)
@@ -446,14 +449,30 @@ def run_study(config_path: Path | StudyConfig, workers: int = 1, ray_address: st
           f"{len(config.adaptations)} adaptation(s) x {len(config.label_fractions)} fraction(s) x {len(config.seeds)} seed(s)", flush=True)
     if "pretrained" in config.sources:
         for target in config.targets:
-            info = pretrain_domain(out, target["domain"], target.get("data_dir", config.data_dir), config.quick)
+            if target.get("trunk"):
+                continue
+            try:
+                info = pretrain_domain(out, target["domain"], target.get("data_dir", config.data_dir), config.quick)
+                (out / "failed" / f"pretrain-{target['domain']}.json").unlink(missing_ok=True)
+            except Exception as exc:  # recorded; that domain's pretrained runs then fail by name, the rest go on
+                write_json_atomic(out / "failed" / f"pretrain-{target['domain']}.json", {"domain": target["domain"], "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+                print(f"[{config.name}] PRETRAINING FAILED for {target['domain']}: {type(exc).__name__}: {exc}", flush=True)
+                continue
             losses = ", ".join(f"{k.removeprefix('pretrain_').replace('_', ' ')} {v:.4f}" for k, v in info.items() if k.startswith("pretrain_"))
             print(f"[{config.name}] pretrained {target['domain']} in {info['seconds']:.1f} s ({info['epochs']} epochs): {losses}", flush=True)
     rows = run_grid(runs, out, workers=workers, ray_address=ray_address, label=config.name)
     from polyfm.core.report import write_report
 
     write_report(rows, out, title=config.name)
+    failed = sorted((out / "failed").glob("*.json")) if (out / "failed").exists() else []
+    if failed:
+        print(f"[{config.name}] {len(failed)} failure(s), each with its traceback in {out / 'failed'}: "
+              + ", ".join(json.loads(p.read_text()).get("error", "")[:80] for p in failed[:5]), flush=True)
     return out
+
+
+def study_failures(output: Path) -> list[Path]:
+    return sorted((output / "failed").glob("*.json")) if (output / "failed").exists() else []
 
 
 def iter_domains(targets: Iterable[dict[str, Any]]) -> list[str]:

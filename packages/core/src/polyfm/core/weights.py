@@ -245,7 +245,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    # clone: tied weights (e.g. RoBERTa's decoder and word embeddings) share storage, which safetensors refuses
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 
