@@ -246,17 +246,24 @@ def load_source(encoder: Any, source: str, output: Path, run: dict[str, Any]) ->
 
     if source == "scratch":
         return
+    from polyfm.core.adaptation import head_prefixes
+
+    head = head_prefixes(encoder)  # a model's own output head is task-specific: never transferred
+
+    def without_head(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in head)}
+
     if source == "pretrained":
         path = pretrained_encoder_path(output, run["domain"], run["data_dir"], run["quick"], 0)
         state = unwrap_state_dict(load_checkpoint_file(path))
-        load_state_dict_checked(encoder, state, strict=True, source=str(path))
+        load_state_dict_checked(encoder, without_head(state), strict=True, ignore_missing=head, source=str(path))
         return
     if source.startswith(("checkpoint:", "weights:")):
         state, name = source_state(source)
         if hasattr(encoder, "load_trunk"):  # cross-domain trunks map keys themselves
             encoder.load_trunk(state, source=name)
         else:
-            load_state_dict_checked(encoder, state, strict=False, source=name)
+            load_state_dict_checked(encoder, without_head(state), strict=False, source=name)
         return
     raise ConfigError(f"Unknown source {source!r}.")
 
