@@ -186,3 +186,16 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, (10 << 30) - (50 << 20), 50 << 20))
     with pytest.raises(ConfigError, match="only 50 MB free"):
         build_trainer(default_root_dir=str(tmp_path / "run"))
+
+
+def test_multilabel_macro_metrics_skip_labels_without_both_classes():
+    from torchmetrics.classification import MultilabelAUROC
+
+    from polyfm.core.tasks import ObservedLabelsMean
+
+    metric = ObservedLabelsMean(MultilabelAUROC(3, average="none", ignore_index=-1), 3)
+    target = torch.tensor([[1, 0, -1], [0, 0, 1], [1, 0, 0], [0, 0, -1]])
+    preds = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.8, 0.2, 0.1], [0.1, 0.9, 0.5]])
+    metric.update(preds, target)
+    # label 0 is perfectly ranked (1.0), label 1 has no positives (skipped, not counted as 0), label 2 is 1.0
+    assert metric.compute().item() == pytest.approx(1.0)

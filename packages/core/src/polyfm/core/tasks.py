@@ -145,6 +145,36 @@ def _warmup_cosine(warmup: int, total: int, kind: str, min_ratio: float) -> Call
     return factor
 
 
+class ObservedLabelsMean(torchmetrics.Metric):
+    """Macro average of a per-label multilabel metric over the labels whose evaluation
+    targets hold both classes. torchmetrics scores a label with no positives as 0, which
+    drags the mean of sparse multi-task sets (Tox21 assays, rare tags) towards zero."""
+
+    full_state_update = False
+    positives: torch.Tensor
+    negatives: torch.Tensor
+
+    def __init__(self, per_label: torchmetrics.Metric, num_labels: int) -> None:
+        super().__init__()
+        self.per_label = per_label
+        self.add_state("positives", default=torch.zeros(num_labels), dist_reduce_fx="sum")
+        self.add_state("negatives", default=torch.zeros(num_labels), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.per_label.update(preds, target)
+        self.positives += (target == 1).sum(0).float()
+        self.negatives += (target == 0).sum(0).float()
+
+    def compute(self) -> torch.Tensor:
+        values = self.per_label.compute()
+        valid = (self.positives > 0) & (self.negatives > 0)
+        return values[valid].mean() if valid.any() else torch.tensor(float("nan"))
+
+    def reset(self) -> None:
+        super().reset()
+        self.per_label.reset()
+
+
 class EncoderTask(EngineModule):
     """An encoder plus a head, adapted by ``adaptation``, with layer-wise LR decay."""
 
@@ -190,11 +220,16 @@ class Classification(EncoderTask):
         if self.multilabel:
             return torchmetrics.MetricCollection(
                 {
-                    "map": torchmetrics.classification.MultilabelAveragePrecision(self.num_classes, average="macro", ignore_index=-1),
+                    "map": ObservedLabelsMean(
+                        torchmetrics.classification.MultilabelAveragePrecision(self.num_classes, average="none", ignore_index=-1), self.num_classes
+                    ),
                     "map_micro": torchmetrics.classification.MultilabelAveragePrecision(self.num_classes, average="micro", ignore_index=-1),
-                    "auroc": torchmetrics.classification.MultilabelAUROC(self.num_classes, average="macro", ignore_index=-1),
+                    "auroc": ObservedLabelsMean(
+                        torchmetrics.classification.MultilabelAUROC(self.num_classes, average="none", ignore_index=-1), self.num_classes
+                    ),
                     "acc": torchmetrics.classification.MultilabelAccuracy(self.num_classes, ignore_index=-1),
-                }
+                },
+                compute_groups=False,  # the wrappers' inner metrics must each see every update
             )
         return torchmetrics.MetricCollection(
             {
