@@ -62,12 +62,18 @@ def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple
         description = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON ({exc}).", path=path) from exc
+    if not isinstance(description, dict):
+        raise DataError(f"the top level must be an object with a {section!r} list, not a {type(description).__name__}.", path=path)
+    if section in description and not isinstance(description[section], list):
+        raise DataError(f"{section!r} must be a list of cases, not a {type(description[section]).__name__}.", path=path)
     if section not in description:
         raise DataError(f"has no {section!r} list (sections present: {sorted(k for k, v in description.items() if isinstance(v, list))}).", path=path)
     root = path.parent
     cases: list[dict[str, str]] = []
     missing: list[str] = []
     for index, entry in enumerate(description[section]):
+        if not isinstance(entry, str | dict):
+            raise DataError(f"{section} entry {index} is a {type(entry).__name__} ({entry!r:.60}); expected {{'image': ..., 'label': ...}}.", path=path)
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)  # MSD "test" lists bare paths
         if "image" not in entry:
             raise DataError(f"{section} entry {index} has no 'image' key: {entry}.", path=path)
@@ -75,6 +81,8 @@ def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple
         for key in ("image", "label"):
             if key not in entry:
                 continue
+            if not isinstance(entry[key], str) or not entry[key]:
+                raise DataError(f"{section}[{index}].{key} must be a file path, got {entry[key]!r:.60}.", path=path)
             file = (root / entry[key]).resolve() if not Path(entry[key]).is_absolute() else Path(entry[key])
             if not file.exists():
                 missing.append(f"{section}[{index}].{key} = {entry[key]} (looked for {file})")
