@@ -18,7 +18,7 @@ def test_demo_writes_a_report_from_real_runs(tmp_path):
     assert domains, "no domain kit installed"
     env = {k: v for k, v in os.environ.items() if k != "POLYFM_DATA_DIR"}  # built-in samples
     result = subprocess.run(
-        [sys.executable, "-m", "polyfm.core.cli", "demo", "--output", str(tmp_path / "demo")],
+        [sys.executable, "-m", "polyfm.core.cli", "demo", "--output", str(tmp_path / "demo"), "--seeds", "0"],
         capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])

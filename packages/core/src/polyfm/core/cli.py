@@ -83,7 +83,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from polyfm.core.demo import run_demo
 
-    run_demo(output=Path(args.output), data_dir=args.data_dir, domains=args.domains, quick=args.quick)
+    run_demo(output=Path(args.output), data_dir=args.data_dir, domains=args.domains, quick=args.quick, seeds=tuple(args.seeds))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=None, help="real data folder (default: $POLYFM_DATA_DIR, else built-in samples)")
     d.add_argument("--domains", nargs="*", default=None)
     d.add_argument("--quick", action="store_true", help="smallest settings (used by the tests)")
+    d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per configuration (mean and std in the report)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="throughput and memory vs the reference implementations")
     b.add_argument("--output", default="reports/bench.json")

@@ -22,7 +22,7 @@ def run_demo(
     domains: list[str] | None = None,
     quick: bool = False,
     label_fractions: tuple[float, float] = (0.25, 1.0),
-    seeds: tuple[int, ...] = (0,),
+    seeds: tuple[int, ...] = (0, 1, 2),
 ) -> Path:
     data_dir = data_dir or os.environ.get("POLYFM_DATA_DIR") or None
     available = sorted(installed_kits(include_registered=domains is not None))

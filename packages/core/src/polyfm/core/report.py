@@ -3,8 +3,8 @@
 * ``results.csv`` / ``results.parquet``: one row per run, its configuration and metrics;
 * ``summary.md``: mean ± std over seeds, gain over scratch, best adaptation per target;
 * ``label_efficiency_<target>.png``: metric vs label fraction, a line per source/adaptation;
-* ``transfer_heatmap.png``: source x target gain over scratch (mean over fractions,
-  adaptations and seeds; sign-corrected so that positive is better).
+* ``transfer_heatmap.png``: source x target gain over scratch in % of scratch's metric (mean
+  over fractions and adaptations of the seed means; sign-corrected so that positive is better).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     better = frame.groupby("domain")["higher_is_better"].first()
     sign = stats["domain"].map(lambda d: 1.0 if better.get(d, True) else -1.0)
     stats["gain_over_scratch"] = sign * (stats["mean"] - stats["scratch_mean"])
+    # relative to scratch, so targets with different metrics (accuracy, RMSE, Dice) share one colour scale
+    stats["relative_gain_pct"] = 100 * stats["gain_over_scratch"] / stats["scratch_mean"].abs()
     return stats
 
 
@@ -122,7 +124,7 @@ def plot_transfer_heatmap(stats: pd.DataFrame, output: Path) -> Path | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    gains = stats[stats["source"] != "scratch"].pivot_table(index="source", columns="domain", values="gain_over_scratch", aggfunc="mean")
+    gains = stats[stats["source"] != "scratch"].pivot_table(index="source", columns="domain", values="relative_gain_pct", aggfunc="mean")
     if gains.empty:
         return None
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * gains.shape[1], 1.4 + 0.6 * gains.shape[0]))
@@ -134,9 +136,10 @@ def plot_transfer_heatmap(stats: pd.DataFrame, output: Path) -> Path | None:
         for j in range(gains.shape[1]):
             value = gains.values[i, j]
             if not np.isnan(value):
-                ax.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax, label="gain over scratch (better > 0)")
-    ax.set_title("source x target: gain over scratch")
+                colour = "white" if abs(value) > 0.6 * limit else "black"
+                ax.text(j, i, f"{value:+.1f}%", ha="center", va="center", fontsize=8, color=colour)
+    fig.colorbar(image, ax=ax, label="% vs scratch")
+    ax.set_title("source x target: relative gain over scratch")
     fig.tight_layout()
     path = output / "transfer_heatmap.png"
     fig.savefig(path, dpi=110)
