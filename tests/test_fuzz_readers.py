@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from polyfm.core.errors import PolyfmError
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 cells = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=32).map(lambda v: repr(float(v))),
     st.integers(-1000, 1000).map(str),

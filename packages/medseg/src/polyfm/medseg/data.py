@@ -95,17 +95,28 @@ def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple
             "Fix the paths (they are relative to the folder of dataset.json) or remove those entries.",
             path=path,
         )
-    return cases, label_names(description.get("labels", {}))
+    try:
+        names = label_names(description.get("labels", {}))
+    except ValueError as exc:
+        raise DataError(f"{exc}.", path=path) from exc
+    return cases, names
 
 
 def label_names(labels: Mapping[str, Any]) -> list[str]:
     """``{"0": "background", "1": "liver"}`` (MSD) or ``{"background": 0, "liver": 1}`` (nnU-Net v2) -> names by id."""
     if not labels:
         return []
+    if not isinstance(labels, Mapping):
+        raise ValueError(f"'labels' must map ids to names (or names to ids), got a {type(labels).__name__}: {labels!r:.60}")
     if all(str(k).isdigit() for k in labels):
         by_id = {int(k): str(v) for k, v in labels.items()}
-    else:
-        by_id = {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}  # region-based lists are not ids
+    else:  # region-based lists are not ids
+        by_id = {int(v): str(k) for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool)}
+    by_id = {i: name for i, name in by_id.items() if i >= 0}
+    if not by_id:
+        return []
+    if max(by_id) > 100_000:
+        raise ValueError(f"label id {max(by_id)} is implausibly large for a label map; check 'labels'")
     return [by_id.get(i, f"label_{i}") for i in range(max(by_id) + 1)]
 
 
