@@ -92,9 +92,7 @@ class SoundEventDetection(EncoderTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["input"]), batch["target"])
-        self.check_finite(loss, batch, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
+        return self.log_train_loss(loss, batch, batch_idx, len(batch["target"]))
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         out = self(batch["input"])

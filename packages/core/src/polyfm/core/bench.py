@@ -2,7 +2,10 @@
 
 Each domain package lists :class:`BenchCase` objects; the harness warms up, repeats,
 and reports median and spread of throughput and peak memory for ours and the
-reference in the same process, with the ratio ours/reference.
+reference in the same process, with the ratio ours/reference. FLOPs are counted, not
+written by hand: one extra call runs under ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls, convolutions, attention; forward and backward), which gives achieved
+TFLOP/s everywhere and MFU on GPUs whose bf16 peak is known.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 Step = Callable[[], object]
 
@@ -32,6 +36,7 @@ class BenchCase:
     items: int
     ours: Callable[[torch.device], Step]
     reference: Callable[[torch.device], Step] | None = None
+    #: Overrides the counted FLOPs (e.g. for ops the counter does not know); None: count them.
     flops_per_item: float | None = None
     reference_name: str = ""
 
@@ -41,13 +46,69 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ResidentPeak:
+    """Peak resident memory added while the block runs (MB), for CPU cases.
+
+    CPU allocations carry no per-case statistics, so a thread samples the resident set.
+    Freed heap is first handed back to the OS (``malloc_trim``) so memory the previous
+    case left free does not hide this one's. ``mb`` is None where /proc is missing.
+    """
+
+    def __init__(self, interval_s: float = 0.0005) -> None:
+        self.interval_s = interval_s
+        self.mb: float | None = None
+        self._done = threading.Event()
+
+    def __enter__(self) -> ResidentPeak:
+        _trim_heap()
+        self._before = _rss_bytes()
+        self._peak = self._before or 0
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        if self._before is not None:
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self._peak = max(self._peak, _rss_bytes() or 0)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._before is not None:
+            self._sampler.join()
+            self.mb = max(0, max(self._peak, _rss_bytes() or 0) - self._before) / 2**20
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def count_flops(step: Step) -> int:
+    """FLOPs of one call (forward, and backward where the step has one)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
 def measure(step: Step, device: torch.device, warmup: int = 2, repeats: int = 5, min_seconds: float = 0.0) -> dict[str, float]:
     """Median and spread (min/max) of seconds per call, and peak memory in MB."""
     for _ in range(warmup):
         step()
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
@@ -58,8 +119,6 @@ def measure(step: Step, device: torch.device, warmup: int = 2, repeats: int = 5,
     result = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
     if device.type == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:  # CPU allocations cannot be attributed per case: the process's RSS high-water mark, which only grows
-        result["rss_high_water_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
@@ -72,16 +131,37 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in table.items() if k in name), None)
 
 
+def _side(case: BenchCase, build: Callable[[torch.device], Step], device: torch.device, repeats: int) -> dict[str, Any]:
+    """Peak memory covers building (weights, inputs) and two warm-up calls (activations,
+    optimizer state): on CUDA the allocator's peak, on CPU the resident set sampled
+    outside the timed calls."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with ResidentPeak() as resident:
+        step = build(device)
+        for _ in range(2):
+            step()
+        _sync(device)
+    timing = measure(step, device, warmup=0, repeats=repeats)
+    if device.type != "cuda" and resident.mb is not None:
+        timing["peak_mb"] = resident.mb
+    side: dict[str, Any] = {**timing, "items_per_s": case.items / timing["median_s"]}
+    flops = case.flops_per_item * case.items if case.flops_per_item else count_flops(step)
+    if flops:
+        side["gflop_per_item"] = flops / case.items / 1e9
+        side["tflop_per_s"] = flops / timing["median_s"] / 1e12
+        if peak := peak_flops(device):
+            side["mfu"] = flops / timing["median_s"] / peak
+    return side
+
+
 def run_case(case: BenchCase, device: torch.device, repeats: int = 5) -> dict[str, Any]:
     row: dict[str, Any] = {"name": case.name, "unit": case.unit, "items": case.items, "reference_name": case.reference_name}
-    ours = measure(case.ours(device), device, repeats=repeats)
-    row["ours"] = {**ours, "items_per_s": case.items / ours["median_s"]}
-    if case.flops_per_item and (peak := peak_flops(device)):
-        row["ours"]["mfu"] = case.flops_per_item * row["ours"]["items_per_s"] / peak
+    row["ours"] = _side(case, case.ours, device, repeats)
     if case.reference is not None:
         try:
-            ref = measure(case.reference(device), device, repeats=repeats)
-            row["reference"] = {**ref, "items_per_s": case.items / ref["median_s"]}
+            row["reference"] = _side(case, case.reference, device, repeats)
             row["ratio"] = row["ours"]["items_per_s"] / row["reference"]["items_per_s"]
         except ImportError as exc:
             row["reference"] = {"skipped": f"reference not installed: {exc}"}
@@ -115,9 +195,46 @@ def collect_cases(quick: bool, only: list[str] | None = None) -> list[BenchCase]
     return cases
 
 
-def run_all(output: Path, quick: bool = True, only: list[str] | None = None, device: str | None = None, repeats: int = 5) -> dict[str, Any]:
+def finetune_utilisation(domain: str, device: torch.device, steps: int, quick: bool = True) -> dict[str, Any]:
+    """A domain's fine-tuning loop as the studies run it (its kit's task, data module and
+    workers, polyfm's Trainer) for ``steps`` steps under ``UtilisationMonitor``: is the
+    data pipeline ever the bottleneck? Real data when ``POLYFM_DATA_DIR`` is set."""
+    import tempfile
+
+    import lightning as L
+
+    from polyfm.core.adaptation import Adaptation
+    from polyfm.core.kit import load_kit
+    from polyfm.core.performance import UtilisationMonitor
+    from polyfm.core.trainer import build_trainer
+
+    data_dir = os.environ.get("POLYFM_DATA_DIR") or None
+    kit = load_kit(domain, Path(data_dir) if data_dir else None, quick=quick)
+    L.seed_everything(0, verbose=False)
+    task = kit.make_task(kit.make_encoder(), Adaptation())
+    data = kit.make_finetune_data(1.0, 0)
+    monitor = UtilisationMonitor(skip_first=3)
+    with tempfile.TemporaryDirectory(prefix="polyfm-bench-finetune-") as root:
+        trainer = build_trainer(
+            max_epochs=-1, max_steps=steps, default_root_dir=root, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+            enable_progress_bar=False, loggers=(), enable_checkpointing=False, callbacks=[monitor], limit_val_batches=0,
+            enable_model_summary=False,
+        )  # fmt: skip
+        task.train()
+        trainer.fit(task, data)
+    return {"name": f"finetune/{domain}", "data_source": kit.data_source, **monitor.summary}
+
+
+def run_all(
+    output: Path,
+    quick: bool = True,
+    only: list[str] | None = None,
+    device: str | None = None,
+    repeats: int = 5,
+    finetune_steps: int = 30,
+) -> dict[str, Any]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result: dict[str, Any] = {"environment": environment(), "device": str(dev), "quick": quick, "cases": []}
+    result: dict[str, Any] = {"environment": environment(), "device": str(dev), "quick": quick, "cases": [], "finetune": []}
     for case in collect_cases(quick, only):
         try:
             row = run_case(case, dev, repeats=repeats)
@@ -125,6 +242,18 @@ def run_all(output: Path, quick: bool = True, only: list[str] | None = None, dev
             row = {"name": case.name, "error": f"{type(exc).__name__}: {exc}"}
         result["cases"].append(row)
         print(format_row(row), flush=True)
+    if finetune_steps > 0:
+        from polyfm.core.kit import installed_kits
+
+        for domain in installed_kits(include_registered=False):
+            if only and domain not in only:
+                continue
+            try:
+                run = finetune_utilisation(domain, dev, finetune_steps, quick)
+            except Exception as exc:
+                run = {"name": f"finetune/{domain}", "error": f"{type(exc).__name__}: {exc}"}
+            result["finetune"].append(run)
+            print(format_utilisation(run), flush=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
@@ -132,14 +261,30 @@ def run_all(output: Path, quick: bool = True, only: list[str] | None = None, dev
     return result
 
 
+def format_utilisation(run: dict[str, Any]) -> str:
+    if "error" in run:
+        return f"{run['name']:<40} ERROR {run['error']}"
+    text = f"{run['name']:<40} {run['samples_per_s']:>10.1f} samples/s  data wait {run['data_wait_fraction']:.1%}"
+    if "device_busy_fraction" in run:
+        text += f"  GPU busy {run['device_busy_fraction']:.1%}"
+    if "gpu_utilisation" in run:
+        text += f"  NVML {run['gpu_utilisation']:.0%}"
+    return text
+
+
 def format_row(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{row['name']:<40} ERROR {row['error']}"
     ours = row["ours"]
-    memory = f"peak {ours['peak_mb']:.0f} MB" if "peak_mb" in ours else f"rss {ours['rss_high_water_mb']:.0f} MB"
-    text = f"{row['name']:<40} {ours['items_per_s']:>10.1f} {row['unit']}/s  {memory}"
-    if "ratio" in row:
-        text += f"  ref {row['reference']['items_per_s']:.1f}/s  ratio {row['ratio']:.2f}x"
+    text = f"{row['name']:<40} {ours['items_per_s']:>10.1f} {row['unit']}/s"
+    if "peak_mb" in ours:
+        text += f"  peak {ours['peak_mb']:.0f} MB"
+    if "tflop_per_s" in ours:
+        text += f"  {ours['tflop_per_s'] * 1e3:.1f} GFLOP/s"
     if "mfu" in ours:
         text += f"  MFU {ours['mfu']:.1%}"
+    if "ratio" in row:
+        text += f"  | ref {row['reference']['items_per_s']:.1f}/s  ratio {row['ratio']:.2f}x"
+    elif "skipped" in row.get("reference", {}):
+        text += f"  | ref {row['reference']['skipped']}"
     return text

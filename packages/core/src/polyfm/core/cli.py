@@ -20,7 +20,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def lightning_main(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir
+    from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir, default_callbacks
 
     class PolyfmCLI(LightningCLI):
         def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -31,6 +31,10 @@ def lightning_main(argv: list[str]) -> None:
             plugins = list(config.get("plugins") or [])
             if not any(isinstance(p, AtomicCheckpointIO) for p in plugins):
                 config["plugins"] = [*plugins, AtomicCheckpointIO()]
+            # the GPU path, the utilisation monitor and the sync-light bar, unless the recipe brings its own
+            callbacks = config.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            config["callbacks"] = callbacks + default_callbacks(callbacks, config.get("enable_progress_bar") is not False)
             return super().instantiate_trainer(**kwargs)
 
     PolyfmCLI(
@@ -89,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from polyfm.core.bench import run_all
 
-    run_all(Path(args.output), quick=not args.full, only=args.domains, device=args.device, repeats=args.repeats)
+    run_all(Path(args.output), quick=not args.full, only=args.domains, device=args.device, repeats=args.repeats, finetune_steps=args.finetune_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--full", action="store_true", help="full-size configurations (default: quick)")
+    b.add_argument("--finetune-steps", type=int, default=30, help="steps of each domain's fine-tuning loop under the utilisation monitor (0: skip)")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -51,9 +51,8 @@ class Pretraining(EngineModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self._run(batch)
-        self.check_finite(out["loss"], batch, batch_idx)
         size = self._batch_size(batch)
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        self.log_train_loss(out["loss"], batch, batch_idx, size)
         for key, value in out.items():
             if key != "loss" and isinstance(value, torch.Tensor) and value.numel() == 1:
                 self.log(f"train/{key}", value, batch_size=size)

@@ -22,6 +22,7 @@ from torch import nn
 
 from polyfm.core.adaptation import Adaptation, apply_adaptation, freeze_batchnorm_statistics
 from polyfm.core.errors import NonFiniteLossError
+from polyfm.core.performance import expected_host_sync
 
 
 @dataclass
@@ -79,14 +80,65 @@ class EngineModule(L.LightningModule):
 
     # -- guards -----------------------------------------------------------------------
     def check_finite(self, loss: torch.Tensor, batch: Any, batch_idx: int) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            meta = batch.get("meta") if isinstance(batch, dict) else None
-            where = f" Samples: {meta}." if meta is not None else ""
-            raise NonFiniteLossError(
-                f"Loss is {loss.detach().float().item()} at epoch {self.current_epoch}, step {self.global_step}, "
-                f"batch {batch_idx}.{where} Training stopped; the last good checkpoint is kept. "
-                "Check those samples for NaN/Inf values, or lower the learning rate."
-            )
+        """Stop on a non-finite loss, naming the samples. On CPU the check is immediate.
+        On CUDA, reading the flag would stall the host until the step's kernels finish,
+        so it is copied to pinned host memory without waiting and read once the device
+        got there: one or two steps later, and always before a checkpoint is written,
+        so no checkpoint ever holds the poisoned weights."""
+        meta = batch.get("meta") if isinstance(batch, dict) else None
+        where = (self.current_epoch, self.global_step, batch_idx, meta)
+        finite = torch.isfinite(loss.detach()).all()
+        if loss.device.type != "cuda":
+            with expected_host_sync():
+                if not finite:
+                    raise self._non_finite_error(float(loss.detach().float()), where)
+            return
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(finite, non_blocking=True)
+        value = torch.empty((), dtype=torch.float32, pin_memory=True)
+        value.copy_(loss.detach().float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_finite_checks.append((flag, value, event, where))
+        self.resolve_finite_checks(wait=False)
+
+    @property
+    def _pending_finite_checks(self) -> list[tuple[torch.Tensor, torch.Tensor, Any, tuple[Any, ...]]]:
+        if "_finite_checks" not in self.__dict__:
+            self.__dict__["_finite_checks"] = []
+        return self.__dict__["_finite_checks"]
+
+    def resolve_finite_checks(self, wait: bool) -> None:
+        """Read the flags the device has written (all of them with ``wait``)."""
+        pending = self._pending_finite_checks
+        while pending and (wait or pending[0][2].query()):
+            flag, value, event, where = pending.pop(0)
+            event.synchronize()
+            if not bool(flag):  # pinned host memory: no device sync
+                pending.clear()
+                raise self._non_finite_error(float(value), where)
+
+    def _non_finite_error(self, value: float, where: tuple[Any, ...]) -> NonFiniteLossError:
+        epoch, step, batch_idx, meta = where
+        samples = f" Samples: {meta}." if meta is not None else ""
+        return NonFiniteLossError(
+            f"Loss is {value} at epoch {epoch}, step {step}, batch {batch_idx}.{samples} Training stopped; the last good "
+            "checkpoint is kept. Check those samples for NaN/Inf values, or lower the learning rate."
+        )
+
+    def log_train_loss(self, loss: torch.Tensor, batch: Any, batch_idx: int, batch_size: int | None) -> torch.Tensor:
+        """The end of every training step: the non-finite guard, then the logged loss.
+        Not ``prog_bar=True``: Lightning turns progress-bar values into Python floats after
+        every batch, a host sync per step; ``PolyfmProgressBar`` shows it every few steps."""
+        self.check_finite(loss, batch, batch_idx)
+        self.log("train/loss", loss, batch_size=batch_size)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.resolve_finite_checks(wait=True)
+
+    def on_train_end(self) -> None:
+        self.resolve_finite_checks(wait=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning restores each submodule's mode itself after validation, so this
@@ -95,6 +147,7 @@ class EngineModule(L.LightningModule):
 
     # -- exact resume ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resolve_finite_checks(wait=True)  # never write weights a non-finite step touched
         np_state: Any = np.random.get_state()
         checkpoint["polyfm_rng"] = {
             "torch": torch.get_rng_state(),
@@ -250,9 +303,7 @@ class Classification(EncoderTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["input"]), batch["target"])
-        self.check_finite(loss, batch, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
+        return self.log_train_loss(loss, batch, batch_idx, len(batch["target"]))
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         logits = self(batch["input"])
@@ -325,9 +376,7 @@ class Regression(EncoderTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["input"]), batch["target"])
-        self.check_finite(loss, batch, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
+        return self.log_train_loss(loss, batch, batch_idx, len(batch["target"]))
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         pred = self(batch["input"])
@@ -410,9 +459,7 @@ class Segmentation(EngineModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(self(batch["input"]), batch["target"])
-        self.check_finite(loss, batch, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
+        return self.log_train_loss(loss, batch, batch_idx, len(batch["target"]))
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         output = self.inferer(x, self.model) if self.inferer is not None else self.model(x)
@@ -500,10 +547,7 @@ class Forecasting(EngineModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         pred, target = self._pair(batch)
-        loss = self.loss(pred, target)
-        self.check_finite(loss, batch, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
-        return loss
+        return self.log_train_loss(self.loss(pred, target), batch, batch_idx, len(target))
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         pred, target = self._pair(batch)

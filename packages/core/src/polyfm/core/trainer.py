@@ -15,7 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from polyfm.core.errors import CheckpointError, ConfigError
 
@@ -46,6 +46,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as exc:
             raise CheckpointError(f"Cannot resume from {path}: {exc}. polyfm reads checkpoints with weights_only=True.") from exc
+
+
+class PolyfmProgressBar(RichProgressBar):
+    """Rich's bar, but its metrics are read every ``metrics_every_n_steps`` steps, not
+    every batch: each read is a ``.item()``, which on a GPU makes the host wait for the
+    step to finish and leaves the GPU idle while the next one is launched. Shows
+    ``train/loss`` from the callback metrics (tasks log it without ``prog_bar``, which
+    Lightning would convert to a float after every batch)."""
+
+    def __init__(self, metrics_every_n_steps: int = 25, leave: bool = True) -> None:
+        super().__init__(leave=leave)
+        self.metrics_every_n_steps = metrics_every_n_steps
+
+    def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        training = trainer.training and not trainer.sanity_checking
+        if not training or trainer.global_step % self.metrics_every_n_steps == 0:
+            super()._update_metrics(trainer, pl_module)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if isinstance(loss, torch.Tensor):
+            metrics["train/loss"] = f"{loss.item():.4g}"
+        return metrics
+
+
+def default_callbacks(existing: list[Any], enable_progress_bar: bool = True) -> list[Callback]:
+    """What every polyfm run gets unless it brings its own: the GPU path, the
+    utilisation monitor (``perf/*`` metrics) and the sync-light progress bar."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from polyfm.core.performance import GpuPath, UtilisationMonitor
+
+    added: list[Callback] = []
+    if not any(isinstance(c, GpuPath) for c in existing):
+        added.append(GpuPath())
+    if not any(isinstance(c, UtilisationMonitor) for c in existing):
+        added.append(UtilisationMonitor())
+    if enable_progress_bar and not any(isinstance(c, ProgressBar) for c in existing):
+        added.append(PolyfmProgressBar())
+    return added
 
 
 def check_output_dir(path: str | os.PathLike[str], min_free_mb: int = 200) -> Path:
@@ -109,6 +150,7 @@ def build_trainer(
     from polyfm.core.performance import GpuPath
 
     callbacks.append(GpuPath(channels_last=channels_last, compile=compile))
+    callbacks += default_callbacks(callbacks, enable_progress_bar)
     if enable_checkpointing:
         callbacks.append(
             ModelCheckpoint(
@@ -120,10 +162,6 @@ def build_trainer(
                 save_top_k=1,
             )
         )
-    if enable_progress_bar:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar(leave=True))
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
