@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from polyfm.core.errors import ConfigError
+from polyfm.core.performance import expected_host_sync
 
 
 def data_dir(required: bool = False) -> Path | None:
@@ -84,9 +85,10 @@ class EpochSeededSampler(Sampler[int]):
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is not None:  # balanced sampling (e.g. AudioSet tags): with replacement
-            return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist())
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        with expected_host_sync():  # the order is drawn on the host, never on the device
+            if self.weights is not None:  # balanced sampling (e.g. AudioSet tags): with replacement
+                return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist())
+            return iter(torch.randperm(self.length, generator=generator).tolist())
 
     def __len__(self) -> int:
         return self.num_samples

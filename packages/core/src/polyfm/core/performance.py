@@ -173,7 +173,8 @@ _EXPECTED_SYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("polyfm_ex
 
 @contextlib.contextmanager
 def expected_host_sync() -> Iterator[None]:
-    """Marks a host read that only happens on CPU (where it costs nothing), so
+    """Marks a read that never waits for a device: of a tensor that lives on the host
+    whatever the accelerator (a sampler's order), or on a path only CPU runs take.
     ``HostSyncCounter`` does not report it."""
     token = _EXPECTED_SYNC.set(True)
     try:
