@@ -148,8 +148,8 @@ class CheckCase(mt.MapTransform):
                 f"modality), or set in_channels={image.shape[0]} if they are co-registered modalities.",
                 path=name,
             )
-        finite = torch.isfinite(torch.as_tensor(image))
-        if not bool(finite.all()):
+        if not _all_finite(_plain(image)):
+            finite = torch.isfinite(_plain(image))
             raise DataError(
                 f"{int((~finite).sum())} voxels are NaN or Inf. Fix the file (e.g. fill with the background intensity, "
                 "-1024 HU for CT) before training.",
@@ -181,13 +181,14 @@ class CheckCase(mt.MapTransform):
                 "The label is not on the image's grid: resample it with the image as reference, or fix the header.",
                 path=label_name,
             )
-        values = torch.as_tensor(label)
-        if bool((values != values.round()).any()):
+        values = _plain(label)  # a MetaTensor would copy its metadata on every operation below
+        if not torch.equal(values, values.round()):  # NaN too: NaN != NaN
             bad = values[values != values.round()].unique()[:5].tolist()
             raise DataError(f"label values must be integers; found {bad}. Was the label map resampled with linear interpolation?", path=label_name)
-        if bool((values < 0).any()):
+        low, high = torch.aminmax(values) if values.numel() else (values.new_zeros(()), None)  # one pass for both
+        if bool(low < 0):
             raise DataError(f"negative label values {values[values < 0].unique()[:5].tolist()}; labels are class ids 0..K-1.", path=label_name)
-        if self.num_classes is not None and self.label_map is None and int(values.max()) >= self.num_classes:
+        if self.num_classes is not None and self.label_map is None and int(values.max() if high is None else high) >= self.num_classes:
             present = [int(v) for v in values.unique() if v >= self.num_classes][:10]
             raise DataError(
                 f"label values {present} are outside 0..{self.num_classes - 1} (num_classes={self.num_classes}). Raise num_classes, "
@@ -230,6 +231,14 @@ class ToBatchKeys(mt.MapTransform):
 
 def _plain(x: Any) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """``isfinite(x).all()`` in one pass without a mask: NaN propagates into both extremes, an Inf is one of them."""
+    if not x.is_floating_point() or not x.numel():
+        return True
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 # ----------------------------------------------------------------------------- transforms
