@@ -71,9 +71,12 @@ def embed_smiles(smiles: str, settings: ConformerSettings) -> Conformer:
         status = AllChem.EmbedMolecule(mol, params)
     message = ""
     if status == 0:
-        if settings.mmff and AllChem.MMFFHasAllMoleculeParams(mol):
-            try:
-                AllChem.MMFFOptimizeMolecule(mol)
+        # the MMFF typing is done once: it tells whether the force field covers the
+        # molecule (None if not: the ETKDG geometry is kept) and sets up the optimisation
+        properties = AllChem.MMFFGetMoleculeProperties(mol) if settings.mmff else None
+        if properties is not None:
+            try:  # what MMFFOptimizeMolecule(mol) does, without typing the molecule again
+                AllChem.MMFFGetMoleculeForceField(mol, properties).Minimize(maxIts=200)
             except (RuntimeError, ValueError) as exc:  # keep the ETKDG geometry
                 message = f"MMFF failed: {exc}"
         is_3d = True
