@@ -2,20 +2,33 @@
 
 * ``mol/conformers/etkdg``: ETKDG + MMFF conformers per second (ours vs unimol_tools'
   ``inner_smi2coords``, one process each, same seed);
+* ``mol/chemberta-77m/inference``: ChemBERTa-2 77M masked-LM forward, tokens/s (ours vs
+  transformers' ``RobertaForMaskedLM`` holding the same weights);
 * ``mol/chemberta-77m/mlm-train``: ChemBERTa-2 77M masked-LM training step, tokens/s
   (ours vs transformers' ``RobertaForMaskedLM`` with its own loss);
 * ``mol/unimol/forward``: Uni-Mol (molecule architecture, 15 x 512) forward, molecules/s
-  (ours vs unimol_tools' ``UniMolModel`` loaded from the same random checkpoint).
+  (ours vs unimol_tools' ``UniMolModel`` loaded from the same random checkpoint);
+* ``mol/unimol/train``: a regression fine-tuning step on the same molecules, MSE loss
+  (polyfm's ``Regression`` task on our Uni-Mol vs ``UniMolModel`` with its linear head).
+
+Training steps are AdamW steps (lr 1e-4) with dropout on, on both sides.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from polyfm.core.bench import BenchCase
+
+Step = Callable[[], object]
 
 SMILES = (
     "CC(=O)Oc1ccccc1C(=O)O", "CN1CCC[C@H]1c1cccnc1", "CC(C)Cc1ccc(C(C)C(=O)O)cc1", "O=C(O)c1ccccc1O", "CCN(CC)CCOC(=O)c1ccc(N)cc1",
@@ -25,16 +38,42 @@ SMILES = (
 )  # fmt: skip
 
 
+def inference_step(module: nn.Module, forward: Callable[[], object]) -> Step:
+    """``forward()`` in inference mode, ``module`` in eval mode."""
+    module.eval()
+
+    def step() -> object:
+        with torch.inference_mode():
+            return forward()
+
+    return step
+
+
+def train_step(module: nn.Module, loss: Callable[[], torch.Tensor]) -> Step:
+    """One AdamW step on ``loss()`` (``module`` in train mode); returns the loss."""
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        optimizer.step()
+        return value.detach()
+
+    return step
+
+
 def _conformer_case(quick: bool) -> BenchCase:
     smiles = SMILES[:8] if quick else SMILES
 
-    def ours(device: torch.device):
+    def ours(device: torch.device) -> Step:
         from polyfm.mol.conformers import ConformerSettings, embed_smiles
 
         settings = ConformerSettings(seed=42, remove_hs=False, mmff=True)
         return lambda: [embed_smiles(s, settings) for s in smiles]
 
-    def reference(device: torch.device):
+    def reference(device: torch.device) -> Step:
         from unimol_tools.data.conformer import inner_smi2coords
 
         return lambda: [inner_smi2coords(s, seed=42, mode="fast", remove_hs=False) for s in smiles]
@@ -44,68 +83,72 @@ def _conformer_case(quick: bool) -> BenchCase:
     )
 
 
-def _chemberta_case(quick: bool) -> BenchCase:
+CHEMBERTA_77M = {
+    "vocab_size": 600,
+    "hidden_size": 384,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 12,
+    "intermediate_size": 464,
+    "max_position_embeddings": 515,
+}
+
+
+def _tokens(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 590, (batch, length), generator=generator)
+    ids[:, 0], ids[:, -1] = 0, 2
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+def _chemberta_pair(device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Our ChemBERTa and transformers' ``RobertaForMaskedLM`` with the same weights."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from polyfm.mol.models.chemberta import ChemBERTa
+
+    torch.manual_seed(0)
+    ours = ChemBERTa(**CHEMBERTA_77M)
+    reference = RobertaForMaskedLM(RobertaConfig(**CHEMBERTA_77M, type_vocab_size=1, pad_token_id=1))
+    reference.load_state_dict(ours.state_dict())  # key for key (neither has a pooler)
+    return ours.to(device), reference.to(device)
+
+
+def _chemberta_cases(quick: bool) -> list[BenchCase]:
     batch, length = (8, 48) if quick else (64, 96)
-    config = {
-        "vocab_size": 600,
-        "hidden_size": 384,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 12,
-        "intermediate_size": 464,
-        "max_position_embeddings": 515,
-    }
 
-    def tokens(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(5, 590, (batch, length), generator=generator)
-        ids[:, 0], ids[:, -1] = 0, 2
-        return ids.to(device), torch.ones_like(ids).to(device)
+    def infer(reference: bool) -> Callable[[torch.device], Step]:
+        def make(device: torch.device) -> Step:
+            model = _chemberta_pair(device)[int(reference)]
+            ids, mask = _tokens(batch, length, device)
+            if reference:
+                return inference_step(model, lambda: model(input_ids=ids, attention_mask=mask).logits)
+            return inference_step(model, lambda: model(ids, mask)["logits"])
 
-    def ours(device: torch.device):
-        from polyfm.mol.models.chemberta import ChemBERTa
+        return make
+
+    def train_ours(device: torch.device) -> Step:
         from polyfm.mol.objectives import MaskedLanguageModelling
 
-        model = ChemBERTa(**config).to(device).train()
+        model = _chemberta_pair(device)[0]
         objective = MaskedLanguageModelling(mask_id=4, vocab_size=600, special_ids=[0, 1, 2, 3, 4])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids, mask = tokens(device)
+        ids, mask = _tokens(batch, length, device)
         example = {"input": {"input_ids": ids, "attention_mask": mask}}
+        return train_step(model, lambda: objective(model, example)["loss"])
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            objective(model, example)["loss"].backward()
-            optimizer.step()
-
-        return step
-
-    def reference(device: torch.device):
-        from transformers import RobertaConfig, RobertaForMaskedLM
-
-        model = RobertaForMaskedLM(RobertaConfig(**config, type_vocab_size=1, pad_token_id=1)).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids, mask = tokens(device)
+    def train_reference(device: torch.device) -> Step:
+        model = _chemberta_pair(device)[1]
+        ids, mask = _tokens(batch, length, device)
         labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, torch.full_like(ids, -100))
+        return train_step(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            optimizer.step()
-
-        return step
-
-    flops = 6 * 2.9e6 * 1.0  # ~6 x non-embedding parameters per token (3 layers of 384/464)
-    return BenchCase(
-        "mol/chemberta-77m/mlm-train",
-        "tokens",
-        batch * length,
-        ours,
-        reference,
-        flops_per_item=flops,
-        reference_name="transformers RobertaForMaskedLM",
-    )
+    name, reference_name = "mol/chemberta-77m", "transformers RobertaForMaskedLM"
+    return [
+        BenchCase(f"{name}/inference", "tokens", batch * length, infer(False), infer(True), reference_name=reference_name),
+        BenchCase(f"{name}/mlm-train", "tokens", batch * length, train_ours, train_reference, reference_name=reference_name),
+    ]
 
 
-def _unimol_batch(dictionary, count: int) -> dict[str, torch.Tensor]:
+def _unimol_batch(dictionary: Any, count: int) -> dict[str, torch.Tensor]:
     from polyfm.mol.conformers import ConformerSettings, collate_unimol, embed_smiles, unimol_features
 
     settings = ConformerSettings(seed=42, remove_hs=False, mmff=False)
@@ -116,12 +159,12 @@ def _unimol_batch(dictionary, count: int) -> dict[str, torch.Tensor]:
     return collate_unimol(features, dictionary.pad)
 
 
-def _unimol_case(quick: bool) -> BenchCase:
+def _unimol_cases(quick: bool) -> list[BenchCase]:
     count = 4 if quick else 32
-    state: dict[str, object] = {}
+    state: dict[str, Any] = {}
 
-    def build(device: torch.device):
-        """Our model on unimol_tools' symbol order, and its checkpoint for the reference."""
+    def built() -> dict[str, Any]:
+        """Our model on unimol_tools' symbol order, its checkpoint for the reference, the batch."""
         if "model" not in state:
             from polyfm.mol.models.unimol import OFFICIAL_MOL_SYMBOLS, UniMol, UniMolDictionary
 
@@ -135,42 +178,48 @@ def _unimol_case(quick: bool) -> BenchCase:
             state.update(model=model, folder=folder, batch=_unimol_batch(model.dictionary, count))
         return state
 
-    def ours(device: torch.device):
-        built = build(device)
-        model = built["model"].to(device)  # type: ignore[union-attr]
-        batch = {k: v.to(device) for k, v in built["batch"].items()}  # type: ignore[union-attr]
+    def inputs(device: torch.device) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in built()["batch"].items()}
 
-        def step() -> torch.Tensor:
-            with torch.inference_mode():
-                return model.forward_features(batch)
-
-        return step
-
-    def reference(device: torch.device):
+    def reference_model(device: torch.device) -> nn.Module:
         from unimol_tools.models.unimol import UniMolModel
 
-        built = build(device)
-        folder = built["folder"]
-        model = (
-            UniMolModel(
-                output_dim=1,
-                data_type="molecule",
-                pretrained_model_path=str(folder / "mol_pre_all_h_220816.pt"),  # type: ignore[operator]
-                pretrained_dict_path=str(folder / "dict.txt"),
-            )
-            .to(device)
-            .eval()
-        )  # type: ignore[operator]
-        batch = {k: v.to(device) for k, v in built["batch"].items()}  # type: ignore[union-attr]
+        folder = built()["folder"]
+        return UniMolModel(
+            output_dim=1,
+            data_type="molecule",
+            pretrained_model_path=str(folder / "mol_pre_all_h_220816.pt"),
+            pretrained_dict_path=str(folder / "dict.txt"),
+        ).to(device)
 
-        def step() -> torch.Tensor:
-            with torch.inference_mode():
-                return model(**batch, return_repr=True)
+    def forward_ours(device: torch.device) -> Step:
+        model, batch = copy.deepcopy(built()["model"]).to(device), inputs(device)
+        return inference_step(model, lambda: model.forward_features(batch))
 
-        return step
+    def forward_reference(device: torch.device) -> Step:
+        model, batch = reference_model(device), inputs(device)
+        return inference_step(model, lambda: model(**batch, return_repr=True))
 
-    return BenchCase("mol/unimol/forward", "molecules", count, ours, reference, reference_name="unimol_tools UniMolModel")
+    def target(device: torch.device) -> torch.Tensor:
+        return torch.randn(count, 1, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def train_ours(device: torch.device) -> Step:
+        from polyfm.core.tasks import Regression
+
+        task = Regression(copy.deepcopy(built()["model"]), num_targets=1).to(device)
+        batch, y = inputs(device), target(device)
+        return train_step(task, lambda: task.loss(task(batch), y))
+
+    def train_reference(device: torch.device) -> Step:
+        model, batch, y = reference_model(device), inputs(device), target(device)
+        return train_step(model, lambda: F.mse_loss(model(**batch), y))
+
+    reference_name = "unimol_tools UniMolModel"
+    return [
+        BenchCase("mol/unimol/forward", "molecules", count, forward_ours, forward_reference, reference_name=reference_name),
+        BenchCase("mol/unimol/train", "molecules", count, train_ours, train_reference, reference_name=reference_name),
+    ]
 
 
 def cases(quick: bool = True) -> list[BenchCase]:
-    return [_conformer_case(quick), _chemberta_case(quick), _unimol_case(quick)]
+    return [_conformer_case(quick), *_chemberta_cases(quick), *_unimol_cases(quick)]
