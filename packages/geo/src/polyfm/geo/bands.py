@@ -106,15 +106,16 @@ class Normalization:
         if channels != len(self.mean):
             raise DataError(f"normalisation has {len(self.mean)} bands but the input has {channels} channels")
         shape = (-1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float64).view(shape)
-        std = torch.tensor(self.std, dtype=torch.float64).view(shape)
+        mean = torch.tensor(self.mean, dtype=torch.float64, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float64, device=x.device).view(shape)
+        # float64 as the official pipelines compute it; in place on one working copy
+        work = x.double()
         if self.kind == "meanstd":
-            return ((x.double() - mean) / std).float()
-        low = mean - 2 * std
-        scaled = (x.double() - low) / (4 * std)
+            return work.sub_(mean).div_(std).float()
+        work.sub_(mean - 2 * std).div_(4 * std)
         if self.quantize:
-            return (torch.clamp(scaled * 255.0, 0, 255).floor() / 255.0).float()
-        return torch.clamp(scaled, 0, 1).float()
+            return work.mul_(255.0).clamp_(0, 255).floor_().div_(255.0).float()
+        return work.clamp_(0, 1).float()
 
     def to_meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "mean": list(self.mean), "std": list(self.std), "divisor": self.divisor, "quantize": self.quantize}
