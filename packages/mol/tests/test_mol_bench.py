@@ -44,3 +44,23 @@ def test_quick_case_steps_ours_and_reference(case) -> None:
         assert reference.ndim == 0 and torch.isfinite(reference), case.name
     else:
         assert _shapes(ours) == _shapes(reference), case.name
+
+
+def test_unimol_layer_on_packed_tokens_matches_the_padded_layout() -> None:
+    """On CPU the per-token layers see the real tokens only (packed), on GPUs the padded
+    batch: the same outputs at real tokens, the same pair representation at real queries."""
+    from polyfm.mol.models.unimol import UniMol
+
+    torch.manual_seed(0)
+    model = UniMol(encoder_layers=1, embed_dim=32, ffn_embed_dim=64, attention_heads=4).eval()
+    layer, (batch, length, heads) = model.encoder.layers[0], (3, 7, 4)
+    padding = torch.arange(length) >= torch.tensor([[7], [4], [2]])
+    x = torch.randn(batch, length, 32)
+    bias = torch.randn(batch, heads, length, length).masked_fill(padding[:, None, None, :], float("-inf"))
+    rows = (~padding).nonzero().unbind(1)
+    with torch.no_grad():
+        padded_x, padded_pair = layer(x, bias.view(-1, length, length))
+        packed_x, packed_pair = layer(x[rows], bias.view(-1, length, length), rows, (batch, length))
+    torch.testing.assert_close(packed_x, padded_x[rows])
+    packed_pair, padded_pair = (p.view(batch, heads, length, length).transpose(1, 2)[rows] for p in (packed_pair, padded_pair))
+    torch.testing.assert_close(packed_pair, padded_pair)
