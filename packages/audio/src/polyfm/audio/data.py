@@ -93,26 +93,23 @@ class SincResampler:
             self._parts[key] = [matrix[start : start + self.row] for start in range(0, window, self.row)]
         return self._parts[key]
 
-    @torch.no_grad()  # data loading: no autograd graph through the kernel
     def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
-        """Resample ``(..., time)`` floating-point waveforms."""
+        """Resample ``(..., time)`` floating-point waveforms (1-D: the fast path, few ops)."""
         if self.source == self.target:
             return waveform
-        shape, length = waveform.shape[:-1], waveform.shape[-1]
-        flat = waveform.reshape(-1, length)
+        length = waveform.shape[-1]
+        if waveform.dim() != 1:
+            resampled = [self(signal) for signal in waveform.reshape(-1, length)]
+            return torch.stack(resampled).reshape(*waveform.shape[:-1], -1)
+        parts = self.parts(waveform.device, waveform.dtype)
         frames = (length + 2 * self.width + self.orig - self.taps) // self.orig + 1  # torchaudio's conv1d output length
         blocks = -(-frames // self.block)
-        parts = self.parts(waveform.device, waveform.dtype)
         rows = blocks + len(parts) - 1
-        padded = torch.nn.functional.pad(flat, (self.width, rows * self.row - length - self.width))
-        outputs = []
-        for signal in padded.view(-1, rows, self.row):
-            out = signal[:blocks] @ parts[0]
-            for r, part in enumerate(parts[1:], start=1):
-                out.addmm_(signal[r : r + blocks, : part.shape[0]], part)
-            outputs.append(out.reshape(-1))
-        out = torch.stack(outputs) if len(outputs) > 1 else outputs[0][None]
-        return out[:, : math.ceil(self.new * length / self.orig)].reshape(*shape, -1)
+        padded = torch.nn.functional.pad(waveform, (self.width, rows * self.row - length - self.width)).view(rows, self.row)
+        out = padded[:blocks] @ parts[0]
+        for r, part in enumerate(parts[1:], start=1):
+            out.addmm_(padded[r : r + blocks, : part.shape[0]], part)
+        return out.view(-1)[: math.ceil(self.new * length / self.orig)]
 
 
 _RESAMPLERS: dict[tuple[int, int], SincResampler] = {}
