@@ -1,11 +1,23 @@
 """Bench entry (``polyfm bench``): ours vs panns_inference, same configuration, same process.
 
-* ``audio/cnn14/inference``: Cnn14 forward on 10 s clips (clips/s), eval mode;
-* ``audio/cnn14/train-step``: forward + BCE + backward + AdamW step (clips/s);
+For every PANNs family we ship (``polyfm.audio.models.MODELS``):
+
+* ``audio/<family>/inference``: forward in eval mode (clips/s);
+* ``audio/<family>/train-step``: forward + BCE on ``clipwise_output`` + backward +
+  AdamW step, train mode (SpecAugment and dropout on, as PANNs trains) (clips/s).
+
+The reference is panns_inference's class of the same name, with the same arguments
+and inputs: ``Cnn14`` and ``Cnn14_DecisionLevelMax``; ``Cnn14_16k`` is compared with
+panns_inference's ``Cnn14`` built with the 16 kHz configuration (PANNs' ``Cnn14_16k``
+is that same class body). panns_inference has no ``Cnn10``, ``Cnn6`` or
+``Wavegram_Logmel_Cnn14``: those cases have no reference (``reference=None``) and
+report our throughput only.
+
 * ``audio/decode-resample``: soundfile decode of 8 kHz WAVs + resampling to 32 kHz +
   fixed-length crop (clips/s), vs ``librosa.load(sr=32000)`` as PANNs' scripts load audio.
 
-Quick mode uses 2 s clips and a small batch so it runs on a CPU in seconds.
+Quick mode (CPU, seconds): 2 s clips, batch 2, Cnn14 and Cnn14_DecisionLevelMax only
+(both with a reference). Full mode: all six families, 10 s clips, batch 32.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import sys
 import tempfile
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +63,31 @@ def load_panns_reference() -> types.ModuleType:
     return importlib.import_module(f"{name}.models")
 
 
-def _clips(batch: int, seconds: float, device: torch.device) -> torch.Tensor:
+@dataclass(frozen=True)
+class Family:
+    """One benched model family: our class name in ``MODELS``, its sample rate, and the
+    panns_inference class and positional arguments of the reference (None: no reference)."""
+
+    name: str
+    sample_rate: int = 32000
+    reference: str | None = None
+    reference_args: tuple[float, ...] = (32000, 1024, 320, 64, 50, 14000, 527)
+
+
+FAMILIES = [
+    Family("Cnn14", reference="Cnn14"),
+    Family("Cnn14_16k", 16000, reference="Cnn14", reference_args=(16000, 512, 160, 64, 50, 8000, 527)),
+    Family("Cnn10"),
+    Family("Cnn6"),
+    Family("Cnn14_DecisionLevelMax", reference="Cnn14_DecisionLevelMax"),
+    Family("Wavegram_Logmel_Cnn14"),
+]
+QUICK_FAMILIES = ("Cnn14", "Cnn14_DecisionLevelMax")
+
+
+def _clips(batch: int, samples: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    return (0.1 * torch.randn(batch, int(32000 * seconds), generator=generator)).to(device)
+    return (0.1 * torch.randn(batch, samples, generator=generator)).to(device)
 
 
 def _inference(model: torch.nn.Module, x: torch.Tensor) -> Step:
@@ -80,15 +115,49 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor) -> Step:
     return step
 
 
-def _ours(device: torch.device) -> torch.nn.Module:
-    from polyfm.audio.models import Cnn14
-
-    return Cnn14().to(device)
+MODES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Step]] = {"inference": _inference, "train-step": _train_step}
 
 
-def _reference(device: torch.device) -> torch.nn.Module:
-    models = load_panns_reference()
-    return models.Cnn14(32000, 1024, 320, 64, 50, 14000, 527).to(device)
+def _model(family: Family, reference: bool) -> torch.nn.Module:
+    """Ours (``MODELS[name]()``, defaults = PANNs' configuration) or the reference, seeded."""
+    torch.manual_seed(0)
+    if reference:
+        assert family.reference is not None
+        return getattr(load_panns_reference(), family.reference)(*family.reference_args)
+    from polyfm.audio.models import MODELS
+
+    return MODELS[family.name]()
+
+
+def _builder(family: Family, mode: str, reference: bool, batch: int, seconds: float) -> Callable[[torch.device], Step]:
+    """The one place steps are built: model, inputs and mode are the same for both sides."""
+
+    def build(device: torch.device) -> Step:
+        model = _model(family, reference).to(device)
+        return MODES[mode](model, _clips(batch, int(family.sample_rate * seconds), device))
+
+    return build
+
+
+def _family_cases(family: Family, batch: int, seconds: float) -> list[BenchCase]:
+    return [
+        BenchCase(
+            name=f"audio/{family.name.lower()}/{mode}",
+            unit="clips",
+            items=batch,
+            ours=_builder(family, mode, False, batch, seconds),
+            reference=_builder(family, mode, True, batch, seconds) if family.reference else None,
+            reference_name=_reference_name(family),
+        )
+        for mode in MODES
+    ]
+
+
+def _reference_name(family: Family) -> str:
+    if family.reference is None:
+        return ""
+    name = f"panns_inference.models.{family.reference}"
+    return name if family.reference == family.name else f"{name} ({family.sample_rate // 1000} kHz configuration)"
 
 
 def _wav_files(clips: int) -> list[Path]:
@@ -105,7 +174,8 @@ def _wav_files(clips: int) -> list[Path]:
 
 
 def _decode_resample_case(clips: int) -> BenchCase:
-    """8 kHz 2 s WAVs to 32 kHz: ours (soundfile + torchaudio) vs librosa.load, which the
+    """8 kHz 2 s WAVs to 32 kHz: ours (soundfile + torchaudio's sinc kernel as a blocked
+    matmul, ``polyfm.audio.data.load_audio``) vs librosa.load, which the
     PANNs scripts use (soxr resampling)."""
 
     def ours(device: torch.device) -> Step:
@@ -120,27 +190,13 @@ def _decode_resample_case(clips: int) -> BenchCase:
         paths = _wav_files(clips)
         return lambda: [librosa.load(p, sr=32000, mono=True)[0] for p in paths]
 
-    return BenchCase(name="audio/decode-resample", unit="clips", items=clips, ours=ours, reference=reference, reference_name="librosa.load")
+    return BenchCase(
+        name="audio/decode-resample", unit="clips", items=clips, ours=ours, reference=reference, reference_name="librosa.load"
+    )
 
 
 def cases(quick: bool) -> list[BenchCase]:
     seconds, batch = (2.0, 2) if quick else (10.0, 32)
-    return [
-        BenchCase(
-            name="audio/cnn14/inference",
-            unit="clips",
-            items=batch,
-            ours=lambda d: _inference(_ours(d), _clips(batch, seconds, d)),
-            reference=lambda d: _inference(_reference(d), _clips(batch, seconds, d)),
-            reference_name="panns_inference.models.Cnn14",
-        ),
-        BenchCase(
-            name="audio/cnn14/train-step",
-            unit="clips",
-            items=batch,
-            ours=lambda d: _train_step(_ours(d), _clips(batch, seconds, d)),
-            reference=lambda d: _train_step(_reference(d), _clips(batch, seconds, d)),
-            reference_name="panns_inference.models.Cnn14",
-        ),
-        _decode_resample_case(8 if quick else 256),
-    ]
+    families = [f for f in FAMILIES if f.name in QUICK_FAMILIES] if quick else FAMILIES
+    model_cases = [case for family in families for case in _family_cases(family, batch, seconds)]
+    return [*model_cases, _decode_resample_case(32 if quick else 256)]
