@@ -104,22 +104,8 @@ def count_flops(step: Step) -> int:
     return int(counter.get_total_flops())
 
 
-def measure(step: Step, device: torch.device, warmup: int = 2, repeats: int = 5, min_seconds: float = 0.0) -> dict[str, float]:
-    """Median and spread (min/max) of seconds per call, and peak memory in MB."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times: list[float] = []
-    start_all = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    result = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
-    if device.type == "cuda":
-        result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return result
+def _timing(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -131,40 +117,55 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in table.items() if k in name), None)
 
 
-def _side(case: BenchCase, build: Callable[[torch.device], Step], device: torch.device, repeats: int) -> dict[str, Any]:
-    """Peak memory covers building (weights, inputs) and two warm-up calls (activations,
-    optimizer state): on CUDA the allocator's peak, on CPU the resident set sampled
-    outside the timed calls."""
+def _build(build: Callable[[torch.device], Step], device: torch.device) -> tuple[Step, float | None]:
+    """The step, and the peak memory (MB) that building it and two warm-up calls added:
+    weights, inputs, activations, optimizer state. On CUDA the allocator's peak over
+    what was allocated before; on CPU the resident set, sampled outside the timed calls."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     with ResidentPeak() as resident:
         step = build(device)
         for _ in range(2):
             step()
         _sync(device)
-    timing = measure(step, device, warmup=0, repeats=repeats)
-    if device.type != "cuda" and resident.mb is not None:
-        timing["peak_mb"] = resident.mb
-    side: dict[str, Any] = {**timing, "items_per_s": case.items / timing["median_s"]}
-    flops = case.flops_per_item * case.items if case.flops_per_item else count_flops(step)
-    if flops:
-        side["gflop_per_item"] = flops / case.items / 1e9
-        side["tflop_per_s"] = flops / timing["median_s"] / 1e12
-        if peak := peak_flops(device):
-            side["mfu"] = flops / timing["median_s"] / peak
-    return side
+    if device.type == "cuda":
+        return step, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return step, resident.mb
 
 
 def run_case(case: BenchCase, device: torch.device, repeats: int = 5) -> dict[str, Any]:
+    """Ours and the reference are built once, then timed in alternation (ours, reference,
+    ours, ...), so a change in machine load during the case hits both sides alike."""
     row: dict[str, Any] = {"name": case.name, "unit": case.unit, "items": case.items, "reference_name": case.reference_name}
-    row["ours"] = _side(case, case.ours, device, repeats)
+    built: dict[str, tuple[Step, float | None]] = {"ours": _build(case.ours, device)}
     if case.reference is not None:
         try:
-            row["reference"] = _side(case, case.reference, device, repeats)
-            row["ratio"] = row["ours"]["items_per_s"] / row["reference"]["items_per_s"]
+            built["reference"] = _build(case.reference, device)
         except ImportError as exc:
             row["reference"] = {"skipped": f"reference not installed: {exc}"}
+    times: dict[str, list[float]] = {side: [] for side in built}
+    for _ in range(repeats):
+        for side, (step, _) in built.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[side].append(time.perf_counter() - start)
+    for side, (step, peak_mb) in built.items():
+        timing = _timing(times[side])
+        result: dict[str, Any] = {**timing, "items_per_s": case.items / timing["median_s"]}
+        if peak_mb is not None:
+            result["peak_mb"] = peak_mb
+        flops = case.flops_per_item * case.items if case.flops_per_item else count_flops(step)
+        if flops:
+            result["gflop_per_item"] = flops / case.items / 1e9
+            result["tflop_per_s"] = flops / timing["median_s"] / 1e12
+            if peak := peak_flops(device):
+                result["mfu"] = flops / timing["median_s"] / peak
+        row[side] = result
+    if "reference" in built:
+        row["ratio"] = row["ours"]["items_per_s"] / row["reference"]["items_per_s"]
     return row
 
 
@@ -284,7 +285,10 @@ def format_row(row: dict[str, Any]) -> str:
     if "mfu" in ours:
         text += f"  MFU {ours['mfu']:.1%}"
     if "ratio" in row:
-        text += f"  | ref {row['reference']['items_per_s']:.1f}/s  ratio {row['ratio']:.2f}x"
+        reference = row["reference"]
+        text += f"  | ref {reference['items_per_s']:.1f}/s"
+        text += f"  peak {reference['peak_mb']:.0f} MB" if "peak_mb" in reference else ""
+        text += f"  ratio {row['ratio']:.2f}x"
     elif "skipped" in row.get("reference", {}):
         text += f"  | ref {row['reference']['skipped']}"
     return text

@@ -156,6 +156,7 @@ class UtilisationMonitor(Callback):
             "steps": float(max(0, self._seen - self.skip_first)),
             "samples_per_s": self._samples / host,
             "data_wait_fraction": self._wait / host,
+            "data_wait_s_per_step": self._wait / max(1, self._seen - self.skip_first),
         }
         if self._first_event is not None and self._last_event is not None and not self._events and self._last_event.query():
             span = self._first_event.elapsed_time(self._last_event)
