@@ -29,10 +29,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# imported at module level, not inside the steps' builders: the first case's memory must not count the imports
+import monai.networks.nets as monai_nets
+import nibabel as nib
 import numpy as np
 import torch
+from monai import transforms as mt
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
 
+import polyfm.medseg.models as our_nets
 from polyfm.core.bench import BenchCase
+from polyfm.medseg.data import segmentation_transforms
+from polyfm.medseg.tasks import VolumeSegmentation
 
 Make = Callable[[torch.device], Callable[[], object]]
 
@@ -53,10 +62,6 @@ class Family:
     roi: tuple[int, ...] | None = None  # a patch size of its own (Swin: 32^3 leaves one voxel at its bottleneck)
 
     def build(self, ours: bool) -> torch.nn.Module:
-        import monai.networks.nets as monai_nets
-
-        import polyfm.medseg.models as our_nets
-
         torch.manual_seed(0)  # the same weights on both sides
         args = {"spatial_dims": 3, "in_channels": 1, "out_channels": self.classes, **self.config}
         return getattr(our_nets, self.name)(**args) if ours else getattr(monai_nets, self.name)(**args, **self.extra)
@@ -92,8 +97,6 @@ def _patches(device: torch.device, batch: int, roi: Sequence[int], classes: int)
 
 
 def _task(family: Family, roi: Sequence[int], device: torch.device) -> Any:
-    from polyfm.medseg.tasks import VolumeSegmentation
-
     return VolumeSegmentation(
         family.build(ours=True), family.classes, roi_size=list(roi), sw_batch_size=SW_BATCH, overlap=OVERLAP
     ).to(device)
@@ -109,8 +112,6 @@ def _train(family: Family, ours: bool, batch: int, roi: Sequence[int]) -> Make:
             def forward_loss() -> torch.Tensor:
                 return task.training_step({"input": x, "target": y}, 0)
         else:
-            from monai.losses import DiceCELoss
-
             network = family.build(ours=False).to(device).train()
             loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
             parameters = list(network.parameters())
@@ -142,8 +143,6 @@ def _sliding(family: Family, ours: bool, volume: Sequence[int], roi: Sequence[in
         if ours:
             infer = _task(family, roi, device).eval().infer
         else:
-            from monai.inferers import sliding_window_inference
-
             network = family.build(ours=False).to(device).eval()
 
             def infer(x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +180,6 @@ class NiftiPairs:
 
     def cases(self) -> list[dict[str, str]]:
         if self._folder is None:
-            import nibabel as nib
-
             self._folder = tempfile.TemporaryDirectory(prefix="polyfm-medseg-bench-")
             rng = np.random.default_rng(0)
             affine = np.diag([-0.8, -0.8, 2.5, 1.0])
@@ -201,8 +198,6 @@ class NiftiPairs:
 
 def _reference_transforms(roi: Sequence[int], num_samples: int) -> Any:
     """MONAI's spleen / BTCV tutorial training transforms, with our defaults' values."""
-    from monai import transforms as mt
-
     keys = ["image", "label"]
     return mt.Compose(
         [
@@ -224,8 +219,6 @@ def _reference_transforms(roi: Sequence[int], num_samples: int) -> Any:
 def _pipeline(files: NiftiPairs, ours: bool, roi: Sequence[int], num_samples: int = 2) -> Make:
     def make(device: torch.device) -> Callable[[], object]:
         if ours:
-            from polyfm.medseg.data import segmentation_transforms
-
             transform = segmentation_transforms(True, list(roi), num_classes=3, pixdim=(1.5, 1.5, 2.0), num_samples=num_samples)
         else:
             transform = _reference_transforms(roi, num_samples)
