@@ -16,7 +16,6 @@ Training steps are AdamW steps (lr 1e-4) with dropout on, on both sides.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -159,41 +158,46 @@ def _unimol_batch(dictionary: Any, count: int) -> dict[str, torch.Tensor]:
     return collate_unimol(features, dictionary.pad)
 
 
+def _unimol_checkpoint(count: int) -> tuple[Path, list[str], dict[str, torch.Tensor]]:
+    """A random Uni-Mol (molecule architecture) on unimol_tools' symbol order, saved where both
+    sides load it from, and the batch of ``count`` molecules."""
+    from polyfm.mol.models.unimol import OFFICIAL_MOL_SYMBOLS, UniMol, UniMolDictionary
+
+    folder = Path(tempfile.mkdtemp(prefix="polyfm-bench-unimol-"))
+    UniMolDictionary(OFFICIAL_MOL_SYMBOLS).write(folder / "dict.txt")
+    # unimol_tools numbers its specials [CLS],[UNK],[PAD],[SEP] first
+    order = ["[CLS]", "[UNK]", "[PAD]", "[SEP]", *[s for s in OFFICIAL_MOL_SYMBOLS if not s.startswith("[")]]
+    torch.manual_seed(0)
+    model = UniMol(dictionary=order, pretraining_heads=False, final_head_layer_norm=False)
+    torch.save({"model": model.official_state_dict()}, folder / "mol_pre_all_h_220816.pt")
+    return folder / "mol_pre_all_h_220816.pt", order, _unimol_batch(model.dictionary, count)
+
+
 def _unimol_cases(quick: bool) -> list[BenchCase]:
     count = 4 if quick else 32
-    state: dict[str, Any] = {}
-
-    def built() -> dict[str, Any]:
-        """Our model on unimol_tools' symbol order, its checkpoint for the reference, the batch."""
-        if "model" not in state:
-            from polyfm.mol.models.unimol import OFFICIAL_MOL_SYMBOLS, UniMol, UniMolDictionary
-
-            folder = Path(tempfile.mkdtemp(prefix="polyfm-bench-unimol-"))
-            UniMolDictionary(OFFICIAL_MOL_SYMBOLS).write(folder / "dict.txt")
-            # unimol_tools numbers its specials [CLS],[UNK],[PAD],[SEP] first
-            order = ["[CLS]", "[UNK]", "[PAD]", "[SEP]", *[s for s in OFFICIAL_MOL_SYMBOLS if not s.startswith("[")]]
-            torch.manual_seed(0)
-            model = UniMol(dictionary=order, final_head_layer_norm=False).eval()
-            torch.save({"model": model.official_state_dict()}, folder / "mol_pre_all_h_220816.pt")
-            state.update(model=model, folder=folder, batch=_unimol_batch(model.dictionary, count))
-        return state
+    # built here, before either side is measured, so neither side's memory counts it
+    checkpoint, order, molecules = _unimol_checkpoint(count)
 
     def inputs(device: torch.device) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in built()["batch"].items()}
+        return {k: v.to(device) for k, v in molecules.items()}
 
     def reference_model(device: torch.device) -> nn.Module:
         from unimol_tools.models.unimol import UniMolModel
 
-        folder = built()["folder"]
         return UniMolModel(
             output_dim=1,
             data_type="molecule",
-            pretrained_model_path=str(folder / "mol_pre_all_h_220816.pt"),
-            pretrained_dict_path=str(folder / "dict.txt"),
+            pretrained_model_path=str(checkpoint),
+            pretrained_dict_path=str(checkpoint.parent / "dict.txt"),
         ).to(device)
 
+    def our_model(device: torch.device) -> nn.Module:
+        from polyfm.mol.models.unimol import UniMol
+
+        return UniMol.from_pretrained(checkpoint, dictionary=order).to(device)
+
     def forward_ours(device: torch.device) -> Step:
-        model, batch = copy.deepcopy(built()["model"]).to(device), inputs(device)
+        model, batch = our_model(device), inputs(device)
         return inference_step(model, lambda: model.forward_features(batch))
 
     def forward_reference(device: torch.device) -> Step:
@@ -206,7 +210,7 @@ def _unimol_cases(quick: bool) -> list[BenchCase]:
     def train_ours(device: torch.device) -> Step:
         from polyfm.core.tasks import Regression
 
-        task = Regression(copy.deepcopy(built()["model"]), num_targets=1).to(device)
+        task = Regression(our_model(device), num_targets=1).to(device)
         batch, y = inputs(device), target(device)
         return train_step(task, lambda: task.loss(task(batch), y))
 
