@@ -9,10 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import ThreadDataLoader
 
-from polyfm.core.errors import DataError
+from polyfm.core.errors import ConfigError, DataError
 from polyfm.medseg.data import (
     SegmentationDataModule,
+    ToDevice,
     VolumeFolderDataModule,
     find_volumes,
     label_names,
@@ -181,3 +183,57 @@ def test_medseg_dicom_series_folder_is_read(tmp_path) -> None:
     crop = next(iter(dm.train_dataloader()))["input"][0, 0]
     assert crop.shape == (16, 16, 6)
     torch.testing.assert_close(crop[0, 0].sort().values, torch.arange(6) * 100 / 500.0)  # all six slices, scaled
+
+
+# ----------------------------------------------------------------------------- transform_device (GPU augmentation)
+
+
+def _cached_module(dataset_json, **kwargs) -> SegmentationDataModule:
+    dm = SegmentationDataModule(str(dataset_json), roi_size=[16, 16, 8], cache="memory", val_fraction=0.34, num_samples=2, batch_size=2, **kwargs)
+    dm.setup()
+    return dm
+
+
+def _batches(dm: SegmentationDataModule, epochs: int = 2) -> list[dict]:
+    loader = dm.train_dataloader()  # MONAI's loaders re-seed the transforms from torch's RNG when built: seed after
+    dm.train_set.dataset.transform.set_random_state(seed=0)  # CheckedDataset -> CacheDataset -> Compose
+    out = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        out += list(loader)
+    return out
+
+
+def test_medseg_transform_device_cpu_matches_default(tmp_path) -> None:
+    path = _dataset(tmp_path, n=4)
+    default, threaded = _cached_module(path), _cached_module(path, transform_device="cpu")
+    assert isinstance(threaded.train_dataloader(), ThreadDataLoader) and threaded.train_dataloader().num_workers == 0
+    assert not isinstance(default.train_dataloader(), ThreadDataLoader)
+    cached = threaded.train_set.dataset._cache[0]  # the cache holds host MetaTensors; ToDevice runs per fetch
+    assert cached["image"].device.type == "cpu" and hasattr(cached["image"], "meta")
+    assert any(isinstance(t, ToDevice) for t in threaded.train_set.dataset.transform.transforms)
+    expected, got = _batches(default), _batches(threaded)
+    assert len(expected) == len(got) > 0
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a["input"], b["input"]) and torch.equal(a["target"], b["target"])
+        assert a["target"].dtype == b["target"].dtype == torch.long and type(b["input"]) is torch.Tensor
+        assert a["meta"] == b["meta"]  # the file name survives track_meta=False
+    assert not any(isinstance(t, ToDevice) for t in threaded.val_set.dataset.transform.transforms)  # whole volumes as before
+
+
+def test_medseg_transform_device_needs_memory_cache(tmp_path) -> None:
+    path = _dataset(tmp_path, n=2)
+    with pytest.raises(ConfigError, match=r"transform_device='cpu' needs cache='memory' \(got cache='disk'\)"):
+        SegmentationDataModule(str(path), cache="disk", transform_device="cpu")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        SegmentationDataModule(str(path), transform_device="gpu0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_medseg_transform_device_cuda_batches(tmp_path) -> None:
+    dm = _cached_module(_dataset(tmp_path, n=3), transform_device="cuda")
+    assert dm.train_set.dataset._cache[0]["image"].device.type == "cpu"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input"].is_cuda and batch["target"].is_cuda
+    assert batch["input"].shape == (4, 1, 16, 16, 8) and batch["target"].dtype == torch.long

@@ -32,8 +32,8 @@ from monai import transforms as mt
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from monai.data.meta_tensor import MetaTensor
 
-from polyfm.core.data import DictDataModule
-from polyfm.core.errors import DataError
+from polyfm.core.data import DictDataModule, EpochSeededSampler
+from polyfm.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,24 @@ class ToBatchKeys(mt.MapTransform):
         return out
 
 
+class ToDevice:
+    """Moves a cached case onto ``device`` (MONAI's ``EnsureTyped(device=..., track_meta=False)``) so the
+    random transforms after it run there (MONAI's fast-training recipe).
+
+    Deliberately not a MONAI ``Transform``: ``CacheDataset`` caches everything up to the first random
+    transform *or the first plain callable*, so the cache stays on the host and each fetched case is
+    copied to the device. The file name is kept under ``image_path`` (``track_meta=False`` drops it)."""
+
+    def __init__(self, device: str | torch.device, keys: Sequence[str] = ("image", "label")) -> None:
+        self.device = torch.device(device)
+        self.ensure = mt.EnsureTyped(keys=list(keys), device=self.device, track_meta=False, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d.setdefault("image_path", _case_name(d))
+        return dict(self.ensure(d))
+
+
 def _plain(x: Any) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
@@ -296,10 +314,14 @@ def segmentation_transforms(
     num_samples: int = 2,
     augment: bool = True,
     class_ratios: Sequence[float] | None = None,
+    transform_device: str | None = None,
 ) -> mt.Compose:
     """MONAI's supervised 3D pipeline (as in the BTCV / spleen bundles); training adds padding to
     the patch size, positive/negative patch sampling around the labels (or, with ``class_ratios``,
-    patches centred on each class in those proportions) and light augmentation."""
+    patches centred on each class in those proportions) and light augmentation.
+
+    ``transform_device`` (training only) inserts :class:`ToDevice` after the padding: the cached
+    deterministic part stays on the host, the random crops and augmentation run on that device."""
     keys = ["image", "label"]
     steps = preprocessing(keys, in_channels, num_classes, modality, a_min, a_max, pixdim, orientation, label_map)
     if train:
@@ -307,6 +329,8 @@ def segmentation_transforms(
         # evaluation then runs it slice by slice over whole volumes (VolumeSegmentation's SliceInferer)
         crop = [*roi_size, 1] if len(roi_size) == 2 else list(roi_size)
         steps += [mt.SpatialPadd(keys=keys, spatial_size=crop)]
+        if transform_device is not None:  # the cache boundary: host above, device below
+            steps.append(ToDevice(transform_device, keys))  # a plain callable: Compose takes any
         if class_ratios is not None:  # balanced over classes: small organs get as many patches as the liver
             steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=crop, ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image"))
         else:
@@ -401,8 +425,10 @@ class SegmentationDataModule(DictDataModule):
         num_workers: int = 0,
         label_fraction: float = 1.0,
         seed: int = 0,
+        transform_device: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed, collate_fn=list_data_collate)
+        self.transform_device = _check_transform_device(transform_device, cache)
         self.dataset_json, self.roi_size, self.modality, self.a_min, self.a_max = dataset_json, list(roi_size), modality, a_min, a_max
         self.pixdim, self.orientation, self.in_channels = pixdim, orientation, in_channels
         self.label_map = {int(k): int(v) for k, v in label_map.items()} if label_map else None
@@ -426,6 +452,7 @@ class SegmentationDataModule(DictDataModule):
         return segmentation_transforms(
             train, self.roi_size, self.in_channels, self.num_classes, self.modality, self.a_min, self.a_max, self.pixdim,
             self.orientation, self.label_map, self.pos, self.neg, self.num_samples, self.augment, self.class_ratios,
+            self.transform_device if train else None,
         )  # fmt: skip
 
     def split(self) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
@@ -458,11 +485,39 @@ class SegmentationDataModule(DictDataModule):
             self.train_set = RepeatedDataset(self.train_set, self.repeats)  # several crop draws per case per epoch
 
     def _loader(self, dataset: Any, train: bool) -> Any:
+        if train and self.transform_device is not None:
+            from monai.data import ThreadDataLoader
+
+            if self.num_workers:
+                log.info("transform_device=%s: the training loader runs in threads (num_workers=0, not %d).", self.transform_device, self.num_workers)
+            # CUDA must not run in worker processes; a thread prefetches instead. Batches arrive on the device.
+            return ThreadDataLoader(
+                dataset, batch_size=self.batch_size, sampler=EpochSeededSampler(len(dataset), self.seed), num_workers=0,
+                collate_fn=list_data_collate, drop_last=False,
+            )  # fmt: skip
         if train:
             return super()._loader(dataset, True)
         from torch.utils.data import DataLoader
 
         return DataLoader(dataset, batch_size=1, num_workers=self.num_workers, collate_fn=list_data_collate)  # whole volumes differ in size
+
+
+def _check_transform_device(device: str | None, cache: str) -> str | None:
+    if device is None:
+        return None
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"transform_device={device!r} is not a torch device: use e.g. 'cuda', 'cuda:0' or 'cpu' (or leave it unset).") from exc
+    if cache != "memory":
+        raise ConfigError(
+            f"transform_device={device!r} needs cache='memory' (got cache={cache!r}): the deterministic preprocessing is "
+            "cached in host memory and only the random crops and augmentation run on the device. Set cache: memory, "
+            "or leave transform_device unset."
+        )
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"transform_device={device!r} but CUDA is not available here: leave transform_device unset.")
+    return device
 
 
 class RepeatedDataset(torch.utils.data.Dataset):
