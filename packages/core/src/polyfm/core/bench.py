@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -135,7 +136,14 @@ def _build(build: Callable[[torch.device], Step], device: torch.device) -> tuple
     return step, resident.mb
 
 
-def run_case(case: BenchCase, device: torch.device, repeats: int = 5) -> dict[str, Any]:
+def _calls_for(step: Step, device: torch.device, min_run_s: float) -> int:
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return max(1, math.ceil(min_run_s / max(time.perf_counter() - start, 1e-6)))
+
+
+def run_case(case: BenchCase, device: torch.device, repeats: int = 5, min_run_s: float = 0.05) -> dict[str, Any]:
     """Ours and the reference are built once, then timed in alternation (ours, reference,
     ours, ...), so a change in machine load during the case hits both sides alike."""
     row: dict[str, Any] = {"name": case.name, "unit": case.unit, "items": case.items, "reference_name": case.reference_name}
@@ -145,13 +153,18 @@ def run_case(case: BenchCase, device: torch.device, repeats: int = 5) -> dict[st
             built["reference"] = _build(case.reference, device)
         except ImportError as exc:
             row["reference"] = {"skipped": f"reference not installed: {exc}"}
+    # short steps (quick CPU cases take ~1 ms) are timed in runs of several calls lasting
+    # at least ``min_run_s``, so timer and scheduler noise does not swamp them
+    calls = max(_calls_for(step, device, min_run_s) for step, _ in built.values())
+    row["calls_per_run"] = calls
     times: dict[str, list[float]] = {side: [] for side in built}
     for _ in range(repeats):
         for side, (step, _) in built.items():
             start = time.perf_counter()
-            step()
+            for _ in range(calls):
+                step()
             _sync(device)
-            times[side].append(time.perf_counter() - start)
+            times[side].append((time.perf_counter() - start) / calls)
     for side, (step, peak_mb) in built.items():
         timing = _timing(times[side])
         result: dict[str, Any] = {**timing, "items_per_s": case.items / timing["median_s"]}
