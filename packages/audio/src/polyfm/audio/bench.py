@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-import tempfile
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polyfm.core.bench import BenchCase
+from polyfm.core.bench import BenchCase, scratch_dir
 
 Step = Callable[[], object]
 
@@ -163,7 +162,7 @@ def _reference_name(family: Family) -> str:
 def _wav_files(clips: int) -> list[Path]:
     import soundfile as sf
 
-    folder = Path(tempfile.mkdtemp(prefix="polyfm-audio-bench-"))
+    folder = scratch_dir("polyfm-audio-bench-")
     rng = np.random.default_rng(0)
     paths = []
     for index in range(clips):

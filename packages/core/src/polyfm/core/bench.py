@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,16 @@ class BenchCase:
     #: Overrides the counted FLOPs (e.g. for ops the counter does not know); None: count them.
     flops_per_item: float | None = None
     reference_name: str = ""
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A folder for a case's generated input files, removed when the process exits."""
+    folder = tempfile.TemporaryDirectory(prefix=prefix)
+    _SCRATCH.append(folder)  # kept alive until exit; its finaliser removes it then
+    return Path(folder.name)
 
 
 def _sync(device: torch.device) -> None:
@@ -213,8 +224,6 @@ def finetune_utilisation(domain: str, device: torch.device, steps: int, quick: b
     """A domain's fine-tuning loop as the studies run it (its kit's task, data module and
     workers, polyfm's Trainer) for ``steps`` steps under ``UtilisationMonitor``: is the
     data pipeline ever the bottleneck? Real data when ``POLYFM_DATA_DIR`` is set."""
-    import tempfile
-
     import lightning as L
 
     from polyfm.core.adaptation import Adaptation

@@ -16,7 +16,6 @@ Training steps are AdamW steps (lr 1e-4) with dropout on, on both sides.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyfm.core.bench import BenchCase
+from polyfm.core.bench import BenchCase, scratch_dir
 
 Step = Callable[[], object]
 
@@ -163,7 +162,7 @@ def _unimol_checkpoint(count: int) -> tuple[Path, list[str], dict[str, torch.Ten
     sides load it from, and the batch of ``count`` molecules."""
     from polyfm.mol.models.unimol import OFFICIAL_MOL_SYMBOLS, UniMol, UniMolDictionary
 
-    folder = Path(tempfile.mkdtemp(prefix="polyfm-bench-unimol-"))
+    folder = scratch_dir("polyfm-bench-unimol-")
     UniMolDictionary(OFFICIAL_MOL_SYMBOLS).write(folder / "dict.txt")
     # unimol_tools numbers its specials [CLS],[UNK],[PAD],[SEP] first
     order = ["[CLS]", "[UNK]", "[PAD]", "[SEP]", *[s for s in OFFICIAL_MOL_SYMBOLS if not s.startswith("[")]]

@@ -17,7 +17,6 @@ per split), the way its TTM fine-tuning notebooks use them.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polyfm.core.bench import BenchCase
+from polyfm.core.bench import BenchCase, scratch_dir
 
 Step = Callable[[], object]
 
@@ -153,7 +152,7 @@ def _windows_case(name: str) -> BenchCase:
 
     def csv() -> Path:
         if "csv" not in state:
-            state["csv"] = ett_like_csv(Path(tempfile.mkdtemp(prefix="polyfm-bench-ts-")))
+            state["csv"] = ett_like_csv(scratch_dir("polyfm-bench-ts-"))
         return state["csv"]
 
     def checked(pipeline: Callable[[], int]) -> Step:
