@@ -330,19 +330,13 @@ def segmentation_transforms(
         # evaluation then runs it slice by slice over whole volumes (VolumeSegmentation's SliceInferer)
         crop = [*roi_size, 1] if len(roi_size) == 2 else list(roi_size)
         steps += [mt.SpatialPadd(keys=keys, spatial_size=crop)]
-        # where each class (or foreground/background) lies, found once per case in the cached part
-        # rather than by the random crop on every draw: the same indices, so the same crops
-        if class_ratios is not None:
-            steps.append(mt.ClassesToIndicesd(keys="label", indices_postfix="_class_indices", num_classes=len(class_ratios), image_key="image"))
-        else:
-            steps.append(mt.FgBgToIndicesd(keys="label", fg_postfix="_fg_indices", bg_postfix="_bg_indices", image_key="image"))
         # the cache boundary: metadata-tracking MetaTensors above, plain tensors (on transform_device,
         # if set) below; MetaTensor bookkeeping was ~2/3 of each random crop's time
         steps.append(ToDevice(transform_device or "cpu", keys))  # a plain callable: Compose takes any
         if class_ratios is not None:  # balanced over classes: small organs get as many patches as the liver
-            steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=crop, ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image", indices_key="label_class_indices"))
+            steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=crop, ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image"))
         else:
-            steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=crop, pos=pos, neg=neg, num_samples=num_samples, image_key="image", fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices"))
+            steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=crop, pos=pos, neg=neg, num_samples=num_samples, image_key="image"))
         if len(roi_size) == 2:
             steps.append(mt.SqueezeDimd(keys=keys, dim=3))
         if augment:
