@@ -96,3 +96,50 @@ def docs(session: nox.Session) -> None:
     ensure_env(session)
     session.run(_bin("python"), "-m", "pip", "install", "-q", "mkdocs==1.6.1", external=True)
     session.run(_bin("mkdocs"), "build", "--strict", "--site-dir", "site", external=True)
+
+
+# What the GPU machine (Python 3.12, x86-64, no network) lacks, by group; it has torch, lightning,
+# torchmetrics, peft, transformers, timm, torchaudio and the scientific stack already. One device run
+# carries at most 64 MiB, so the groups are sized to be taken two runs at a time: "audio ts medseg mol"
+# and "geo" (rasterio and pyproj bundle GDAL and PROJ: ~50 MB alone). "base" goes with every run.
+DEVICE_WHEELS = {
+    "base": ["jsonargparse", "docstring_parser", "typeshed_client", "importlib_resources"],
+    "audio": ["soundfile", "cffi", "pycparser", "panns-inference", "torchlibrosa", "librosa", "soxr", "audioread", "pooch", "platformdirs", "decorator"],
+    "ts": ["granite-tsfm", "datasets", "dill", "multiprocess", "deprecated"],
+    "medseg": ["monai", "nibabel", "pydicom"],
+    "mol": ["rdkit", "unimol-tools", "addict", "omegaconf", "hydra-core", "antlr4-python3-runtime", "lmdb"],
+    "geo": ["torchgeo", "rasterio", "affine", "cligj", "click-plugins", "pyproj", "shapely", "geopandas", "rshf", "dinov2"],
+}
+DEVICE_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
+DEVICE_CARRY_LIMIT = 60 * 2**20  # the run's 64 MiB also holds the working tree (~2 MB)
+
+
+@nox.session(name="device-wheels")
+def device_wheels(session: nox.Session) -> None:
+    """Fill .whl/ with what a GPU device run needs: `nox -s device-wheels -- audio ts medseg mol` (see docs/benchmarks.md#gpu)."""
+    import shutil
+
+    groups = session.posargs or ["audio", "ts", "medseg", "mol"]
+    unknown = sorted(set(groups) - set(DEVICE_WHEELS))
+    if unknown:
+        session.error(f"unknown group(s) {unknown}; choose from {sorted(DEVICE_WHEELS)}")
+    out = ROOT / ".whl"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    pip = [sys.executable, "-m", "pip"]
+    names = [n for g in ["base", *groups] for n in DEVICE_WHEELS[g]]
+    pins = [ROOT / "requirements" / "constraints.txt", *sorted(ROOT.glob("packages/*/requirements-test*.txt"))]  # test-only references are pinned there
+    constraints = [x for p in pins for x in ("-c", str(p))]
+    target = ["--python-version", "3.12", "--implementation", "cp", *(x for p in DEVICE_PLATFORMS for x in ("--platform", p))]
+    for name in dict.fromkeys(names):
+        try:
+            session.run(*pip, "download", "-q", "--no-deps", "--only-binary=:all:", *target, *constraints, "-d", str(out), name, external=True, silent=True)
+        except nox.command.CommandFailed:
+            # no wheel published (antlr4-python3-runtime): build one from the sdist; only pure-Python ones get here
+            session.run(*pip, "wheel", "-q", "--no-deps", *constraints, "-w", str(out), name, external=True)
+    for d in PACKAGES:  # our own six, as wheels: the entry points need installed metadata
+        session.run(*pip, "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT / "packages" / d), external=True)
+    total = sum(f.stat().st_size for f in out.glob("*.whl"))
+    session.log(f"{len(list(out.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB in {out}")
+    if total > DEVICE_CARRY_LIMIT:
+        session.error(f"{total / 2**20:.1f} MiB is over the {DEVICE_CARRY_LIMIT / 2**20:.0f} MiB a device run carries: take fewer groups per run")

@@ -30,3 +30,29 @@ def test_bench_case_reports_throughput_and_ratio(tmp_path, monkeypatch):
     result = bench.run_all(tmp_path / "bench.json", quick=True, repeats=2)
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written["cases"][0]["name"] == "toy/inference" and result["environment"]["versions"]["torch"]
+
+
+def test_gpu_path_step_on_cpu_is_the_plain_fp32_step_and_trains():
+    """Off CUDA the GPU-path step must fall back to exactly the reference's plain loop
+    (same losses, step for step), so a CPU ratio compares like with like."""
+
+    def conv_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+
+    x, y = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(16, 1, generator=torch.Generator().manual_seed(2))
+    ours = bench.gpu_path_train_step(conv_model(), lambda m: torch.nn.functional.mse_loss(m(x), y), lr=3e-2)
+    plain_model = conv_model()
+    optimizer = torch.optim.AdamW(plain_model.parameters(), lr=3e-2)
+
+    def plain():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(plain_model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    ours_losses = [float(ours()) for _ in range(50)]
+    plain_losses = [float(plain()) for _ in range(50)]
+    assert ours_losses == plain_losses
+    assert ours_losses[-1] < 0.8 * ours_losses[0]

@@ -43,6 +43,33 @@ class BenchCase:
     reference_name: str = ""
 
 
+def gpu_path_train_step(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], lr: float = 1e-4, compile: bool = False) -> Step:
+    """A training step on polyfm's GPU path, for cases that set it against a reference's own
+    plain fp32 loop: what the Trainer and ``GpuPath`` do in a recipe run, on a bare model.
+    On CUDA: bf16 autocast, channels_last for CNNs, TF32, fused AdamW, optional
+    ``torch.compile``. On CPU it is the plain fp32 step (as the Trainer's CPU fallback is),
+    so there the ratio only shows that nothing was lost. ``loss_of(model)`` runs the forward
+    pass on the case's inputs and returns the loss."""
+    from polyfm.core.performance import prepare_for_device
+
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    prepare_for_device(model, on_cuda)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=on_cuda or None)
+    forward: Any = torch.compile(model) if compile else model
+
+    def step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            loss = loss_of(forward)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
 _SCRATCH: list[tempfile.TemporaryDirectory[str]] = []
 
 

@@ -29,6 +29,21 @@ def has_convolutions(module: nn.Module, dims: int = 2) -> bool:
     return any(isinstance(m, kind) for m in module.modules())
 
 
+def prepare_for_device(module: nn.Module, on_cuda: bool, channels_last: bool | str = "auto") -> None:
+    """The layout half of the GPU path, for a Trainer run (``GpuPath``) or a bare model (the
+    benchmarks): TF32 matmuls and cuDNN autotuning on CUDA; channels_last memory for models
+    with 2D/3D convolutions ("auto": on CUDA only, where cuDNN's NHWC kernels are faster)."""
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if channels_last is True or (channels_last == "auto" and on_cuda):
+        if has_convolutions(module, 3):
+            module.to(memory_format=torch.channels_last_3d)
+        elif has_convolutions(module, 2):
+            module.to(memory_format=torch.channels_last)
+
+
 class GpuPath(Callback):
     """Applied at ``setup``. ``channels_last``: "auto" converts models with 2D/3D
     convolutions (PANNs, ResNets, U-Nets) when training on CUDA. ``compile``: wraps the
@@ -38,17 +53,7 @@ class GpuPath(Callback):
         self.channels_last, self.compile, self.compile_mode = channels_last, compile, compile_mode
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        on_cuda = trainer.strategy.root_device.type == "cuda"
-        if on_cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-        convert = self.channels_last is True or (self.channels_last == "auto" and on_cuda)
-        if convert:
-            if has_convolutions(pl_module, 3):
-                pl_module.to(memory_format=torch.channels_last_3d)
-            elif has_convolutions(pl_module, 2):
-                pl_module.to(memory_format=torch.channels_last)
+        prepare_for_device(pl_module, trainer.strategy.root_device.type == "cuda", self.channels_last)
         if self.compile:
             for name in ("encoder", "model"):
                 inner = getattr(pl_module, name, None)
