@@ -30,6 +30,7 @@ def test_bench_case_reports_throughput_and_ratio(tmp_path, monkeypatch):
     result = bench.run_all(tmp_path / "bench.json", quick=True, repeats=2)
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written["cases"][0]["name"] == "toy/inference" and result["environment"]["versions"]["torch"]
+    assert written["complete"] is True
 
 
 def test_gpu_path_step_on_cpu_is_the_plain_fp32_step_and_trains():
@@ -56,3 +57,19 @@ def test_gpu_path_step_on_cpu_is_the_plain_fp32_step_and_trains():
     plain_losses = [float(plain()) for _ in range(50)]
     assert ours_losses == plain_losses
     assert ours_losses[-1] < 0.8 * ours_losses[0]
+
+
+def test_bench_json_keeps_finished_cases_when_the_run_is_stopped(tmp_path, monkeypatch):
+    """A device lease can end mid-run: every finished case must already be on disk."""
+
+    def stopped(device):
+        raise SystemExit("time limit")  # not an Exception: run_all does not catch it, like a kill
+
+    first = BenchCase(name="toy/first", unit="vectors", items=64, ours=_step(16))
+    monkeypatch.setattr(bench, "collect_cases", lambda quick, only: [first, BenchCase(name="toy/stopped", unit="vectors", items=1, ours=stopped)])
+    try:
+        bench.run_all(tmp_path / "bench.json", quick=True, repeats=2, finetune_steps=0)
+    except SystemExit:
+        pass
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert [c["name"] for c in written["cases"]] == ["toy/first"] and written["complete"] is False

@@ -284,7 +284,7 @@ def run_all(
     finetune_steps: int = 30,
 ) -> dict[str, Any]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result: dict[str, Any] = {"environment": environment(), "device": str(dev), "quick": quick, "cases": [], "finetune": []}
+    result: dict[str, Any] = {"environment": environment(), "device": str(dev), "quick": quick, "complete": False, "cases": [], "finetune": []}
     for case in collect_cases(quick, only):
         try:
             row = run_case(case, dev, repeats=repeats)
@@ -292,6 +292,7 @@ def run_all(
             row = {"name": case.name, "error": f"{type(exc).__name__}: {exc}"}
         result["cases"].append(row)
         print(format_row(row), flush=True)
+        _write_json(output, result)  # after every case: a run stopped at a device's time limit keeps what it measured
     if finetune_steps > 0:
         from polyfm.core.kit import installed_kits
 
@@ -304,11 +305,18 @@ def run_all(
                 run = {"name": f"finetune/{domain}", "error": f"{type(exc).__name__}: {exc}"}
             result["finetune"].append(run)
             print(format_utilisation(run), flush=True)
+            _write_json(output, result)
+    result["complete"] = True
+    _write_json(output, result)
+    return result
+
+
+def _write_json(output: Path, result: dict[str, Any]) -> None:
+    """Atomically: a reader (or a run killed at its time limit) sees the last whole file."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, output)
-    return result
 
 
 def format_utilisation(run: dict[str, Any]) -> str:
