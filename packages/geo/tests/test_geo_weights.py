@@ -55,3 +55,29 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     torch.save(wrong, tmp_path / "thirteen.pth")
     with pytest.raises(CheckpointError, match="shape mismatch"):
         SoftConResNet50(in_chans=2, pretrained=str(tmp_path / "thirteen.pth"))
+
+
+@pytest.mark.parametrize(
+    ("ours", "enum", "member"),
+    [("softcon-rn50-s2", "ResNet50_Weights", "SENTINEL2_ALL_SOFTCON"), ("softcon-rn50-s1", "ResNet50_Weights", "SENTINEL1_GRD_SOFTCON"),
+     ("softcon-vits14-s2", "ViTSmall14_DINOv2_Weights", "SENTINEL2_ALL_SOFTCON"),
+     ("softcon-vitb14-s1", "ViTBase14_DINOv2_Weights", "SENTINEL1_GRD_SOFTCON")],
+)
+def test_softcon_meta_against_torchgeo_weights(ours, enum, member):
+    """Same files, bands and statistics as torchgeo 0.8's SoftCon enums; the one deliberate
+    difference is the scaling: ours is SoftCon's ±2σ, torchgeo's plain mean/std; the latter is
+    one explicit ``kind="meanstd"`` away and then equals torchgeo's Normalize."""
+    import torchgeo.models
+    from torchvision.transforms import v2
+
+    from polyfm.geo.bands import Normalization, canonical_band
+
+    spec, theirs = get_weights(ours), getattr(getattr(torchgeo.models, enum), member)
+    assert theirs.url.rsplit("/", 1)[1].replace("_enc.pth", ".pth") == spec.primary_file
+    assert [canonical_band(b) for b in theirs.meta["bands"]] == spec.meta["bands"]
+    normalize = next(t for t in theirs.transforms if isinstance(t, v2.Normalize))
+    ours_norm = Normalization.from_meta(spec.meta["normalization"])
+    assert ours_norm.kind == "sigma2" and ours_norm.quantize
+    as_torchgeo = Normalization.from_meta({**spec.meta["normalization"], "kind": "meanstd"})
+    x = torch.rand(1, len(spec.meta["bands"]), 8, 8) * 4000 - (40 if "s1" in ours else 0)
+    torch.testing.assert_close(as_torchgeo(x), normalize(x.clone()), atol=1e-5, rtol=1e-5)

@@ -11,14 +11,19 @@
 Every sample is a dict: ``input`` (float ``(C, H, W)``, normalised with the weights'
 normalisation for the data's bands), ``target``, ``meta`` (the file or the chip bounds).
 Bad files raise :class:`polyfm.core.errors.DataError` naming the file (and the CSV row).
+Real-world files: declared nodata is refused, filled (with a ``valid`` mask) or kept by an
+explicit ``nodata`` policy; float reflectance in 0-1 needs ``scale=10000``; band
+descriptions, when they name bands, decide the band order; band files of one stack must
+share a grid; tiles smaller than a chip are refused and grid chips stay inside their tile.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -36,8 +41,23 @@ RASTER_SUFFIXES = (".tif", ".tiff")
 # ----------------------------------------------------------------------------- reading
 
 
+NodataPolicy = Literal["error", "fill", "keep"]
+NODATA_POLICIES = ("error", "fill", "keep")
+
+
+def check_nodata_policy(nodata: str) -> None:
+    if nodata not in NODATA_POLICIES:
+        raise ConfigError(f"nodata must be one of {NODATA_POLICIES}, got {nodata!r}")
+
+
 def read_raster(path: str | Path, expected_bands: int | None = None) -> tuple[np.ndarray, list[str | None]]:
     """``(C, H, W)`` array and the band descriptions of a GeoTIFF; clear errors on bad files."""
+    array, descriptions, _ = read_raster_nodata(path, expected_bands)
+    return array, descriptions
+
+
+def read_raster_nodata(path: str | Path, expected_bands: int | None = None) -> tuple[np.ndarray, list[str | None], list[float | None]]:
+    """As :func:`read_raster`, plus each band's declared nodata value (``None``: none declared)."""
     import rasterio
     from rasterio.errors import RasterioIOError
 
@@ -48,6 +68,7 @@ def read_raster(path: str | Path, expected_bands: int | None = None) -> tuple[np
         with rasterio.open(path) as src:
             array = src.read()
             descriptions = list(src.descriptions)
+            nodata = [None if v is None else float(v) for v in src.nodatavals]
     except RasterioIOError as exc:
         raise DataError(f"not a readable raster (truncated or not a GeoTIFF?): {exc}", path=path) from exc
     if expected_bands is not None and array.shape[0] != expected_bands:
@@ -56,7 +77,122 @@ def read_raster(path: str | Path, expected_bands: int | None = None) -> tuple[np
             "give the file's band names in its own order (bands=[...])",
             path=path,
         )
-    return array, descriptions
+    return array, descriptions, nodata
+
+
+def order_by_descriptions(descriptions: Sequence[str | None], bands: Sequence[str], path: str | Path) -> list[int] | None:
+    """File channel for each declared band when the file's band descriptions name its bands.
+
+    ``None`` when the descriptions do not all name known bands (then ``bands`` is trusted);
+    a permutation when they name the declared bands in another order; a :class:`DataError`
+    when they name other bands than the declared ones."""
+    from polyfm.geo.bands import SENTINEL1_BANDS, SENTINEL2_BANDS
+
+    declared = [canonical_band(b) for b in bands]
+    if any(d is None or not str(d).strip() for d in descriptions):
+        return None
+    named = [canonical_band(str(d)) for d in descriptions]
+    known = set(SENTINEL2_BANDS) | set(SENTINEL1_BANDS) | set(declared)
+    if len(set(named)) != len(named) or not set(named) <= known:
+        return None
+    if sorted(named) != sorted(declared):
+        raise DataError(
+            f"its band descriptions name the bands {named} but bands={declared} was declared; "
+            "declare the file's bands (or fix the descriptions)",
+            path=path,
+        )
+    return [named.index(b) for b in declared]
+
+
+def nodata_mask(x: torch.Tensor, nodata: Sequence[float | None]) -> torch.Tensor | None:
+    """``x``'s shape, True where a pixel holds its channel's nodata value (NaN nodata: NaN pixels)."""
+    if all(v is None for v in nodata):
+        return None
+    if len(nodata) != x.shape[-3]:
+        raise DataError(f"{len(nodata)} nodata values for {x.shape[-3]} channels")
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    for c, value in enumerate(nodata):
+        if value is None:
+            continue
+        mask[..., c, :, :] = x[..., c, :, :].isnan() if math.isnan(value) else x[..., c, :, :] == value
+    return mask
+
+
+def handle_nodata(
+    x: torch.Tensor, invalid: torch.Tensor | None, nodata: Sequence[float | None], policy: NodataPolicy, bands: Sequence[str],
+    normalization: Normalization | None, where: str | Path,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply a nodata policy to raw values ``x`` (``(C, H, W)`` or ``(B, C, H, W)``).
+
+    ``"error"`` raises naming the file and band; ``"fill"`` sets those pixels to the band's
+    training mean (so they normalise to the mean level, as a missing band is treated) and
+    returns the valid-pixel mask ``(…, H, W)``; ``"keep"`` uses the values as they are."""
+    check_nodata_policy(policy)
+    if policy == "keep":
+        return x, None
+    if invalid is None or not invalid.any():
+        return x, (None if policy == "error" else torch.ones((*x.shape[:-3], *x.shape[-2:]), dtype=torch.bool))
+    if policy == "error":
+        counts = invalid.transpose(0, -3).reshape(invalid.shape[-3], -1).sum(1) if invalid.ndim == 4 else invalid.flatten(1).sum(1)
+        band = int(counts.argmax())
+        raise DataError(
+            f"band {bands[band]!r} has {int(counts[band])} pixels at the declared nodata value {nodata[band]} "
+            f"(bands with nodata: {[b for b, n in zip(bands, counts.tolist(), strict=True) if n]}). Nodata is never read as "
+            "reflectance: pass nodata='fill' (pixels set to the band's training mean, a 'valid' mask in the sample) "
+            "or nodata='keep' if that value is real data",
+            path=where,
+        )
+    means = list(normalization.mean) if normalization is not None and normalization.kind != "scale" else [0.0] * x.shape[-3]
+    fill = torch.tensor(means, dtype=x.dtype).view(-1, 1, 1).expand(x.shape[-3:])
+    x = torch.where(invalid, fill, x)
+    return x, ~invalid.any(dim=-3)
+
+
+def check_value_scale(x: torch.Tensor, valid: torch.Tensor | None, normalization: Normalization | None, where: str | Path) -> None:
+    """Refuse float reflectance in 0-1 fed to weights whose statistics are reflectance x 10,000."""
+    if normalization is None or normalization.kind == "scale" or not normalization.mean or max(normalization.mean) < 50:
+        return
+    values = x if valid is None else x.movedim(-3, 0)[:, valid]
+    values = values[torch.isfinite(values)]
+    if values.numel() and float(values.max()) <= 1.5:
+        raise DataError(
+            f"values span {float(values.min()):.4g}..{float(values.max()):.4g}, like reflectance in 0-1, but the normalisation's "
+            f"band means ({', '.join(f'{m:.0f}' for m in normalization.mean[:4])}, ...) are reflectance x 10,000. Pass scale=10000 "
+            "to multiply the file's values first",
+            path=where,
+        )
+
+
+def load_image(
+    path: Path,
+    bands: Sequence[str],
+    band_indices: Sequence[int] | None,
+    normalization: Normalization | None,
+    scale: float = 1.0,
+    nodata: NodataPolicy = "error",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read, order (by band descriptions), scale, check and normalise one GeoTIFF.
+
+    Returns the normalised ``(C, H, W)`` and, with ``nodata="fill"``, the valid-pixel mask."""
+    array, descriptions, nodata_values = read_raster_nodata(path, expected_bands=len(bands))
+    order = order_by_descriptions(descriptions, bands, path)
+    if order is not None and order != list(range(len(order))):
+        array, nodata_values = array[order], [nodata_values[i] for i in order]
+    floating = np.issubdtype(array.dtype, np.floating)
+    keep = list(range(len(bands))) if band_indices is None else list(band_indices)
+    x = torch.from_numpy(np.ascontiguousarray(array[keep]).astype(np.float32))
+    kept_nodata, kept_bands = [nodata_values[i] for i in keep], [canonical_band(bands[i]) for i in keep]
+    invalid = nodata_mask(x, kept_nodata)  # on the file's own values
+    if scale != 1.0:
+        x = x * scale
+    x, valid = handle_nodata(x, invalid, kept_nodata, nodata, kept_bands, normalization, path)
+    if not torch.isfinite(x).all():
+        raise DataError("holds NaN or Inf values", path=path)
+    if floating and scale == 1.0:
+        check_value_scale(x, valid, normalization, path)
+    if normalization is not None:
+        x = normalization(x)
+    return x, valid
 
 
 def band_names_of(path: str | Path) -> list[str]:
@@ -79,10 +215,6 @@ def _fit_size(x: torch.Tensor, size: int | None) -> torch.Tensor:
         top, left = (h - size) // 2, (w - size) // 2
         return x[..., top : top + size, left : left + size]
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-
-
-def _select(array: np.ndarray, band_indices: Sequence[int] | None) -> np.ndarray:
-    return array if band_indices is None else array[list(band_indices)]
 
 
 # ----------------------------------------------------------------------------- labels
@@ -178,8 +310,12 @@ def read_label_csv(
 class GeoTiffClassification(Dataset[dict[str, Any]]):
     """Scene classification from GeoTIFF files: ``items`` of ``(path, label)``.
 
-    ``bands`` names the file's bands in file order; ``band_indices`` keeps a subset (in
-    that order); ``normalization`` applies to the kept bands.
+    ``bands`` names the file's bands in file order (a file whose band descriptions name
+    them in another order is reordered by name); ``band_indices`` keeps a subset (in
+    that order); ``scale`` multiplies the file's values first (10000 for reflectance in
+    0-1); ``normalization`` applies to the kept bands; ``nodata`` is the policy for pixels
+    at the file's declared nodata value (see :func:`handle_nodata`; ``"fill"`` adds a
+    ``valid`` mask to every sample).
     """
 
     def __init__(
@@ -191,29 +327,32 @@ class GeoTiffClassification(Dataset[dict[str, Any]]):
         band_indices: Sequence[int] | None = None,
         multilabel: bool = False,
         augment: bool = False,
+        scale: float = 1.0,
+        nodata: NodataPolicy = "error",
     ) -> None:
+        check_nodata_policy(nodata)
         self.items, self.bands = list(items), [canonical_band(b) for b in bands]
         self.normalization, self.chip_size, self.band_indices = normalization, chip_size, band_indices
-        self.multilabel, self.augment = multilabel, augment
+        self.multilabel, self.augment, self.scale, self.nodata = multilabel, augment, scale, nodata
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.items[index]
-        array, _ = read_raster(path, expected_bands=len(self.bands))
-        x = torch.from_numpy(_select(array, self.band_indices).astype(np.float32))
-        if not torch.isfinite(x).all():
-            raise DataError("holds NaN or Inf values", path=path)
-        if self.normalization is not None:
-            x = self.normalization(x)
+        x, valid = load_image(path, self.bands, self.band_indices, self.normalization, self.scale, self.nodata)
+        if valid is not None:  # the mask rides along through cropping, resizing and augmentation
+            x = torch.cat([x, valid[None].float()])
         x = _fit_size(x, self.chip_size)
         if self.augment:
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
             x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
         target = torch.tensor(label, dtype=torch.float32) if self.multilabel else torch.tensor(label, dtype=torch.long)
-        return {"input": x.contiguous(), "target": target, "meta": str(path)}
+        sample = {"input": x.contiguous(), "target": target, "meta": str(path)}
+        if valid is not None:
+            sample["input"], sample["valid"] = x[:-1].contiguous(), x[-1] > 0.999
+        return sample
 
 
 class GeoTiffSegmentation(Dataset[dict[str, Any]]):
@@ -226,25 +365,29 @@ class GeoTiffSegmentation(Dataset[dict[str, Any]]):
         normalization: Normalization | None = None,
         band_indices: Sequence[int] | None = None,
         num_classes: int | None = None,
+        scale: float = 1.0,
+        nodata: NodataPolicy = "error",
     ) -> None:
+        check_nodata_policy(nodata)
         self.pairs, self.bands = list(pairs), [canonical_band(b) for b in bands]
         self.normalization, self.band_indices, self.num_classes = normalization, band_indices, num_classes
+        self.scale, self.nodata = scale, nodata
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_path = self.pairs[index]
-        array, _ = read_raster(image_path, expected_bands=len(self.bands))
         mask, _ = read_raster(mask_path, expected_bands=1)
-        if mask.shape[-2:] != array.shape[-2:]:
-            raise DataError(f"mask is {mask.shape[-2:]} but its image {image_path.name} is {array.shape[-2:]}", path=mask_path)
         if self.num_classes is not None and (mask.max() >= self.num_classes or mask.min() < 0):
             raise DataError(f"mask holds class ids {int(mask.min())}..{int(mask.max())}, outside 0..{self.num_classes - 1}", path=mask_path)
-        x = torch.from_numpy(_select(array, self.band_indices).astype(np.float32))
-        if self.normalization is not None:
-            x = self.normalization(x)
-        return {"input": x, "target": torch.from_numpy(mask.astype(np.int64)), "meta": str(image_path)}
+        x, valid = load_image(image_path, self.bands, self.band_indices, self.normalization, self.scale, self.nodata)
+        if mask.shape[-2:] != tuple(x.shape[-2:]):
+            raise DataError(f"mask is {mask.shape[-2:]} but its image {image_path.name} is {tuple(x.shape[-2:])}", path=mask_path)
+        sample = {"input": x, "target": torch.from_numpy(mask.astype(np.int64)), "meta": str(image_path)}
+        if valid is not None:
+            sample["valid"] = valid
+        return sample
 
 
 def _split(n: int, val_fraction: float, test_fraction: float, seed: int, labels: Sequence[Any] | None = None) -> tuple[list[int], list[int], list[int]]:
@@ -292,12 +435,16 @@ class GeoTiffDataModule(DictDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         augment: bool = False,
+        scale: float = 1.0,
+        nodata: NodataPolicy = "error",
         batch_size: int = 32,
         num_workers: int = 0,
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        check_nodata_policy(nodata)
+        self.scale, self.nodata = scale, nodata
         if (root is None) == (csv_path is None):
             raise ConfigError("give exactly one of root (class-per-folder) or csv_path")
         self.bands, self.root, self.csv_path, self.val_csv, self.test_csv = bands, root, csv_path, val_csv, test_csv
@@ -311,7 +458,8 @@ class GeoTiffDataModule(DictDataModule):
         self._train_labels: list[Any] | None = None
 
     def _dataset(self, items: Sequence[tuple[Path, Any]], augment: bool) -> GeoTiffClassification:
-        return GeoTiffClassification(items, self.bands, self.normalization, self.chip_size, self.band_indices, self.multilabel, augment)
+        return GeoTiffClassification(items, self.bands, self.normalization, self.chip_size, self.band_indices, self.multilabel, augment,
+                                     self.scale, self.nodata)
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any] | None, Dataset[Any] | None]:
         if self.root is not None:
@@ -354,12 +502,16 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         band_indices: list[int] | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
+        scale: float = 1.0,
+        nodata: NodataPolicy = "error",
         batch_size: int = 8,
         num_workers: int = 0,
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        check_nodata_policy(nodata)
+        self.scale, self.nodata = scale, nodata
         self.csv_path, self.bands, self.num_classes = Path(csv_path), bands, num_classes
         self.normalization = resolve_normalization(normalization, bands if band_indices is None else [bands[i] for i in band_indices])
         self.band_indices, self.val_fraction, self.test_fraction = band_indices, val_fraction, test_fraction
@@ -379,7 +531,8 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         tr, va, te = _split(len(pairs), self.val_fraction, self.test_fraction, self.seed)
 
         def make(ix: list[int]) -> GeoTiffSegmentation:
-            return GeoTiffSegmentation([pairs[i] for i in ix], self.bands, self.normalization, self.band_indices, self.num_classes)
+            return GeoTiffSegmentation([pairs[i] for i in ix], self.bands, self.normalization, self.band_indices, self.num_classes,
+                                       self.scale, self.nodata)
 
         return make(tr), make(va) if va else None, make(te) if te else None
 
@@ -486,9 +639,107 @@ def raster_dataset(
     if res is not None:
         kwargs["res"] = res
     try:
-        return cls(paths=paths, **kwargs)
+        dataset = cls(paths=paths, **kwargs)
     except Exception as exc:  # DatasetNotFoundError when nothing matches
         raise DataError(f"no raster matching {filename_glob!r} / {filename_regex!r} could be indexed: {exc}", path=paths) from exc
+    if separate_files:
+        check_band_stack(dataset)
+    return dataset
+
+
+def _scene_files(dataset: Any) -> list[list[str]]:
+    """For each indexed scene of a RasterDataset, the file each channel is read from."""
+    files = [str(f) for f in dataset.index.filepath]
+    if getattr(dataset, "separate_files", False):
+        return [[dataset._update_filepath(band, f) for band in dataset.bands] for f in files]  # torchgeo's own rule
+    return [[f] for f in files]
+
+
+def check_band_stack(dataset: Any) -> None:
+    """One file per band: every band file must exist and share the first one's CRS and
+    resolution. torchgeo would otherwise reproject/resample the odd one silently."""
+    import rasterio
+
+    for files in _scene_files(dataset):
+        reference: tuple[str, Any, tuple[float, float]] | None = None
+        for band, path in zip(dataset.bands, files, strict=True):
+            if not Path(path).exists():
+                raise DataError(f"band {band!r} file does not exist (derived from {files[0]} with filename_regex's 'band' group)", path=path)
+            with rasterio.open(path) as src:
+                crs, res = src.crs, tuple(float(r) for r in src.res)
+            if reference is None:
+                reference = (path, crs, res)
+                continue
+            first, first_crs, first_res = reference
+            if crs != first_crs or not np.allclose(res, first_res, rtol=1e-6, atol=0):
+                raise DataError(
+                    f"band {band!r} is on another grid than {first}: CRS {crs} vs {first_crs}, resolution {res} vs {first_res}. "
+                    "A band stack needs one grid; reproject or resample the band files onto it first (e.g. gdalwarp -t_srs/-tr)",
+                    path=path,
+                )
+
+
+def dataset_nodata(dataset: Any) -> list[tuple[float | None, str]] | None:
+    """Each channel's declared nodata value and the file it comes from, for a RasterDataset
+    (or an intersection of them), read from its first scene's files; ``None`` when the
+    dataset type is not understood."""
+    import rasterio
+    from torchgeo.datasets import IntersectionDataset, RasterDataset
+
+    if isinstance(dataset, IntersectionDataset):
+        parts = [dataset_nodata(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else [v for p in parts for v in p]  # type: ignore[union-attr]
+    if not isinstance(dataset, RasterDataset) or not dataset.is_image or len(dataset.index) == 0:
+        return None
+    values: list[tuple[float | None, str]] = []
+    for path in _scene_files(dataset)[0]:
+        with rasterio.open(path) as src:
+            declared = [None if v is None else float(v) for v in src.nodatavals]
+        indexes = [1] if getattr(dataset, "separate_files", False) else (dataset.band_indexes or range(1, len(declared) + 1))
+        values.extend((declared[i - 1], Path(path).name) for i in indexes)
+    return values
+
+
+def _tile_files(index: Any, row: int) -> list[str]:
+    return [str(index[c].iloc[row]) for c in index.columns if str(c).startswith("filepath")]
+
+
+def check_tiles_fit(dataset: Any, size: int) -> None:
+    """torchgeo's samplers skip tiles smaller than the chip without a word: refuse them instead."""
+    res = dataset.res
+    for row, geometry in enumerate(dataset.index.geometry):
+        xmin, ymin, xmax, ymax = geometry.bounds
+        width, height = round((xmax - xmin) / res[0]), round((ymax - ymin) / res[1])
+        if width < size or height < size:
+            raise DataError(
+                f"covers {width} x {height} px, smaller than the {size} px chips; the samplers would skip it silently. "
+                "Use a smaller chip size, or leave the file out",
+                path=", ".join(_tile_files(dataset.index, row)),
+            )
+
+
+def _edge_aligned_grid_sampler(dataset: Any, size: int, stride: int) -> Any:
+    """torchgeo's ``GridGeoSampler`` with its last row and column of chips moved inside the
+    tile (ending at its edge) instead of running past it, where the merge would fill the chip
+    with nodata or zeros; same chip count, same order."""
+    from torchgeo.samplers import GridGeoSampler
+    from torchgeo.samplers.utils import tile_to_chips
+
+    class EdgeAlignedGridGeoSampler(GridGeoSampler):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(len(self.index)):
+                xmin, ymin, xmax, ymax = self.index.geometry.iloc[i].bounds
+                if xmax - xmin < self.size[1] or ymax - ymin < self.size[0]:
+                    continue
+                times = self.index.index[i]
+                rows, cols = tile_to_chips((xmin, ymin, xmax, ymax), self.size, self.stride)
+                for r in range(rows):
+                    top = min(ymin + r * self.stride[0], ymax - self.size[0])
+                    for c in range(cols):
+                        left = min(xmin + c * self.stride[1], xmax - self.size[1])
+                        yield slice(left, left + self.size[1]), slice(top, top + self.size[0]), slice(times.left, times.right)
+
+    return EdgeAlignedGridGeoSampler(dataset, size=size, stride=stride)
 
 
 def chip_loader(
@@ -501,27 +752,48 @@ def chip_loader(
     normalization: Normalization | None = None,
     seed: int = 0,
     num_workers: int = 0,
+    nodata: NodataPolicy = "error",
 ) -> DataLoader[Any]:
     """Chips from a torchgeo GeoDataset with ``RandomGeoSampler`` or ``GridGeoSampler``,
     batched as ``{"input": (B, C, size, size), "meta": [bounds]}``. Reading and
     normalising run in ``num_workers`` processes (pinned batches on CUDA), so a GPU
-    pretraining run is not fed by one core."""
-    from torchgeo.datasets import stack_samples
-    from torchgeo.samplers import GridGeoSampler, RandomGeoSampler
+    pretraining run is not fed by one core.
 
+    Tiles smaller than ``size`` are refused (torchgeo would skip them); grid chips stay
+    inside their tile; pixels at the files' declared nodata value follow ``nodata``
+    (``"error"``, ``"fill"`` with a ``valid`` mask ``(B, H, W)`` in the batch, ``"keep"``)."""
+    from torchgeo.datasets import stack_samples
+    from torchgeo.samplers import RandomGeoSampler
+
+    check_nodata_policy(nodata)
+    if sampler not in ("random", "grid"):
+        raise ConfigError(f"sampler must be 'random' or 'grid', got {sampler!r}")
+    check_tiles_fit(dataset, size)
     if sampler == "random":
         geo_sampler: Any = RandomGeoSampler(dataset, size=size, length=length, generator=torch.Generator().manual_seed(seed))
-    elif sampler == "grid":
-        geo_sampler = GridGeoSampler(dataset, size=size, stride=stride or size)
     else:
-        raise ConfigError(f"sampler must be 'random' or 'grid', got {sampler!r}")
+        geo_sampler = _edge_aligned_grid_sampler(dataset, size, stride or size)
+    declared = dataset_nodata(dataset) if nodata != "keep" else None
+    nodata_values = None if declared is None else [v for v, _ in declared]
+    names = [canonical_band(b) for b in getattr(dataset, "bands", None) or []]
+    if declared is not None:  # name each channel's band and file in errors
+        names = [f"{names[c] if len(names) == len(declared) else f'channel {c}'} of {file}" for c, (_, file) in enumerate(declared)]
 
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = stack_samples(samples)
         x = batch["image"].float()
+        out: dict[str, Any] = {"meta": [str(b) for b in batch["bounds"]]}
+        if nodata_values is not None:
+            first = batch["bounds"][0]
+            where = f"chip x {first[0].start:.6g}..{first[0].stop:.6g}, y {first[1].start:.6g}..{first[1].stop:.6g}"
+            x, valid = handle_nodata(x, nodata_mask(x, nodata_values), nodata_values, nodata, names, normalization,
+                                     where + (f" (and {len(samples) - 1} more in the batch)" if len(samples) > 1 else ""))
+            if valid is not None:
+                out["valid"] = valid
         if normalization is not None:
             x = normalization(x)
-        return {"input": x, "meta": [str(b) for b in batch["bounds"]]}
+        out["input"] = x
+        return out
 
     return DataLoader(
         dataset, sampler=geo_sampler, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
@@ -546,9 +818,11 @@ class ChipDataModule(L.LightningDataModule):
         normalization: str | dict[str, Any] | Normalization | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        nodata: NodataPolicy = "error",
     ) -> None:
         super().__init__()
-        self.num_workers = num_workers
+        check_nodata_policy(nodata)
+        self.num_workers, self.nodata = num_workers, nodata
         self.paths, self.bands, self.separate_files = paths, bands, separate_files
         self.filename_glob, self.filename_regex = filename_glob, filename_regex
         self.size, self.length, self.batch_size, self.seed = size, length, batch_size, seed
@@ -562,7 +836,9 @@ class ChipDataModule(L.LightningDataModule):
             self.normalization = resolve_normalization(self.normalization_spec, self.dataset.bands)
 
     def train_dataloader(self) -> DataLoader[Any]:
-        return chip_loader(self.dataset, self.size, "random", self.length, None, self.batch_size, self.normalization, self.seed, self.num_workers)
+        return chip_loader(self.dataset, self.size, "random", self.length, None, self.batch_size, self.normalization, self.seed, self.num_workers,
+                           self.nodata)
 
     def val_dataloader(self) -> DataLoader[Any]:
-        return chip_loader(self.dataset, self.size, "grid", None, self.size, self.batch_size, self.normalization, self.seed, self.num_workers)
+        return chip_loader(self.dataset, self.size, "grid", None, self.size, self.batch_size, self.normalization, self.seed, self.num_workers,
+                           self.nodata)

@@ -71,8 +71,12 @@ def synthetic_dataset(n: int, size: int = 32, num_classes: int = 9, seed: int = 
     return {"images": np.stack(tiles), "labels": labels, "classmaps": np.stack(maps), "fractions": np.stack(fracs)}
 
 
-def write_geotiff(path: str | Path, array: np.ndarray, band_names: list[str] | None = None, origin: tuple[float, float] = (10.0, 50.0), res: float = 0.0001) -> Path:
-    """Write ``(C, H, W)`` as a GeoTIFF (EPSG:4326) with band descriptions."""
+def write_geotiff(
+    path: str | Path, array: np.ndarray, band_names: list[str] | None = None, origin: tuple[float, float] = (10.0, 50.0),
+    res: float = 0.0001, crs: str = "EPSG:4326", nodata: float | None = None,
+) -> Path:
+    """Write ``(C, H, W)`` as a GeoTIFF (EPSG:4326 unless ``crs``) with band descriptions and,
+    if given, a declared ``nodata`` value."""
     import rasterio
     from rasterio.transform import from_origin
 
@@ -81,7 +85,7 @@ def write_geotiff(path: str | Path, array: np.ndarray, band_names: list[str] | N
     count, height, width = array.shape
     with rasterio.open(
         path, "w", driver="GTiff", height=height, width=width, count=count, dtype=array.dtype,
-        crs="EPSG:4326", transform=from_origin(origin[0], origin[1], res, res),
+        crs=crs, transform=from_origin(origin[0], origin[1], res, res), nodata=nodata,
     ) as dst:
         dst.write(array)
         if band_names:

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -81,6 +81,42 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None, cls_token: bool 
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
     return emb
+
+
+PosInterpolation = Literal["auto", "sincos", "bicubic"]
+
+
+def _check_pos_interpolation(mode: str) -> None:
+    if mode not in ("auto", "sincos", "bicubic"):
+        raise ConfigError(f"pos_interpolation must be 'auto', 'sincos' or 'bicubic', got {mode!r}")
+
+
+def is_sincos_table(pos_embed: torch.Tensor) -> bool:
+    """Whether a ``(1, 1 + n*n, D)`` table is still the fixed 2-D sin-cos code (zero CLS row)."""
+    grid = int(math.isqrt(pos_embed.shape[1] - 1))
+    if grid * grid != pos_embed.shape[1] - 1 or pos_embed.shape[-1] % 4:
+        return False
+    reference = sincos_2d(pos_embed.shape[-1], grid).to(pos_embed.device)
+    return bool(torch.allclose(pos_embed[0].detach().double(), reference, atol=1e-5))
+
+
+def fit_pos_table(pos_embed: torch.Tensor, new_grid: tuple[int, int], mode: PosInterpolation = "auto") -> torch.Tensor:
+    """A SatMAE position table for another patch grid.
+
+    ``"sincos"``: the 2-D sin-cos code of the new grid, which is what the official
+    ``main_finetune.py`` ends up with (it deletes a ``pos_embed`` of another shape before
+    ``interpolate_pos_embed`` and keeps the model's own sin-cos table); ``"bicubic"``: MAE's
+    ``interpolate_pos_embed``; ``"auto"``: sin-cos while the table is still the fixed code
+    (every pretraining file), bicubic once it was learned (fine-tuned files), so learned
+    offsets are kept.
+    """
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    if side * side == pos_embed.shape[1] - 1 and (side, side) == tuple(new_grid):
+        return pos_embed
+    _check_pos_interpolation(mode)
+    if mode == "sincos" or (mode == "auto" and is_sincos_table(pos_embed)):
+        return sincos_2d(pos_embed.shape[-1], *new_grid)[None].to(pos_embed)
+    return resize_pos_embed(pos_embed, new_grid)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], extra_tokens: int = 1) -> torch.Tensor:
@@ -197,6 +233,8 @@ class SatMAE(Encoder, PretrainedMixin):
     them. ``decoder_depth=0`` builds the encoder only (fine-tuning). ``global_pool``
     pools patch tokens into ``fc_norm`` (SatMAE's fine-tuning default), otherwise the
     normed CLS token. ``num_classes > 0`` adds the fine-tuned checkpoints' ``head``.
+    ``pos_interpolation`` says how a position table meets another patch grid (a checkpoint
+    of another image size, or an input of another size): see :func:`fit_pos_table`.
     """
 
     def __init__(
@@ -223,11 +261,14 @@ class SatMAE(Encoder, PretrainedMixin):
         num_classes: int = 0,
         drop_path_rate: float = 0.0,
         normalization: Mapping[str, Any] | None = None,
+        pos_interpolation: PosInterpolation = "auto",
         pretrained: str | None = None,
         input_bands: Sequence[str] | None = None,
         missing_bands: MissingBands = "error",
     ) -> None:
         super().__init__()
+        _check_pos_interpolation(pos_interpolation)
+        self.pos_interpolation = pos_interpolation
         groups = [list(g) for g in channel_groups]
         bands = [canonical_band(b) for b in bands]
         flat = sorted(i for g in groups for i in g)
@@ -235,6 +276,9 @@ class SatMAE(Encoder, PretrainedMixin):
             raise ConfigError(f"channel_groups {groups} must cover each of the {len(bands)} bands {bands} exactly once")
         if img_size % patch_size:
             raise ConfigError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if embed_dim % num_heads or (decoder_depth > 0 and decoder_embed_dim % decoder_num_heads):
+            raise ConfigError(f"embed_dim {embed_dim} / decoder_embed_dim {decoder_embed_dim} must be divisible by "
+                              f"num_heads {num_heads} / decoder_num_heads {decoder_num_heads}")
         self.img_size, self.patch_size = img_size, patch_size
         self.bands, self.channel_groups = bands, groups
         self.embed_dim, self.feature_dim = embed_dim, embed_dim
@@ -311,7 +355,7 @@ class SatMAE(Encoder, PretrainedMixin):
 
     def _pos_channel(self, pos_embed: torch.Tensor, channel_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``(1, G, L, D)``: spatial code of each location concatenated with each group's code."""
-        pos = resize_pos_embed(pos_embed, grid)[:, 1:]  # (1, L, pD)
+        pos = fit_pos_table(pos_embed, grid, self.pos_interpolation)[:, 1:]  # (1, L, pD)
         groups, length = channel_embed.shape[1], pos.shape[1]
         return torch.cat([pos[:, None].expand(-1, groups, -1, -1), channel_embed[:, :, None].expand(-1, -1, length, -1)], dim=-1)
 
@@ -511,7 +555,7 @@ class SatMAE(Encoder, PretrainedMixin):
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SatMAE:
         state = _read_state(path, spec)
-        inferred = infer_satmae_config(state)
+        inferred = infer_satmae_config(state, str(path))
         if spec is not None and "normalization" in spec.meta:
             inferred["normalization"] = spec.meta["normalization"]
             inferred["bands"] = spec.meta["bands"]
@@ -537,10 +581,17 @@ class SatMAE(Encoder, PretrainedMixin):
         if self.band_plan is not None:
             raise ConfigError("load weights before adapt_bands(), not after")
         state = dict(state)
+        kernel = state.get("patch_embed.0.proj.weight")
+        if kernel is not None and kernel.shape[-1] != self.patch_size:
+            raise CheckpointError(
+                f"{source} was trained with {kernel.shape[-1]} px patches, this model has patch_size={self.patch_size}; "
+                f"patch kernels are not resized (the official code cannot either): build it with patch_size={kernel.shape[-1]} "
+                "and pick img_size instead"
+            )
         grid = (self.img_size // self.patch_size,) * 2
         for key in ("pos_embed", "decoder_pos_embed"):
             if key in state and hasattr(self, key):
-                state[key] = resize_pos_embed(state[key], grid)
+                state[key] = fit_pos_table(state[key], grid, self.pos_interpolation)
         ignore_missing = ["channel_cls_embed"]  # pretraining checkpoints have none (zeros at fine-tuning)
         if self.fc_norm is not None and "fc_norm.weight" not in state:
             ignore_missing.append("fc_norm.")  # fresh, as the official fine-tuning starts it
@@ -583,11 +634,27 @@ def _read_state(path: Path, spec: WeightSpec | None) -> dict[str, torch.Tensor]:
     return state
 
 
-def infer_satmae_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def _refuse_plain_vit(state: Mapping[str, torch.Tensor], model: str, source: str = "checkpoint") -> None:
+    """SatMAE's fMoW-RGB files (``fmow_pretrain.pth``, ``models_mae.py`` / ``models_vit.py``) are
+    plain ViTs: one patch embedding and a full-width position table, no group or time codes."""
+    proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    if proj is None or pos is None or pos.shape[-1] != proj.shape[0]:
+        return
+    raise CheckpointError(
+        f"{source} is a plain ViT checkpoint ({proj.shape[1]} input channels, patch {proj.shape[-1]}, position table as wide as "
+        f"the tokens, {pos.shape[-1]}), such as SatMAE's fMoW-RGB 'fmow_pretrain.pth': {model} cannot load it (it expects "
+        + ("per-group 'patch_embed.{g}.proj'" if model == "SatMAE" else f"a position table {proj.shape[0] - 384} wide plus time codes")
+        + "). Its keys are timm's VisionTransformer layout: build e.g. timm.create_model('vit_large_patch16_224', num_classes=0) "
+        "and load the 'model' entry (decoder_* and mask_token keys removed), or use polyfm.core.transfer.load_trunk."
+    )
+
+
+def infer_satmae_config(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, Any]:
     """Architecture from a checkpoint's shapes: width, depth, groups, patch, image size, decoder."""
     if "patch_embed.0.proj.weight" not in state:
+        _refuse_plain_vit(state, "SatMAE", source)
         raise CheckpointError(
-            "not a group-channel SatMAE checkpoint: no 'patch_embed.0.proj.weight' "
+            f"{source} is not a group-channel SatMAE checkpoint: no 'patch_embed.0.proj.weight' "
             f"(first keys: {sorted(state)[:8]}). The temporal model loads with SatMAETemporal."
         )
     groups = sum(1 for k in state if k.startswith("patch_embed.") and k.endswith(".proj.weight"))
@@ -707,7 +774,7 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         x = torch.cat([self.patch_embed(images[:, t]) for t in range(self.num_frames)], dim=1)
         length = x.shape[1] // self.num_frames
         grid = int(math.isqrt(length))
-        pos = resize_pos_embed(self.pos_embed, (grid, grid))[:, 1:].repeat(x.shape[0], self.num_frames, 1)
+        pos = fit_pos_table(self.pos_embed, (grid, grid))[:, 1:].repeat(x.shape[0], self.num_frames, 1)
         return x + torch.cat([pos, self._time_codes(timestamps.to(x.device), 128, length).to(x.dtype)], dim=-1)
 
     def _masking(self, x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -755,7 +822,7 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         full = torch.gather(full, 1, ids_restore[..., None].expand(-1, -1, h.shape[2]))
         h = torch.cat([h[:, :1], full], dim=1)
         grid = int(math.isqrt(length))
-        dpos = resize_pos_embed(self.decoder_pos_embed, (grid, grid))
+        dpos = fit_pos_table(self.decoder_pos_embed, (grid, grid))
         pos = torch.cat([dpos[:, :1], dpos[:, 1:].repeat(1, self.num_frames, 1)], dim=1).expand(h.shape[0], -1, -1)
         times = self._time_codes(timestamps.to(h.device), 64, length)
         times = torch.cat([times.new_zeros(times.shape[0], 1, times.shape[2]), times], dim=1)
@@ -779,6 +846,7 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         state = strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module.")
         if "patch_embed.proj.weight" not in state:
             raise CheckpointError(f"{path} is not a temporal SatMAE checkpoint (no 'patch_embed.proj.weight')")
+        _refuse_plain_vit(state, "SatMAETemporal", str(path))
         embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
         grid = int(math.isqrt(state["pos_embed"].shape[1] - 1))
         inferred: dict[str, Any] = {
@@ -796,6 +864,10 @@ class SatMAETemporal(Encoder, PretrainedMixin):
             inferred["num_classes"] = int(state["head.weight"].shape[0])
         inferred.update(config)
         model = cls(**inferred)
+        grid = (model.pos_embed.shape[1] - 1, model.decoder_pos_embed.shape[1] - 1 if model.decoder_depth > 0 else 0)
+        for key, tokens in zip(("pos_embed", "decoder_pos_embed"), grid, strict=True):
+            if key in state and tokens and state[key].shape[1] - 1 != tokens:  # another img_size: as SatMAE above
+                state[key] = fit_pos_table(state[key], (math.isqrt(tokens),) * 2)
         if model.head is None:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         ignore_missing = [p for p, key in (("fc_norm.", "fc_norm.weight"), ("norm.", "norm.weight")) if key not in state]
