@@ -90,3 +90,51 @@ def test_missing_config_and_wrong_shapes_are_clear(tmp_path):
     (tmp_path / "config.bak").rename(tmp_path / "hub" / "config.json")
     with pytest.raises(CheckpointError, match="shape mismatch"):
         ChemBERTa.from_pretrained(tmp_path / "hub", hidden_size=64, num_attention_heads=4)
+
+
+def _save_variant(folder, variant: str):
+    """Hub folders of the checkpoint variants in the wild, weights written by hand so the file
+    format is the one named: a bare RobertaModel (no ``roberta.`` prefix, with its pooler) in
+    pytorch_model.bin, RobertaForSequenceClassification (``classifier.*``) in model.safetensors,
+    and ChemBERTa-2 MTR (``regression.*`` head and ``norm_mean``/``norm_std`` buffers) in pytorch_model.bin."""
+    from safetensors.torch import save_file
+    from transformers import RobertaForSequenceClassification, RobertaModel
+
+    config = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                           max_position_embeddings=40, type_vocab_size=1, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    if variant == "bare":
+        reference = RobertaModel(config).eval()
+        state = reference.state_dict()
+    elif variant == "classification":
+        reference = RobertaForSequenceClassification(config).eval()
+        state = reference.state_dict()
+    else:  # MTR: the trunk of a RobertaForMaskedLM, plus DeepChem's regression head
+        reference = RobertaForMaskedLM(config).eval()
+        state = {k: v for k, v in reference.state_dict().items() if k.startswith("roberta.")}
+        state |= {"regression.dense.weight": torch.randn(32, 32), "regression.dense.bias": torch.zeros(32)}
+        state |= {"regression.out_proj.weight": torch.randn(5, 32), "regression.out_proj.bias": torch.zeros(5)}
+        state |= {"norm_mean": torch.zeros(5), "norm_std": torch.ones(5)}
+    folder.mkdir(parents=True)
+    config.save_pretrained(str(folder))
+    state = {k: v.contiguous() for k, v in state.items()}
+    if variant == "classification":
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return reference
+
+
+@pytest.mark.parametrize("variant", ["bare", "classification", "mtr"])
+def test_checkpoint_variants_load_and_match_transformers(tmp_path, variant):
+    reference = _save_variant(tmp_path / variant, variant)
+    with pytest.warns(UserWarning, match="lm_head is freshly initialised"):
+        ours = ChemBERTa.from_pretrained(tmp_path / variant).eval()
+    ids = torch.tensor([[0, 5, 6, 7, 8, 2, 1, 1], [0, 9, 10, 11, 12, 13, 14, 2]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        got = ours(ids, mask)["last_hidden_state"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.forward_features({"input_ids": ids, "attention_mask": mask}), expected[:, 0])
+    assert ours.lm_head.decoder.weight is ours.roberta.embeddings.word_embeddings.weight

@@ -128,3 +128,42 @@ def test_chemberta_batches_and_meta(tmp_path):
     assert set(batch["input"]) == {"input_ids", "attention_mask"} and batch["target"].shape == (4, 1)
     assert batch["input"]["input_ids"].shape[1] <= 8 and batch["meta"][0].startswith("row ")
     assert dm.featuriser.truncated_rows == [6, 7, 8, 9, 10]  # C6O.. need more than 6 tokens + <s></s>
+
+
+def test_delimiter_is_told_by_the_header_or_given(tmp_path):
+    for name, sep in (("a.tsv", "\t"), ("b.csv", ";"), ("c.txt", "|")):
+        csv = write(tmp_path / name, f"smiles{sep}y{sep}z\nCCO{sep}1.5{sep}\nc1ccccc1{sep}{sep}0\n")
+        table = read_molecule_csv(csv)
+        assert table.target_names == ["y", "z"] and table.smiles == ["CCO", "c1ccccc1"]
+        np.testing.assert_array_equal(np.isnan(table.targets), [[False, True], [True, False]])  # empty cells: missing
+    csv = write(tmp_path / "d.csv", "smiles;y\nCCO;1\n")
+    with pytest.raises(DataError, match=r"columns are \['smiles;y'\]"):
+        read_molecule_csv(csv, delimiter=",")
+
+
+def test_repeated_header_names_and_wrong_column_names_are_clear(tmp_path):
+    csv = write(tmp_path / "dup.csv", "smiles,y,y\nCCO,1,2\n")
+    with pytest.raises(DataError, match=r"dup\.csv.*repeat.*'y': \[2, 3\]"):
+        read_molecule_csv(csv)
+    csv = write(tmp_path / "names.csv", "\ufeffSMILES,LogS\nCCO,1\n")  # with a byte-order mark
+    with pytest.raises(DataError, match=r"names\.csv.*no SMILES column 'smiles'.*\['SMILES', 'LogS'\].*Did you mean 'SMILES'"):
+        read_molecule_csv(csv)
+    with pytest.raises(DataError, match=r"target columns \['logs'\].*Did you mean 'LogS'"):
+        read_molecule_csv(csv, smiles_column="SMILES", target_columns=["logs"])
+    assert read_molecule_csv(csv, smiles_column="SMILES").target_names == ["LogS"]
+
+
+def test_unimol_featuriser_refuses_molecules_left_without_atoms_and_keeps_the_timeout(tmp_path):
+    csv = write(tmp_path / "h2.csv", "smiles,y\nCCO,1\n[H][H],2\n")
+    dm = MoleculeDataModule(str(csv), model="unimol", remove_hs=True, mmff=False, split="random", conformer_timeout=3)
+    assert dm.featuriser.conformer_timeout == 3
+    with pytest.raises(DataError, match=r"no atoms left.*row 2 '\[H\]\[H\]'"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("value", ["inf", "-Infinity", "1e39"])
+def test_infinite_labels_are_refused_with_file_row_and_column(tmp_path, value):
+    csv = write(tmp_path / "inf.csv", f"smiles,y\nCCO,1\nCCN,{value}\n")
+    with pytest.raises(DataError, match=r"inf\.csv.*row 2.*'y'|inf\.csv.*'y'.*row 2") as err:
+        read_molecule_csv(csv)
+    assert "line 3" in str(err.value) and "finite" in str(err.value)

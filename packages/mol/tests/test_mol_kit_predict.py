@@ -65,3 +65,17 @@ def test_predict_csv_and_parity_plot(tmp_path):
     assert frame["pred_y"][0] == pytest.approx(direct, abs=1e-5)
     png = parity_plot(frame["y"], frame["pred_y"], tmp_path / "parity.png", title="test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_csv_keeps_text_columns_as_text(tmp_path):
+    """New-molecule files carry names and identifiers; they are no targets and must not stop the run."""
+    csv = tmp_path / "new.tsv"
+    csv.write_text("id\tsmiles\tname\ty\nm1\tCCO\tethanol\t1.0\nm2\tc1ccccc1\tbenzene\t\n")
+    featuriser = ChemBERTaFeaturiser(tokenizer=None, max_length=32)
+    encoder = ChemBERTa(vocab_size=len(featuriser.tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40)  # fmt: skip
+    task = Regression(encoder, num_targets=1, target_names=["y"], target_mean=[5.0], target_std=[2.0])
+    frame = predict_csv(task, csv, featuriser)
+    assert list(frame.columns) == ["row", "smiles", "canonical_smiles", "id", "name", "y", "pred_y"]
+    assert frame["name"].tolist() == ["ethanol", "benzene"] and frame["id"].tolist() == ["m1", "m2"]
+    assert frame["y"][0] == 1.0 and np.isnan(frame["y"][1])

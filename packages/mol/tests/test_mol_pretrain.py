@@ -143,3 +143,33 @@ def test_unimol_pretraining_loss_falls():
     pretrain(model, objective, dm, 40)
     after = fixed_loss(objective, model, batch)
     assert after < 0.7 * before, (before, after)
+
+
+def test_unimol_pretraining_outputs_do_not_depend_on_the_padding_of_the_batch():
+    """The denoised coordinates follow the official code since its padding fix (Uni-Mol #211):
+    padded positions (at the origin) take no part, [CLS] and [SEP] count as atoms."""
+    from polyfm.mol.conformers import ConformerSettings, collate_unimol, embed_smiles, unimol_features
+
+    torch.manual_seed(0)
+    model = tiny_unimol().eval()
+    feats = []
+    for smi in ("CCO", "CC(=O)Nc1ccc(O)cc1"):
+        conf = embed_smiles(smi, ConformerSettings(remove_hs=True, mmff=False))
+        feats.append(unimol_features(conf.atoms, conf.coordinates, model.dictionary))
+    with torch.no_grad():
+        alone = model(**collate_unimol(feats[:1], model.padding_idx), features_only=False)
+        padded = model(**collate_unimol(feats, model.padding_idx), features_only=False)
+    n = len(feats[0]["src_tokens"])
+    for key in ("coord", "encoder_rep", "logits"):
+        torch.testing.assert_close(padded[key][0, :n], alone[key][0], atol=1e-5, rtol=1e-5, msg=key)
+    torch.testing.assert_close(padded["distance"][0, :n, :n], alone["distance"][0], atol=1e-5, rtol=1e-5)
+    # the update by hand: sum_j (x_j - x_i) * w_ij / n over the n real tokens
+    inputs = collate_unimol(feats[:1], model.padding_idx)
+    with torch.no_grad():
+        out = model.encoder(
+            model.embed_tokens(inputs["src_tokens"]), model.pair_bias(inputs["src_distance"], inputs["src_edge_type"]), None
+        )
+        weights = model.pair2coord_proj(out["delta_pair"])[0, ..., 0]
+    x = inputs["src_coord"][0]
+    expected = x + ((x[None, :, :] - x[:, None, :]) * weights[..., None]).sum(1) / n
+    torch.testing.assert_close(alone["coord"][0], expected, atol=1e-5, rtol=1e-5)

@@ -51,6 +51,8 @@ class MoleculeTable:
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (row, smiles, reason)
     mixtures: int = 0
     fragments_stripped: int = 0
+    # the file's other columns (neither SMILES nor targets), as written, for the kept rows
+    other_columns: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.smiles)
@@ -86,11 +88,36 @@ def parse_smiles(smiles: str, fragments: FragmentPolicy = "keep", canonicalize: 
     return (Chem.MolToSmiles(mol) if canonicalize or (mixture and fragments == "largest") else text), mixture, ""
 
 
-def _to_float(value: str) -> float:
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def parse_label(value: str) -> float:
+    """A label cell as a float; empty cells and ``nan``/``NA``/``none``/``null`` are missing (NaN)."""
     value = value.strip()
     if value == "" or value.lower() in ("nan", "na", "n/a", "none", "null"):
         return math.nan
     return float(value)
+
+
+def _header(path: Path, delimiter: str | None) -> tuple[str, list[str]]:
+    """The delimiter (given, or told by the header: tab for .tsv, else the first of comma, tab,
+    semicolon and ``|`` found in the header; SMILES never contain these) and the column names as written."""
+    import csv
+
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            first = handle.readline()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not a UTF-8 text file: {exc}", path=path) from exc
+    if delimiter is None:
+        found = [d for d in (",", "\t", ";", "|") if d in first]
+        delimiter = "\t" if path.suffix.lower() == ".tsv" and "\t" in first else (found[0] if found else ",")
+    return delimiter, next(csv.reader([first], delimiter=delimiter), [])
+
+
+def _did_you_mean(name: str, columns: Sequence[str]) -> str:
+    close = [c for c in columns if c.strip().lower() == name.strip().lower()]
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def read_molecule_csv(
@@ -100,8 +127,10 @@ def read_molecule_csv(
     canonicalize: bool = True,
     skip_invalid: bool = False,
     fragments: FragmentPolicy = "keep",
+    delimiter: str | None = None,
 ) -> MoleculeTable:
-    """Read a MoleculeNet-style CSV. ``target_columns=None`` takes every column but the SMILES one."""
+    """Read a MoleculeNet-style CSV. ``target_columns=None`` takes every column but the SMILES one.
+    ``delimiter=None`` tells it from the header (comma, tab, semicolon or ``|``)."""
     import pandas as pd
 
     path = Path(os.path.expandvars(os.fspath(path))).expanduser()  # recipes write $POLYFM_DATA_DIR/...
@@ -109,23 +138,31 @@ def read_molecule_csv(
         raise DataError("the path names an environment variable that is not set (e.g. POLYFM_DATA_DIR).", path=path)
     if not path.exists():
         raise DataError("file not found.", path=path)
+    delimiter, header = _header(path, delimiter)
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:  # pandas would rename them silently (y, y.1)
+        where = {c: [i + 1 for i, h in enumerate(header) if h == c] for c in repeated}
+        raise DataError(f"column names repeat in the header: {where} (name -> column numbers). Rename them.", path=path)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, sep=delimiter, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"not a readable CSV: {exc}", path=path) from exc
     if smiles_column not in frame.columns:
         raise DataError(
-            f"no SMILES column {smiles_column!r}; columns are {list(frame.columns)}. Pass smiles_column=...", path=path
+            f"no SMILES column {smiles_column!r}; columns are {list(frame.columns)} (delimiter {delimiter!r}).{_did_you_mean(smiles_column, frame.columns)} "
+            "Pass smiles_column=...",
+            path=path,
         )
     names = [c for c in frame.columns if c != smiles_column] if target_columns is None else list(target_columns)
     absent = [c for c in names if c not in frame.columns]
     if absent:
-        raise DataError(f"target columns {absent} are not in the file; columns are {list(frame.columns)}.", path=path)
+        hints = "".join(_did_you_mean(c, frame.columns) for c in absent)
+        raise DataError(f"target columns {absent} are not in the file; columns are {list(frame.columns)}.{hints}", path=path)
     targets = np.full((len(frame), len(names)), np.nan, dtype=np.float32)
     for j, name in enumerate(names):
         for i, raw in enumerate(frame[name].tolist()):
             try:
-                targets[i, j] = _to_float(raw)
+                value = parse_label(raw)
             except ValueError:
                 raise DataError(
                     f"(line {i + 2}) target {raw!r} is not a number. Fix the value, or leave the cell empty for a missing label.",
@@ -133,6 +170,15 @@ def read_molecule_csv(
                     row=i + 1,
                     key=name,
                 ) from None
+            if abs(value) > _FLOAT32_MAX:  # 'inf', or beyond float32: it would make every loss Inf
+                raise DataError(
+                    f"(line {i + 2}) target {raw!r} is not a finite float32 number. Fix the value, or leave the cell empty "
+                    "for a missing label.",
+                    path=path,
+                    row=i + 1,
+                    key=name,
+                )
+            targets[i, j] = value
     table = MoleculeTable([], [], [], targets, names, path=path)
     keep: list[int] = []
     for i, raw in enumerate(frame[smiles_column].tolist()):
@@ -155,6 +201,10 @@ def read_molecule_csv(
             path=path,
         )
     table.targets = targets[keep]
+    for name in frame.columns:
+        if name != smiles_column and name not in names:
+            cells = frame[name].tolist()
+            table.other_columns[name] = [cells[i] for i in keep]
     if not len(table):
         raise DataError("no valid molecule in the file.", path=path)
     if table.skipped:
@@ -401,9 +451,15 @@ class ChemBERTaFeaturiser(Featuriser):
 
         self.tokenizer = load_tokenizer(tokenizer, tokenizer_kind, model_max_length=max_length)
         self.max_length = max_length
+        self.truncated_rows: list[int] = []
+        # rows of which the tokenizer dropped characters (hub) or used the unknown token (atom-wise)
+        self.lossy_rows: list[int] = []
 
     def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:
-        too_long = [r for s, r in zip(smiles, rows, strict=True) if len(self.tokenizer.tokenize(s)) + 2 > self.max_length]
+        from polyfm.mol.tokenizers import HubTokenizer
+
+        seen = self.tokenizer.inspect(smiles)  # (length in tokens, what the vocabulary lacks) per SMILES
+        too_long = [r for (length, _), r in zip(seen, rows, strict=True) if length > self.max_length]
         if too_long:
             log.warning(
                 "%d SMILES are longer than max_length=%d tokens and are truncated (rows %s)",
@@ -412,6 +468,24 @@ class ChemBERTaFeaturiser(Featuriser):
                 too_long[:20],
             )
         self.truncated_rows = too_long
+        lost = [(r, s, dropped) for (_, dropped), s, r in zip(seen, smiles, rows, strict=True) if dropped]
+        self.lossy_rows = [r for r, _, _ in lost]
+        if lost:
+            row, example, dropped = lost[0]
+            hub = isinstance(self.tokenizer, HubTokenizer)
+            log.warning(
+                "%d of %d SMILES %s the vocabulary lacks (rows %s; row %d %r: %r). %s",
+                len(lost),
+                len(smiles),
+                "lose characters that" if hub else "have atom-wise tokens, now the unknown token, that",
+                self.lossy_rows[:20],
+                row,
+                example,
+                dropped,
+                "This is what transformers does with these files; tokenizer_kind='smiles' keeps atoms whole."
+                if hub
+                else "Their embedding is that of the unknown token.",
+            )
         values = list(smiles)
         return values.__getitem__
 
@@ -458,6 +532,12 @@ class UniMolFeaturiser(Featuriser):
         )
         conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
         self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
+        empty = [f"row {rows[i]} {smiles[i]!r}" for i, conf in enumerate(conformers) if not conf.atoms]
+        if empty:  # H2, [H+]: without hydrogens nothing is left (unimol_tools would give NaN coordinates)
+            raise DataError(
+                f"{len(empty)} molecules have no atoms left once hydrogens are removed (remove_hs=True): {', '.join(empty[:10])}. "
+                "Drop them from the file, or use a model with hydrogens (remove_hs=False)."
+            )
         features = []
         self.cropped_rows = []
         for i, conf in enumerate(conformers):
@@ -503,6 +583,7 @@ def make_featuriser(model: str, **options: Any) -> Featuriser:
             "mmff",
             "conformer_cache",
             "conformer_workers",
+            "conformer_timeout",
         )
         return UniMolFeaturiser(**{k: v for k, v in options.items() if k in keys})
     raise ConfigError(f"unknown model {model!r}: use chemberta or unimol.")
@@ -530,6 +611,7 @@ class MoleculeDataModule(DictDataModule):
         canonicalize: bool = True,
         skip_invalid: bool = False,
         fragments: FragmentPolicy = "keep",
+        delimiter: str | None = None,
         tokenizer: str | None = None,
         tokenizer_kind: Literal["hub", "smiles"] = "hub",
         max_length: int = 128,
@@ -571,14 +653,20 @@ class MoleculeDataModule(DictDataModule):
         )
         self.csv_path, self.model, self.smiles_column, self.target_columns = csv_path, model, smiles_column, target_columns
         self.split_kind, self.split_fractions = split, tuple(split_fractions)
-        self.canonicalize, self.skip_invalid, self.fragments = canonicalize, skip_invalid, fragments
+        self.canonicalize, self.skip_invalid, self.fragments, self.delimiter = canonicalize, skip_invalid, fragments, delimiter
         self.table: MoleculeTable | None = None
         self.split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def read(self) -> MoleculeTable:
         if self.table is None:
             self.table = read_molecule_csv(
-                self.csv_path, self.smiles_column, self.target_columns, self.canonicalize, self.skip_invalid, self.fragments
+                self.csv_path,
+                self.smiles_column,
+                self.target_columns,
+                self.canonicalize,
+                self.skip_invalid,
+                self.fragments,
+                self.delimiter,
             )
             self.split = split_indices(self.split_kind, self.table.smiles, self.table.targets, self.split_fractions, self.seed)
             log.info(self.table.summary())

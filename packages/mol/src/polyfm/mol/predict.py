@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polyfm.mol.data import Featuriser, MoleculeDataset, read_molecule_csv
+from polyfm.mol.data import Featuriser, MoleculeDataset, parse_label, read_molecule_csv
 
 
 @torch.no_grad()
@@ -49,12 +49,15 @@ def predict_csv(
     smiles_column: str = "smiles",
     target_names: Sequence[str] | None = None,
     skip_invalid: bool = False,
+    delimiter: str | None = None,
 ) -> Any:
     """A DataFrame with the input columns and one ``pred_<target>`` column per output.
-    Invalid SMILES stop with their rows unless ``skip_invalid`` (then they get no row)."""
+    Columns that hold numbers (empty cells: NaN) come back as floats, the others (names,
+    identifiers) as text. Invalid SMILES stop with their rows unless ``skip_invalid``
+    (then they get no row)."""
     import pandas as pd
 
-    table = read_molecule_csv(csv_path, smiles_column, target_columns=None, skip_invalid=skip_invalid)
+    table = read_molecule_csv(csv_path, smiles_column, target_columns=[], skip_invalid=skip_invalid, delimiter=delimiter)
     predictions = predict_smiles(task, table.smiles, featuriser, rows=table.rows)
     names = list(
         target_names
@@ -63,11 +66,18 @@ def predict_csv(
         or [f"y{i}" for i in range(predictions.shape[1])]
     )
     frame = pd.DataFrame({"row": table.rows, "smiles": table.input_smiles, "canonical_smiles": table.smiles})
-    for j, name in enumerate(table.target_names):
-        frame[name] = table.targets[:, j]
+    for name, cells in table.other_columns.items():
+        frame[name] = _numbers_or_text(cells)
     for j in range(predictions.shape[1]):
         frame[f"pred_{names[j] if j < len(names) else j}"] = predictions[:, j]
     return frame
+
+
+def _numbers_or_text(cells: Sequence[str]) -> Any:
+    try:
+        return np.array([parse_label(c) for c in cells], dtype=np.float64)
+    except ValueError:  # a column of names or identifiers
+        return list(cells)
 
 
 def parity_plot(

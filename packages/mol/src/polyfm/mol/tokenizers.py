@@ -12,7 +12,10 @@
   vocabulary has them, and falls back to characters (counted) when it does not.
 
 Both are called the same way: ``tok(list_of_smiles, max_length=...)`` returns
-``{"input_ids", "attention_mask"}`` tensors, RoBERTa style (``<s> ... </s>``, ``<pad>``).
+``{"input_ids", "attention_mask"}`` tensors, framed as transformers' RoBERTa tokenizer
+frames them: ``cls_token ... sep_token`` (``<s> ... </s>`` in a RoBERTa vocabulary;
+ChemBERTa-2's released files name the BERT-style ``[CLS]``/``[SEP]``/``[PAD]`` of
+DeepChem's SMILES vocabulary instead, in ``tokenizer_config.json``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 SMILES_PATTERN = re.compile(r"(\[[^\]]+\]|Br|Cl|Si|Se|se|As|%\d{2}|[BCNOPSFIbcnops]|\(|\)|\.|=|#|-|\+|\\|/|:|~|@|\?|>|\*|\$|\d)")
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
+# roles -> token, the two conventions found in released vocabularies: RoBERTa's, and the
+# BERT-style one of DeepChem's SMILES vocabulary (ChemBERTa-2: [PAD]=0, [UNK]=11, [CLS]=12, ...)
+ROBERTA_SPECIALS = {"cls_token": "<s>", "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+BERT_SPECIALS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
 
 # Tokens of the built-in vocabulary (scratch models): organic-subset atoms, bonds, branches,
 # ring closures and the bracket atoms frequent in MoleculeNet.
@@ -67,37 +74,92 @@ def split_smiles(smiles: str) -> list[str]:
     return tokens
 
 
-class SmilesTokenizer:
-    """Atom-wise SMILES tokenizer over a RoBERTa-style vocabulary (``<s>=0, <pad>=1, </s>=2, <unk>=3``
-    in the released vocabularies; the ids are read from the file, not assumed)."""
+def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    if not path.exists():
+        raise DataError(missing, path=path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON: {exc}", path=path) from exc
+    if not isinstance(value, dict):
+        raise DataError("expected a JSON object.", path=path)
+    return value
 
-    def __init__(self, vocab: dict[str, int], model_max_length: int = 512) -> None:
-        missing = [t for t in (*SPECIAL_TOKENS, MASK_TOKEN) if t not in vocab]
-        if missing:
+
+def _convention(vocab: dict[str, int]) -> dict[str, str]:
+    """RoBERTa's special names when the vocabulary has them all, else the BERT-style ones."""
+    return next((c for c in (ROBERTA_SPECIALS, BERT_SPECIALS) if all(t in vocab for t in c.values())), ROBERTA_SPECIALS)
+
+
+def _special_tokens_beside(folder: Path, vocab: dict[str, int]) -> tuple[dict[str, str] | None, int | None]:
+    """Special-token roles and ``model_max_length`` from the hub files next to a vocab.json;
+    tokens added there (``added_tokens_decoder``, ``added_tokens.json``) join ``vocab`` in place."""
+    config: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        if (folder / name).exists():
+            config.update(_read_json_object(folder / name, ""))
+    added = {str(v["content"]): int(k) for k, v in (config.get("added_tokens_decoder") or {}).items() if isinstance(v, dict)}
+    if (folder / "added_tokens.json").exists():
+        added.update({str(k): int(v) for k, v in _read_json_object(folder / "added_tokens.json", "").items()})
+    for token, index in added.items():
+        vocab.setdefault(token, index)
+    named = {role: config[role] for role in ROBERTA_SPECIALS if config.get(role) is not None}
+    named = {role: str(v["content"] if isinstance(v, dict) else v) for role, v in named.items()}
+    specials = None
+    if named:
+        specials = {**_convention(vocab), **named}
+        absent = {role: token for role, token in specials.items() if token not in vocab}
+        if absent:
             raise DataError(
-                f"the vocabulary lacks the special tokens {missing}; a RoBERTa vocabulary needs <s>, <pad>, </s>, <unk>, <mask>."
+                f"names special tokens {absent} that are neither in vocab.json nor added tokens.",
+                path=folder / "tokenizer_config.json",
+            )
+    limit = config.get("model_max_length") or config.get("max_len")
+    return specials, int(limit) if isinstance(limit, int | float) and limit < 1e9 else None
+
+
+class SmilesTokenizer:
+    """Atom-wise SMILES tokenizer over a token -> id vocabulary.
+
+    ``special_tokens`` maps the roles ``cls_token, sep_token, pad_token, unk_token, mask_token``
+    to tokens of the vocabulary (what ``tokenizer_config.json`` names); without it the RoBERTa
+    names (``<s>, </s>, <pad>, <unk>, <mask>``) are used, else the BERT-style ones
+    (``[CLS], [SEP], [PAD], [UNK], [MASK]``). The ids are read from the vocabulary, not assumed.
+    Inputs are framed ``cls ... sep``, as transformers' RoBERTa tokenizer frames them."""
+
+    def __init__(self, vocab: dict[str, int], model_max_length: int = 512, special_tokens: dict[str, str] | None = None) -> None:
+        roles = special_tokens or _convention(vocab)
+        missing = {role: token for role, token in roles.items() if token not in vocab}
+        if missing or set(roles) != set(ROBERTA_SPECIALS):
+            raise DataError(
+                f"the vocabulary lacks the special tokens {missing or sorted(set(ROBERTA_SPECIALS) - set(roles))}; "
+                "it needs RoBERTa's <s>, </s>, <pad>, <unk>, <mask>, or [CLS], [SEP], [PAD], [UNK], [MASK], "
+                "or a tokenizer_config.json naming cls_token, sep_token, pad_token, unk_token and mask_token."
             )
         self.vocab = dict(vocab)
+        self.special_tokens = dict(roles)
         self.ids_to_tokens = {i: t for t, i in self.vocab.items()}
         self.model_max_length = model_max_length
-        self.bos_token_id, self.pad_token_id = self.vocab["<s>"], self.vocab["<pad>"]
-        self.eos_token_id, self.unk_token_id, self.mask_token_id = self.vocab["</s>"], self.vocab["<unk>"], self.vocab[MASK_TOKEN]
-        self.all_special_ids = [self.vocab[t] for t in (*SPECIAL_TOKENS, MASK_TOKEN)]
-        self.unknown_count = 0  # tokens mapped to <unk> so far (a vocabulary gap, reported in logs)
+        ids = {role: self.vocab[token] for role, token in roles.items()}
+        self.cls_token_id, self.sep_token_id = ids["cls_token"], ids["sep_token"]
+        self.pad_token_id, self.unk_token_id, self.mask_token_id = ids["pad_token"], ids["unk_token"], ids["mask_token"]
+        # what starts and ends every input (RoBERTa's cls and sep; <s> and </s> in its vocabulary)
+        self.bos_token_id, self.eos_token_id = self.cls_token_id, self.sep_token_id
+        extra = [self.vocab[t] for t in (*SPECIAL_TOKENS, MASK_TOKEN, *BERT_SPECIALS.values()) if t in self.vocab]
+        self.all_special_ids = sorted({*ids.values(), *extra})
+        self.unknown_count = 0  # tokens mapped to the unknown token so far (a vocabulary gap, reported in logs)
         self.truncated_count = 0
 
     @classmethod
     def from_vocab_file(cls, path: str | os.PathLike[str], model_max_length: int = 512) -> SmilesTokenizer:
+        """A ``vocab.json``; the ``tokenizer_config.json`` / ``special_tokens_map.json`` /
+        ``added_tokens.json`` beside it, when present, give the special tokens and added ids."""
         path = Path(path)
-        if not path.exists():
-            raise DataError("vocabulary file not found (ChemBERTa releases it as vocab.json).", path=path)
-        try:
-            vocab = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not a JSON token->id mapping: {exc}", path=path) from exc
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        vocab = _read_json_object(path, "vocabulary file not found (ChemBERTa releases it as vocab.json).")
+        if not all(isinstance(v, int) for v in vocab.values()):
             raise DataError("expected a JSON object mapping tokens to integer ids.", path=path)
-        return cls(vocab, model_max_length)
+        specials, limit = _special_tokens_beside(path.parent, vocab)
+        return cls(vocab, min(model_max_length, limit or model_max_length), specials)
 
     @classmethod
     def builtin(cls, model_max_length: int = 512) -> SmilesTokenizer:
@@ -112,6 +174,17 @@ class SmilesTokenizer:
     def __len__(self) -> int:
         return max(self.vocab.values()) + 1
 
+    def inspect(self, smiles: Sequence[str]) -> list[tuple[int, str]]:
+        """Per SMILES: its length in tokens (with the framing tokens) and the atom-wise tokens
+        that become the unknown token (joined; "" when the vocabulary covers it)."""
+        unk = self.special_tokens["unk_token"]
+        out = []
+        for s in smiles:
+            pieces = [(t, self.tokenize(t) if t not in self.vocab else [t]) for t in split_smiles(s)]
+            unknown = "".join(t for t, got in pieces if got == [unk] and t != unk)
+            out.append((sum(len(got) for _, got in pieces) + 2, unknown))
+        return out
+
     def tokenize(self, smiles: str) -> list[str]:
         pieces: list[str] = []
         for token in split_smiles(smiles):
@@ -120,7 +193,7 @@ class SmilesTokenizer:
             elif all(ch in self.vocab for ch in token):  # what the hub BPE would emit
                 pieces.extend(token)
             else:
-                pieces.append("<unk>")
+                pieces.append(self.special_tokens["unk_token"])
                 self.unknown_count += 1
         return pieces
 
@@ -134,7 +207,8 @@ class SmilesTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         special = set(self.all_special_ids) if skip_special_tokens else set()
-        return "".join(self.ids_to_tokens.get(int(i), "<unk>") for i in ids if int(i) not in special)
+        unk = self.special_tokens["unk_token"]
+        return "".join(self.ids_to_tokens.get(int(i), unk) for i in ids if int(i) not in special)
 
     def __call__(self, smiles: Sequence[str] | str, max_length: int | None = None, **_: Any) -> dict[str, torch.Tensor]:
         batch = [smiles] if isinstance(smiles, str) else list(smiles)
@@ -153,15 +227,24 @@ def pad_encoded(encoded: Sequence[Sequence[int]], pad_id: int) -> dict[str, torc
 
 
 class HubTokenizer:
-    """transformers' RobertaTokenizerFast from a hub folder, called like :class:`SmilesTokenizer`."""
+    """transformers' RobertaTokenizerFast from a hub folder, called like :class:`SmilesTokenizer`.
+
+    The ids are transformers' own. What it does silently is reported: a byte-level BPE with
+    an empty ``merges.txt`` (ChemBERTa-2's release) drops every character that is not a
+    token of ``vocab.json`` (``Cl`` -> ``C``, ``[C@@H]`` -> ``C``); such inputs are counted
+    (``lossy_count``) and :meth:`lost_characters` names what was dropped."""
 
     def __init__(self, folder: str | os.PathLike[str], model_max_length: int = 512) -> None:
         from transformers import AutoTokenizer, RobertaTokenizerFast
 
         folder = Path(folder)
-        if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        named_class = (folder / "tokenizer_config.json").exists() and "tokenizer_class" in _read_json_object(
+            folder / "tokenizer_config.json", ""
+        )
+        if (folder / "tokenizer.json").exists() or named_class or (folder / "config.json").exists():
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            # ChemBERTa v1's tokenizer_config.json names no class; without config.json AutoTokenizer cannot tell
             self.tokenizer = RobertaTokenizerFast.from_pretrained(str(folder))
         else:
             raise DataError(
@@ -174,6 +257,7 @@ class HubTokenizer:
         self.mask_token_id = self.tokenizer.mask_token_id
         self.all_special_ids = list(self.tokenizer.all_special_ids)
         self.truncated_count = 0
+        self.lossy_count = 0  # inputs of which the tokenizer dropped characters
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -181,11 +265,37 @@ class HubTokenizer:
     def tokenize(self, smiles: str) -> list[str]:
         return self.tokenizer.tokenize(smiles)
 
+    def _lost(self, smiles: str, ids: Sequence[int]) -> str:
+        """What of ``smiles`` the ids do not spell: the BPE only drops characters (or maps
+        them to the unknown token), so the kept text is a subsequence of the input."""
+        special = set(self.all_special_ids)
+        kept = self.tokenizer.convert_tokens_to_string(self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in special]))
+        lost: list[str] = []
+        position = 0
+        for ch in smiles:
+            if position < len(kept) and kept[position] == ch:
+                position += 1
+            elif not ch.isspace():
+                lost.append(ch)
+        return "".join(lost)
+
+    def lost_characters(self, smiles: str) -> str:
+        """The characters of ``smiles`` that the tokens do not carry ("" when nothing is lost)."""
+        return self._lost(smiles, self.tokenizer(smiles, add_special_tokens=False)["input_ids"])
+
+    def inspect(self, smiles: Sequence[str]) -> list[tuple[int, str]]:
+        """Per SMILES, in one batched encoding: its length in tokens (with the framing tokens)
+        and the characters the tokens do not carry."""
+        encoded = self.tokenizer(list(smiles), add_special_tokens=True)["input_ids"]
+        return [(len(ids), self._lost(s, ids)) for s, ids in zip(smiles, encoded, strict=True)]
+
     def __call__(self, smiles: Sequence[str] | str, max_length: int | None = None, **_: Any) -> dict[str, torch.Tensor]:
         batch = [smiles] if isinstance(smiles, str) else list(smiles)
         max_length = max_length or self.model_max_length
         full = self.tokenizer(batch, add_special_tokens=True)["input_ids"]
+        self.lossy_count += sum(bool(self._lost(s, ids)) for s, ids in zip(batch, full, strict=True))
         self.truncated_count += sum(len(ids) > max_length for ids in full)
+        # transformers' truncation=True: the first max_length - 1 ids, then the closing token
         encoded = [ids if len(ids) <= max_length else [*ids[: max_length - 1], ids[-1]] for ids in full]
         return pad_encoded(encoded, self.pad_token_id)
 

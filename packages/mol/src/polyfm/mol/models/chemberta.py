@@ -18,7 +18,7 @@ from transformers import RobertaConfig, RobertaModel
 from transformers.models.roberta.modeling_roberta import RobertaLMHead
 
 from polyfm.core.encoder import Encoder
-from polyfm.core.errors import CheckpointError
+from polyfm.core.errors import CheckpointError, DataError
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
 
 # keys some hub checkpoints carry that the model recomputes or does not use
@@ -100,11 +100,19 @@ class ChemBERTa(Encoder, PretrainedMixin):
         return ["roberta.embeddings", *layers, "lm_head"]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.roberta(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        hidden = self.hidden_states({"input_ids": input_ids, "attention_mask": attention_mask})
         return {"logits": self.lm_head(hidden), "last_hidden_state": hidden}
 
     def hidden_states(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.roberta(input_ids=x["input_ids"], attention_mask=x.get("attention_mask"), return_dict=True).last_hidden_state
+        input_ids = x["input_ids"]
+        if input_ids.shape[-1] > self.max_tokens:  # a shape check: no host sync
+            # past the last position embedding RoBERTa fails with a bare index error
+            raise DataError(
+                f"inputs of {input_ids.shape[-1]} tokens, but this ChemBERTa has position embeddings for {self.max_tokens} "
+                f"(max_position_embeddings {self.config.max_position_embeddings} - pad_token_id - 1). "
+                f"Tokenize with max_length={self.max_tokens} or less (longer SMILES are then truncated and counted)."
+            )
+        return self.roberta(input_ids=input_ids, attention_mask=x.get("attention_mask"), return_dict=True).last_hidden_state
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.pooling == "cls" or attention_mask is None:

@@ -493,13 +493,17 @@ class UniMol(Encoder, PretrainedMixin):
             )
         features = out["x"] if masked_tokens is None else out["x"][masked_tokens]
         result["logits"] = self.lm_head(features)
-        if padding_mask is not None:
-            atom_num = (torch.sum(1 - padding_mask.type_as(x), dim=1) - 1).view(-1, 1, 1, 1)
-        else:
-            atom_num = torch.tensor(src_coord.shape[1] - 1, dtype=x.dtype, device=x.device)
+        # the official code since its padding fix (deepmodeling/Uni-Mol #211): [CLS] and [SEP]
+        # count as atoms, and padded positions (at the origin) take no part in the update
         delta_pos = src_coord.unsqueeze(1) - src_coord.unsqueeze(2)
-        coord_update = (delta_pos / atom_num * self.pair2coord_proj(out["delta_pair"])).sum(dim=2)
-        result["coord"] = src_coord + coord_update
+        coord_update = self.pair2coord_proj(out["delta_pair"]) * delta_pos
+        if padding_mask is not None:
+            real = 1 - padding_mask.type_as(x)
+            coord_update = coord_update * (real.unsqueeze(-1) * real.unsqueeze(1)).unsqueeze(-1)
+            coord_update = coord_update / real.sum(dim=1).view(-1, 1, 1, 1)
+        else:
+            coord_update = coord_update / src_coord.shape[1]
+        result["coord"] = src_coord + coord_update.sum(dim=2)
         result["distance"] = self.dist_head(pair)
         return result
 
@@ -542,8 +546,10 @@ class UniMol(Encoder, PretrainedMixin):
                 f"{path} has {state['embed_tokens.weight'].shape[0]} atom types but the dictionary has {expected_vocab} "
                 "(with [MASK]); pass the dict.txt released with this checkpoint as dictionary=..."
             )
-        # fine-tuned official checkpoints carry task heads we do not build
-        load_state_dict_checked(model, state, strict=True, ignore_unexpected=("classification_heads.",), source=str(path))
+        # fine-tuned checkpoints carry task heads we do not build: the official code's
+        # classification_heads.<name>.*, unimol_tools' classification_head.* ({'model_state_dict': ...})
+        ignored = ("classification_heads.", "classification_head.")
+        load_state_dict_checked(model, state, strict=True, ignore_unexpected=ignored, source=str(path))
         return model
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
