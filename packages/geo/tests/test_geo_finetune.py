@@ -156,3 +156,27 @@ def test_tiled_inference_matches_a_full_pass():
         small = TiledInferer(window=128)(x, pixelwise)  # scene smaller than the window: padded, cropped back
     torch.testing.assert_close(tiled, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(small, full, atol=1e-5, rtol=1e-5)
+
+
+def test_segmentation_miou_is_split_level_and_leaves_nodata_out(trainer_factory):
+    """mIoU as EO benchmarks count it: per-class IoU over all valid pixels of the split
+    (one confusion matrix), averaged over the classes present; nodata pixels count nowhere."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(2, 3, 3, padding=1)
+    task = GeoSegmentation(model, num_classes=3)
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(4, 2, 10, 10, generator=g)
+        target = torch.randint(0, 3, (4, 1, 10, 10), generator=g)
+        batches.append({"input": x, "target": target, "valid": torch.rand(4, 10, 10, generator=g) > 0.3})
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    result = trainer_factory(epochs=1).validate(task, loader, verbose=False)[0]
+    confusion = torch.zeros(3, 3)
+    with torch.no_grad():
+        for b in batches:
+            keep = b["valid"]
+            pred, true = model(b["input"]).argmax(1)[keep], b["target"][:, 0][keep]
+            confusion += torch.bincount(true * 3 + pred, minlength=9).reshape(3, 3).float()
+    iou = confusion.diag() / (confusion.sum(0) + confusion.sum(1) - confusion.diag())
+    assert result["val/miou"] == pytest.approx(float(iou.mean()), abs=1e-6)

@@ -397,11 +397,21 @@ class Regression(EncoderTask):
         return {"prediction": self(batch["input"]), "meta": batch.get("meta")}
 
 
+#: Label of pixels that count in no loss and no metric (torch's cross-entropy default).
+IGNORE_LABEL = -100
+
+
 class Segmentation(EngineModule):
     """Dense prediction over 2D or 3D inputs. ``model(x)`` returns logits ``(B, C, *S)``
     (a list/tuple for deep supervision, the first at full resolution); ``target`` is a
     label map ``(B, 1, *S)``. ``inferer(x, model)`` (e.g. MONAI's SlidingWindowInferer)
-    replaces the plain forward in validation, test and predict."""
+    replaces the plain forward in validation, test and predict.
+
+    Pixels to leave out (nodata, padding, unlabelled) come either as ``batch["valid"]``
+    (``(B, *S)`` or ``(B, 1, *S)``, true where the pixel counts) or as target pixels equal
+    to ``ignore_index`` (default ``IGNORE_LABEL``). They count in neither the loss nor Dice.
+    The default cross-entropy skips them; a custom ``loss`` is refused for such batches
+    rather than trained on filled pixels, unless it declares ``ignore_index`` itself."""
 
     def __init__(
         self,
@@ -414,9 +424,11 @@ class Segmentation(EngineModule):
         class_names: list[str] | None = None,
         include_background: bool = False,
         deep_supervision_weights: list[float] | None = None,
+        ignore_index: int = IGNORE_LABEL,
     ) -> None:
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "loss", "inferer"])
+        self.ignore_index = ignore_index
         self.adaptation = adaptation or Adaptation()
         self.model: Any = apply_adaptation(model, self.adaptation)
         self.num_classes, self.class_names = num_classes, class_names
@@ -426,9 +438,11 @@ class Segmentation(EngineModule):
         self.deep_supervision_weights = deep_supervision_weights
         from torchmetrics.segmentation import DiceScore
 
+        # one class more than the task has: ignored pixels go there in both prediction and
+        # target, so they add to no real class's overlap or size; it is dropped when logged
         self.metrics: Any = nn.ModuleDict(
             {
-                stage: DiceScore(num_classes, include_background=include_background, average="none", input_format="index")
+                stage: DiceScore(num_classes + 1, include_background=include_background, average="none", input_format="index")
                 for stage in ("val_", "test_")
             }
         )
@@ -441,12 +455,31 @@ class Segmentation(EngineModule):
     def forward(self, x: torch.Tensor) -> Any:
         return self.model(x)
 
+    def masked_target(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The target with pixels outside ``batch["valid"]`` set to ``ignore_index``."""
+        target = batch["target"]
+        valid = batch.get("valid")
+        if valid is None:
+            return target
+        valid = valid.unsqueeze(1) if valid.ndim == target.ndim - 1 else valid
+        if valid.shape != target.shape:
+            raise ValueError(f"batch['valid'] has shape {tuple(batch['valid'].shape)}; it must match the target {tuple(target.shape)} (or lack its channel axis)")
+        return target.masked_fill(~valid.bool(), self.ignore_index)
+
+    def _refuse_unmaskable_loss(self, batch: dict[str, Any]) -> None:
+        if self.loss_fn is not None and "valid" in batch and getattr(self.loss_fn, "ignore_index", None) != self.ignore_index:
+            raise ValueError(
+                f"This batch has a 'valid' mask, but the loss {type(self.loss_fn).__name__} cannot leave pixels out "
+                f"(it has no ignore_index={self.ignore_index}). Use the default cross-entropy (loss=None), a loss with that "
+                "ignore_index, or data without nodata filling."
+            )
+
     def _single_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[2:] != target.shape[2:]:
             target = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest")
         if self.loss_fn is not None:
             return self.loss_fn(logits, target)
-        return F.cross_entropy(logits, target[:, 0].long())
+        return F.cross_entropy(logits, target[:, 0].long(), ignore_index=self.ignore_index)
 
     def compute_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         if isinstance(output, torch.Tensor) and output.ndim == target.ndim + 1:  # MONAI DynUNet stacks heads on dim 1
@@ -458,7 +491,8 @@ class Segmentation(EngineModule):
         return self._single_loss(output, target)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(self(batch["input"]), batch["target"])
+        self._refuse_unmaskable_loss(batch)
+        loss = self.compute_loss(self(batch["input"]), self.masked_target(batch))
         return self.log_train_loss(loss, batch, batch_idx, len(batch["target"]))
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
@@ -466,15 +500,23 @@ class Segmentation(EngineModule):
         return output[0] if isinstance(output, list | tuple) else output
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        self._refuse_unmaskable_loss(batch)
         logits = self.infer(batch["input"])
-        target = batch["target"]
+        target = self.masked_target(batch)
         self.log(f"{stage}/loss", self._single_loss(logits, target), batch_size=len(target), sync_dist=True)
-        metric = self.metrics[f"{stage}_"]
-        metric.update(logits.argmax(1), target[:, 0].long())
+        labels = target[:, 0].long()
+        ignored = labels == self.ignore_index
+        prediction = logits.argmax(1).masked_fill(ignored, self.num_classes)
+        self.update_metrics(stage, prediction, labels.masked_fill(ignored, self.num_classes))
+
+    def update_metrics(self, stage: str, prediction: torch.Tensor, labels: torch.Tensor) -> None:
+        """``prediction`` and ``labels`` are ``(B, *S)`` class ids, ignored pixels set to
+        ``num_classes`` in both. Subclasses add their metrics here (one inference per batch)."""
+        self.metrics[f"{stage}_"].update(prediction, labels)
 
     def _log_dice(self, stage: str) -> None:
         metric = self.metrics[f"{stage}_"]
-        per_class = metric.compute()
+        per_class = metric.compute()[:-1]  # the last is the ignored pixels' class
         metric.reset()
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         names = names if self.include_background else names[1:]

@@ -5,28 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchmetrics.segmentation import MeanIoU
+from torchmetrics.classification import MulticlassJaccardIndex
 
 from polyfm.core.tasks import Classification, Segmentation
 
 
 class GeoSegmentation(Segmentation):
-    """:class:`polyfm.core.tasks.Segmentation` that also logs ``<stage>/miou`` (all classes,
-    background included, the convention of EO benchmarks) next to Dice."""
+    """:class:`polyfm.core.tasks.Segmentation` that also logs ``<stage>/miou`` next to Dice:
+    the convention of EO benchmarks (mmsegmentation's): per-class IoU over all pixels of the
+    split, background included, averaged over the classes that occur; nodata pixels
+    (``batch["valid"]`` false) are left out."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.iou = torch.nn.ModuleDict({s: MeanIoU(num_classes=self.num_classes, input_format="index") for s in ("val_", "test_")})
+        # ignored pixels arrive as class ``num_classes`` (see Segmentation.update_metrics)
+        self.iou = torch.nn.ModuleDict(
+            {s: MulticlassJaccardIndex(self.num_classes, average="none", ignore_index=self.num_classes, zero_division=float("nan")) for s in ("val_", "test_")}
+        )
 
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        super()._evaluate(batch, stage)
-        logits = self.infer(batch["input"])
-        self.iou[f"{stage}_"].update(logits.argmax(1), batch["target"][:, 0].long())
+    def update_metrics(self, stage: str, prediction: torch.Tensor, labels: torch.Tensor) -> None:
+        super().update_metrics(stage, prediction, labels)
+        self.iou[f"{stage}_"].update(prediction, labels)
 
     def _log_dice(self, stage: str) -> None:
         super()._log_dice(stage)
         metric = self.iou[f"{stage}_"]
-        self.log(f"{stage}/miou", metric.compute(), prog_bar=True)
+        self.log(f"{stage}/miou", torch.nanmean(metric.compute()), prog_bar=True)
         metric.reset()
 
 
