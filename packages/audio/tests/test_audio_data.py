@@ -131,7 +131,7 @@ def test_manifest_csv_multiclass_and_multilabel(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nocol.csv: missing column\(s\) \['file'\]"):
         read_manifest_csv(tmp_path / "nocol.csv")
     (tmp_path / "missing.csv").write_text("file,labels\nnope.wav,dog\n")
-    with pytest.raises(DataError, match="nope.wav: audio file not found"):
+    with pytest.raises(DataError, match=r"missing.csv, row 2: 'file' names '.*nope.wav': audio file not found"):
         AudioClipsDataModule(train=str(tmp_path / "missing.csv")).setup()
 
 
@@ -194,3 +194,44 @@ def test_folder_splits_share_the_training_class_ids(tmp_path: Path) -> None:
     sf.write(tmp_path / "val" / "cat" / "x.wav", tone(0.2, 16000), 16000)
     with pytest.raises(DataError, match=r"sub-folder\(s\) \['cat'\] are not among the classes"):
         AudioClipsDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "val"), format="folder").setup()
+
+
+def test_missing_file_errors_name_the_manifest_row(tmp_path: Path) -> None:
+    """A manifest naming a file that is not there fails when the DataModule is set up,
+    naming the manifest, the row and where relative paths were looked up."""
+    sf.write(tmp_path / "a.wav", tone(0.2, 16000), 16000)
+    (tmp_path / "labels.csv").write_text("file,labels\na.wav,dog\nclips/b.wav,cat\n")
+    with pytest.raises(DataError, match=r"labels.csv, row 3: 'file' names '.*clips/b.wav': audio file not found \(relative paths are read from"):
+        AudioClipsDataModule(train=str(tmp_path / "labels.csv"), format="csv").setup()
+    (tmp_path / "esc50.csv").write_text("filename,fold,target,category\na.wav,1,0,dog\nmissing.wav,2,1,cat\n")
+    with pytest.raises(DataError, match=r"esc50.csv, row 3: 'filename' names .*missing.wav"):
+        AudioClipsDataModule(train=str(tmp_path / "esc50.csv"), format="folds", test_folds=[2]).setup()
+    (tmp_path / "segments.csv").write_text("# YTID, start_seconds, end_seconds, positive_labels\nabc, 0.0, 10.0, \"/m/a\"\n")
+    with pytest.raises(DataError, match=r"segments.csv, row 2: 'YTID' names .*Yabc.wav"):
+        AudioClipsDataModule(train=str(tmp_path / "segments.csv"), format="audioset", audio_root=str(tmp_path)).setup()
+    from polyfm.audio.data import SoundEventDataModule
+
+    (tmp_path / "events.tsv").write_text("filename\tonset\toffset\tevent_label\na.wav\t0.1\t0.2\tdog\ngone.wav\t0.1\t0.2\tdog\n")
+    with pytest.raises(DataError, match=r"events.tsv, row 3: 'filename' names .*gone.wav"):
+        SoundEventDataModule(str(tmp_path / "events.tsv"), clip_seconds=0.2).setup()
+    # on_error="skip" leaves it out and counts it instead
+    dm = AudioClipsDataModule(train=str(tmp_path / "labels.csv"), format="csv", on_error="skip", clip_seconds=0.2)
+    dm.setup()
+    assert len(dm.train_set) == 1 and dict(dm.train_set.skipped) == {"not found": 1}
+
+
+def test_excel_manifests_with_byte_order_mark_and_crlf(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM (and Windows tools end lines with CRLF): the
+    first column is still 'file' / 'filename', not '\\ufefffile'."""
+    from polyfm.audio.data import read_events_csv
+    from polyfm.audio.inference import audioset_labels
+
+    sf.write(tmp_path / "a.wav", tone(0.2, 16000), 16000)
+    (tmp_path / "labels.csv").write_bytes(b"\xef\xbb\xbffile,labels\r\na.wav,dog\r\n")
+    assert read_manifest_csv(tmp_path / "labels.csv", check_files=True)[1:] == ([0], ["dog"])
+    (tmp_path / "events.tsv").write_bytes(b"\xef\xbb\xbffilename\tonset\toffset\tevent_label\r\na.wav\t0.1\t0.2\tdog\r\n")
+    assert read_events_csv(tmp_path / "events.tsv")[1:] == ([[(0.1, 0.2, 0)]], ["dog"])
+    (tmp_path / "esc50.csv").write_bytes(b"\xef\xbb\xbffilename,fold,target,category\r\na.wav,1,0,dog\r\n")
+    assert read_fold_csv(tmp_path / "esc50.csv", [1])[1:] == ([0], ["dog"])
+    (tmp_path / "class_labels_indices.csv").write_bytes(b"\xef\xbb\xbfindex,mid,display_name\r\n0,/m/a,Speech\r\n")
+    assert audioset_labels(tmp_path / "class_labels_indices.csv") == ["Speech"]

@@ -1,4 +1,4 @@
-"""polyfm.audio: PANNs (Cnn14, Cnn14_16k, Cnn10, Cnn6, Cnn14_DecisionLevelMax,
+"""polyfm.audio: PANNs (Cnn14, Cnn14_16k, Cnn14_8k, Cnn10, Cnn6, Cnn14_DecisionLevelMax,
 Wavegram_Logmel_Cnn14) with a torchaudio front end, official checkpoints, audio
 readers and DataModules, AudioSet-style and self-supervised pretraining.
 
@@ -14,6 +14,7 @@ _EXPORTS = {
     "MODELS": "polyfm.audio.models",
     "Cnn14": "polyfm.audio.models",
     "Cnn14_16k": "polyfm.audio.models",
+    "Cnn14_8k": "polyfm.audio.models",
     "Cnn10": "polyfm.audio.models",
     "Cnn6": "polyfm.audio.models",
     "Cnn14_DecisionLevelMax": "polyfm.audio.models",

@@ -7,9 +7,9 @@ For every PANNs family we ship (``polyfm.audio.models.MODELS``):
   AdamW step, train mode (SpecAugment and dropout on, as PANNs trains) (clips/s).
 
 The reference is panns_inference's class of the same name, with the same arguments
-and inputs: ``Cnn14`` and ``Cnn14_DecisionLevelMax``; ``Cnn14_16k`` is compared with
-panns_inference's ``Cnn14`` built with the 16 kHz configuration (PANNs' ``Cnn14_16k``
-is that same class body). panns_inference has no ``Cnn10``, ``Cnn6`` or
+and inputs: ``Cnn14`` and ``Cnn14_DecisionLevelMax``; ``Cnn14_16k`` and ``Cnn14_8k`` are
+compared with panns_inference's ``Cnn14`` built with the 16 / 8 kHz configuration (PANNs'
+``Cnn14_16k`` and ``Cnn14_8k`` are that same class body). panns_inference has no ``Cnn10``, ``Cnn6`` or
 ``Wavegram_Logmel_Cnn14``: those cases have no reference (``reference=None``) and
 report our throughput only.
 
@@ -17,7 +17,7 @@ report our throughput only.
   fixed-length crop (clips/s), vs ``librosa.load(sr=32000)`` as PANNs' scripts load audio.
 
 Quick mode (CPU, seconds): 2 s clips, batch 2, Cnn14 and Cnn14_DecisionLevelMax only
-(both with a reference). Full mode: all six families, 10 s clips, batch 32.
+(both with a reference). Full mode: all seven families, 10 s clips, batch 32.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class Family:
 FAMILIES = [
     Family("Cnn14", reference="Cnn14"),
     Family("Cnn14_16k", 16000, reference="Cnn14", reference_args=(16000, 512, 160, 64, 50, 8000, 527)),
+    Family("Cnn14_8k", 8000, reference="Cnn14", reference_args=(8000, 256, 80, 64, 50, 4000, 527)),
     Family("Cnn10"),
     Family("Cnn6"),
     Family("Cnn14_DecisionLevelMax", reference="Cnn14_DecisionLevelMax"),

@@ -9,18 +9,21 @@ framewise probabilities of the top classes of a sound event detection model to a
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from polyfm.audio.data import load_audio
+from polyfm.audio.data import CSV_ENCODING, fix_length, load_audio
 from polyfm.core.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def audioset_labels(csv_path: str | Path) -> list[str]:
     """Display names from AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``)."""
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding=CSV_ENCODING) as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "display_name" not in rows[0]:
         raise DataError("expected columns index, mid, display_name (AudioSet's class_labels_indices.csv).", path=csv_path)
@@ -29,10 +32,19 @@ def audioset_labels(csv_path: str | Path) -> list[str]:
 
 @torch.no_grad()
 def tag_file(model: torch.nn.Module, path: str | Path, class_names: list[str] | None = None, top_k: int = 10) -> dict[str, Any]:
-    """Clip-level tags of one file: ``{"tags": [(name, probability)...], "output": forward dict}``."""
+    """Clip-level tags of one file: ``{"tags": [(name, probability)...], "output": forward dict}``.
+
+    A file shorter than the model takes (``model.min_samples()``: Cnn14 needs 32 frames,
+    0.31 s) is zero-padded at the end to that length, as the DataModules pad to
+    ``clip_seconds``; PANNs' own inference script fails on such files (16% of FSDD)."""
     model.eval()
     device = next(model.parameters()).device
-    waveform = load_audio(path, sample_rate=model.sample_rate)[None].to(device)
+    waveform = load_audio(path, sample_rate=model.sample_rate)
+    minimum = model.min_samples() if hasattr(model, "min_samples") else 0
+    if waveform.shape[-1] < minimum:
+        log.info("%s: %d samples, zero-padded to %d (the shortest clip %s takes)", path, waveform.shape[-1], minimum, type(model).__name__)
+        waveform = fix_length(waveform, minimum)
+    waveform = waveform[None].to(device)
     out = model(waveform)
     probabilities = out["clipwise_output"][0].float().cpu()
     names = class_names or [str(i) for i in range(len(probabilities))]

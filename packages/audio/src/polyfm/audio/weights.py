@@ -37,6 +37,7 @@ LICENSE = "CC-BY-4.0"  # the Zenodo record's licence; the PANNs code is MIT
 
 CONFIG_32K: dict[str, Any] = {"sample_rate": 32000, "window_size": 1024, "hop_size": 320, "mel_bins": 64, "fmin": 50, "fmax": 14000, "classes_num": 527}
 CONFIG_16K: dict[str, Any] = {"sample_rate": 16000, "window_size": 512, "hop_size": 160, "mel_bins": 64, "fmin": 50, "fmax": 8000, "classes_num": 527}
+CONFIG_8K: dict[str, Any] = {"sample_rate": 8000, "window_size": 256, "hop_size": 80, "mel_bins": 64, "fmin": 50, "fmax": 4000, "classes_num": 527}
 
 
 def read_panns_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def check_torchlibrosa_frontend(tensors: Mapping[str, torch.Tensor], frontend: n
             )
         expected = torchlibrosa_frontend_state(window_size, mel_fb)
         for key in (STFT_REAL, STFT_IMAG):
-            if key in tensors and not torch.allclose(tensors[key].float(), expected[key], atol=1e-4):
+            if key in tensors and not torch.allclose(tensors[key].float(), expected[key], atol=_tolerance(tensors[key], 1e-4)):
                 raise CheckpointError(f"{source}: {key} is not a Hann-windowed DFT basis; this is not a PANNs front end.")
     if MEL_W in tensors:
         mel = tensors[MEL_W].float()
@@ -96,11 +97,20 @@ def check_torchlibrosa_frontend(tensors: Mapping[str, torch.Tensor], frontend: n
                 f"the model's {tuple(mel_fb.shape)} ({setting}). Pass the checkpoint's window_size and mel_bins."
             )
         error = (mel - mel_fb.float().cpu()).abs().max().item()
-        if error > 1e-5:
+        if error > _tolerance(tensors[MEL_W], 1e-5, scale=float(mel.abs().max())):
             raise CheckpointError(
                 f"{source}: its mel filters differ from the model's ({setting}) by up to {error:.3g}: "
                 "the checkpoint was trained with another sample_rate, fmin or fmax. Pass the checkpoint's values."
             )
+
+
+def _tolerance(tensor: torch.Tensor, float32: float, scale: float = 1.0) -> float:
+    """How far a stored front-end tensor may be from ours: ``float32`` for fp32/fp64 files,
+    two rounding steps of the file's dtype for half-precision copies (fp16: 1e-3 relative,
+    bf16: 8e-3; other configurations differ by the filters' whole height)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return max(float32, 2 * torch.finfo(tensor.dtype).eps * scale)
+    return float32
 
 
 def to_panns_state_dict(model: nn.Module) -> StateDict:
@@ -120,6 +130,7 @@ def panns_to_polyfm(checkpoint: Mapping[str, Any]) -> StateDict:
 # md5 sums as Zenodo lists them (the only checksum it publishes); checked on load by name.
 ZENODO_MD5 = {
     "Cnn14_mAP=0.431.pth": "541141fa2ee191a88f24a3219fff024e",
+    "Cnn14_16k_mAP=0.438.pth": "362fc5ff18f1d6ad2f6d464b45893f2c",
     "Cnn10_mAP=0.380.pth": "bfb1f1f9968938fa8ef4012b8471f5f6",
     "Cnn6_mAP=0.343.pth": "e25e26b84585b14c7754c91e48efc9be",
     "Wavegram_Logmel_Cnn14_mAP=0.439.pth": "17fa9ab65af3c0eb5ffbc5f65552c4e1",
@@ -166,6 +177,11 @@ def _spec(name: str, family: str, filename: str, config: Mapping[str, Any], mean
 WEIGHTS: list[WeightSpec] = [
     _spec("panns-cnn14", "Cnn14", "Cnn14_mAP=0.431.pth", CONFIG_32K, 0.431, "Cnn14, AudioSet tagging, 32 kHz"),
     _spec("panns-cnn14-16k", "Cnn14_16k", "Cnn14_16k_mAP=0.438.pth", CONFIG_16K, 0.438, "Cnn14, AudioSet tagging, 16 kHz"),
+    _spec("panns-cnn14-8k", "Cnn14_8k", "Cnn14_8k_mAP=0.416.pth", CONFIG_8K, 0.416, "Cnn14, AudioSet tagging, 8 kHz"),
+    # the paper's embedding-size study: Cnn14 with a narrower fc1 (Cnn14(embedding_size=...))
+    _spec("panns-cnn14-emb512", "Cnn14", "Cnn14_emb512_mAP=0.420.pth", {**CONFIG_32K, "embedding_size": 512}, 0.420, "Cnn14, 512-d embedding, 32 kHz"),
+    _spec("panns-cnn14-emb128", "Cnn14", "Cnn14_emb128_mAP=0.412.pth", {**CONFIG_32K, "embedding_size": 128}, 0.412, "Cnn14, 128-d embedding, 32 kHz"),
+    _spec("panns-cnn14-emb32", "Cnn14", "Cnn14_emb32_mAP=0.364.pth", {**CONFIG_32K, "embedding_size": 32}, 0.364, "Cnn14, 32-d embedding, 32 kHz"),
     _spec("panns-cnn10", "Cnn10", "Cnn10_mAP=0.380.pth", CONFIG_32K, 0.380, "Cnn10, AudioSet tagging, 32 kHz"),
     _spec("panns-cnn6", "Cnn6", "Cnn6_mAP=0.343.pth", CONFIG_32K, 0.343, "Cnn6, AudioSet tagging, 32 kHz"),
     _spec(

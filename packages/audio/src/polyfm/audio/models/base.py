@@ -8,6 +8,8 @@ load key for key.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,13 @@ from polyfm.audio.models.frontend import LogMelFrontEnd, SpecAugment, do_mixup
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_state_dict_checked, unwrap_state_dict
+
+log = logging.getLogger(__name__)
+HEAD_KEYS = ("fc_audioset.weight", "fc_audioset.bias")
+#: key prefixes of wrappers around the whole model: DataParallel / DDP, then torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: PANNs' finetune_template.py wraps the AudioSet model as ``base`` and adds ``fc_transfer``
+TRANSFER_PREFIX, TRANSFER_HEAD = "base.", "fc_transfer."
 
 
 def init_layer(layer: nn.Module) -> None:
@@ -43,6 +52,8 @@ class PannsModel(Encoder, PretrainedMixin):
 
     #: family name used by the weights registry
     family: str = "panns"
+    #: how many times the conv blocks halve time and mel bins (Cnn14: five 2x2 poolings)
+    pooling: int = 32
 
     def __init__(
         self,
@@ -80,6 +91,20 @@ class PannsModel(Encoder, PretrainedMixin):
         """Log-mel normalised by ``bn0`` over mel bins: ``(B, 1, frames, mel_bins)``."""
         x = self.frontend(waveform)
         return self.bn0(x.transpose(1, 3)).transpose(1, 3)
+
+    def check_size(self, x: torch.Tensor) -> None:
+        """PANNs fails deep inside the pooling on too short clips or too few mel bins; say why instead."""
+        if x.shape[2] < self.pooling or x.shape[3] < self.pooling:
+            raise ValueError(
+                f"{type(self).__name__} pools time and mel bins by {self.pooling}: got {x.shape[2]} frames x {x.shape[3]} mel bins. "
+                f"Use clips of at least {self.min_samples()} samples ({self.min_samples() / self.sample_rate:.2f} s; "
+                "clip_seconds pads shorter ones) or a smaller hop_size."
+            )
+
+    def min_samples(self) -> int:
+        """The shortest waveform this model takes: ``pooling`` log-mel frames, and more than
+        half a window (reflect padding). ``tag_file`` zero-pads shorter files to it."""
+        return max((self.pooling - 1) * self.frontend.hop_size, self.frontend.window_size // 2 + 1)
 
     def augment(self, x: torch.Tensor, mixup_lambda: torch.Tensor | None) -> torch.Tensor:
         """SpecAugment then mixup on the spectrogram, in training only (as PANNs)."""
@@ -120,17 +145,53 @@ class PannsModel(Encoder, PretrainedMixin):
         path = Path(name_or_path).expanduser()
         if not path.exists():
             spec = get_weights(str(name_or_path))
+            self._check_registry_config(spec)
             path = fetch_weights(spec) / spec.primary_file
             verify_md5(path, spec.meta.get("zenodo_md5"))
         return self.load_panns_state(_read_state(path), source=str(path))
 
+    def _check_registry_config(self, spec: WeightSpec) -> None:
+        """Name the constructor arguments a registry checkpoint needs and this model lacks
+        (``Cnn14(pretrained="panns-cnn14-16k")`` would otherwise fail on the mel filters)."""
+        frontend = self.frontend
+        have = {
+            "sample_rate": frontend.sample_rate, "window_size": frontend.window_size, "hop_size": frontend.hop_size,
+            "mel_bins": frontend.mel_bins, "fmin": frontend.fmin, "fmax": frontend.fmax,
+            "embedding_size": getattr(self, "feature_dim", None),
+        }  # fmt: skip
+        wrong = {k: v for k, v in spec.config.items() if k in have and float(have[k]) != float(v)}
+        if wrong:
+            needed = ", ".join(f"{k}={v}" for k, v in wrong.items())
+            built = ", ".join(f"{k}={have[k]}" for k in wrong)
+            raise CheckpointError(
+                f"{spec.name} was trained with {needed}, but this {type(self).__name__} has {built}. "
+                f"Pass those arguments, use the {spec.family} class, or {spec.family}.from_pretrained({spec.name!r})."
+            )
+
     def load_panns_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> PannsModel:
-        """Load a state dict in PANNs' layout (torchlibrosa tensors optional, checked, dropped)."""
+        """Load a state dict in PANNs' layout (torchlibrosa tensors optional, checked, dropped).
+
+        Strict, except for the AudioSet head: a checkpoint fine-tuned with another
+        ``classes_num`` (``fc_audioset`` of another height) loads its trunk into this model,
+        keeps this model's freshly initialised ``fc_audioset`` and logs which keys were not
+        loaded. Every other missing, unexpected or misshapen key is an error.
+        """
         from polyfm.audio.weights import check_torchlibrosa_frontend, split_torchlibrosa
 
         trunk, frontend_tensors = split_torchlibrosa(state)
         check_torchlibrosa_frontend(frontend_tensors, self.frontend, source=source)
-        load_state_dict_checked(self, trunk, strict=True, source=source)
+        own = self.state_dict()
+        # only another number of classes (rows); another width is a wrong embedding_size or base_channels
+        head = [k for k in HEAD_KEYS if k in trunk and k in own and trunk[k].shape[0] != own[k].shape[0] and trunk[k].shape[1:] == own[k].shape[1:]]
+        if head:
+            shapes = ", ".join(f"{k} {tuple(trunk[k].shape)} (model {tuple(own[k].shape)})" for k in head)
+            log.warning(
+                "%s: not loaded: %s: the checkpoint has %d classes, the model classes_num=%d. The trunk is loaded; "
+                "fc_audioset is newly initialised (train it, or pass classes_num=%d to use the checkpoint's head).",
+                source, shapes, trunk[head[0]].shape[0], own[head[0]].shape[0], trunk[head[0]].shape[0],
+            )  # fmt: skip
+            trunk = {k: v for k, v in trunk.items() if k not in head}
+        load_state_dict_checked(self, trunk, strict=True, ignore_missing=tuple(head), source=source)
         return self
 
     @classmethod
@@ -150,6 +211,9 @@ class PannsModel(Encoder, PretrainedMixin):
         state = _read_state(path)
         if "classes_num" not in config and "fc_audioset.weight" in state:
             config["classes_num"] = int(state["fc_audioset.weight"].shape[0])
+        fc1 = state.get("fc1.weight")
+        if "embedding_size" in inspect.signature(cls).parameters and "embedding_size" not in config and fc1 is not None:
+            config["embedding_size"] = int(fc1.shape[0])  # Cnn14_emb512 / emb128 / emb32 files
         try:
             model = cls(**config)
         except TypeError as exc:
@@ -158,10 +222,22 @@ class PannsModel(Encoder, PretrainedMixin):
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a PANNs file (``{'model': ...}``), ``module.`` prefixes removed."""
+    """The state dict inside a PANNs file (``{'model': ...}``), ``module.`` / ``_orig_mod.`` prefixes removed;
+    a ``Transfer_Cnn14`` file (PANNs' finetune_template.py: ``base.*`` + ``fc_transfer.*``)
+    gives its ``base`` and a warning that ``fc_transfer`` (the new task's head) is not loaded."""
     from polyfm.audio.weights import read_panns_checkpoint
 
     state = unwrap_state_dict(read_panns_checkpoint(path))
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    if state and all(k.startswith((TRANSFER_PREFIX, TRANSFER_HEAD)) for k in state) and any(k.startswith(TRANSFER_PREFIX) for k in state):
+        head = sorted(k for k in state if k.startswith(TRANSFER_HEAD))
+        if head:
+            shapes = ", ".join(f"{k} {tuple(state[k].shape)}" for k in head)
+            log.warning(
+                "%s is a PANNs Transfer_* checkpoint: loading its base model; not loaded: %s (the fine-tuning head; "
+                "put it into your task's head if you need it).", path, shapes,
+            )  # fmt: skip
+        state = {k[len(TRANSFER_PREFIX) :]: v for k, v in state.items() if k.startswith(TRANSFER_PREFIX)}
     return state

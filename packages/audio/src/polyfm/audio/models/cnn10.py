@@ -17,6 +17,7 @@ class Cnn10(PannsModel):
     family = "cnn10"
     #: the block type; Cnn6 swaps in one 5x5 convolution per block
     conv_block_type: type[nn.Module] = ConvBlock
+    pooling = 16  # four 2x2 poolings
 
     def __init__(
         self,
@@ -59,6 +60,7 @@ class Cnn10(PannsModel):
 
     def forward(self, input: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.log_mel(self.as_waveform(input))
+        self.check_size(x)
         x = self.augment(x, mixup_lambda)
         for block in (self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4):
             x = block(x, pool_size=(2, 2), pool_type="avg")

@@ -1,11 +1,14 @@
 """Cnn14 (Kong et al. 2020, PANNs): six blocks of two 3x3 conv+BN+ReLU with 2x2 average
 pooling (1x1 after the last), 64 ... 2048 channels, mean over frequency, max + mean over
 time, ``fc1`` (the 2048-d embedding) and ``fc_audioset`` (527 AudioSet tags, sigmoid).
-AudioSet mAP 0.431 (32 kHz) and 0.438 (``Cnn14_16k``). Module names follow
+AudioSet mAP 0.431 (32 kHz), 0.438 (``Cnn14_16k``) and 0.416 (``Cnn14_8k``);
+``embedding_size`` gives PANNs' Cnn14_emb512 / emb128 / emb32 (a narrower ``fc1``). Module names follow
 ``audioset_tagging_cnn/pytorch/models.py`` so the released checkpoints load key for key.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,9 @@ class ConvBlock(nn.Module):
 class Cnn14(PannsModel):
     """PANNs Cnn14. Arguments are PANNs' (sample_rate, window_size, hop_size, mel_bins,
     fmin, fmax, classes_num) plus ours: ``base_channels`` (64 in the released model;
-    smaller values give a narrow Cnn14 for tests and demos), SpecAugment and dropout
+    smaller values give a narrow Cnn14 for tests and demos), ``embedding_size`` (the width
+    of ``fc1``, the embedding: ``32 * base_channels`` = 2048 by default; 512, 128 and 32 in
+    PANNs' Cnn14_emb512/emb128/emb32), SpecAugment and dropout
     switches, and ``pretrained`` (a registry name or ``.pth`` path loaded at the end of
     construction, for YAML recipes). Input: mono waveforms ``(B, samples)`` at ``sample_rate``."""
 
@@ -59,6 +64,7 @@ class Cnn14(PannsModel):
         fmax: float = 14000.0,
         classes_num: int = 527,
         base_channels: int = 64,
+        embedding_size: int | None = None,
         spec_augment: bool = True,
         time_drop_width: int = 64,
         freq_drop_width: int = 8,
@@ -77,9 +83,9 @@ class Cnn14(PannsModel):
         self.conv_block4 = ConvBlock(widths[2], widths[3])
         self.conv_block5 = ConvBlock(widths[3], widths[4])
         self.conv_block6 = ConvBlock(widths[4], widths[5])
-        self.feature_dim = widths[5]
-        self.fc1 = nn.Linear(widths[5], widths[5], bias=True)
-        self.fc_audioset = nn.Linear(widths[5], classes_num, bias=True)
+        self.feature_dim = embedding_size or widths[5]
+        self.fc1 = nn.Linear(widths[5], self.feature_dim, bias=True)
+        self.fc_audioset = nn.Linear(self.feature_dim, classes_num, bias=True)
         init_bn(self.bn0)
         init_layer(self.fc1)
         init_layer(self.fc_audioset)
@@ -91,11 +97,7 @@ class Cnn14(PannsModel):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Conv blocks 1-6 with PANNs' dropout: ``(B, 1, T, F)`` -> ``(B, C, T/32, F/32)``."""
-        if x.shape[2] < 32 or x.shape[3] < 32:
-            raise ValueError(
-                f"{type(self).__name__} pools time and mel bins by 32: got {x.shape[2]} frames x {x.shape[3]} mel bins. "
-                "Use longer clips (clip_seconds) or a smaller hop_size."
-            )
+        self.check_size(x)
         blocks = [self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4, self.conv_block5, self.conv_block6]
         for index, block in enumerate(blocks):
             x = block(x, pool_size=(1, 1) if index == 5 else (2, 2), pool_type="avg")
@@ -110,7 +112,8 @@ class Cnn14(PannsModel):
 
 
 class Cnn14_16k(Cnn14):  # noqa: N801 - PANNs' own class name
-    """Cnn14 on 16 kHz audio: window 512, hop 160, 50-8000 Hz (AudioSet mAP 0.438)."""
+    """Cnn14 on 16 kHz audio: window 512, hop 160, 50-8000 Hz (AudioSet mAP 0.438).
+    Only the front-end defaults differ; ``options`` are Cnn14's other arguments."""
 
     def __init__(
         self,
@@ -120,16 +123,24 @@ class Cnn14_16k(Cnn14):  # noqa: N801 - PANNs' own class name
         mel_bins: int = 64,
         fmin: float = 50.0,
         fmax: float = 8000.0,
-        classes_num: int = 527,
-        base_channels: int = 64,
-        spec_augment: bool = True,
-        time_drop_width: int = 64,
-        freq_drop_width: int = 8,
-        block_dropout: float = 0.2,
-        head_dropout: float = 0.5,
-        pretrained: str | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            sample_rate, window_size, hop_size, mel_bins, fmin, fmax, classes_num, base_channels,
-            spec_augment, time_drop_width, freq_drop_width, block_dropout, head_dropout, pretrained,
-        )  # fmt: skip
+        super().__init__(sample_rate, window_size, hop_size, mel_bins, fmin, fmax, **options)
+
+
+class Cnn14_8k(Cnn14):  # noqa: N801 - PANNs' own class name
+    """Cnn14 on 8 kHz audio (telephone band, FSDD): window 256, hop 80, 50-4000 Hz
+    (AudioSet mAP 0.416), the same 100 frames per second as the 16 and 32 kHz models.
+    ``options`` are Cnn14's other arguments."""
+
+    def __init__(
+        self,
+        sample_rate: int = 8000,
+        window_size: int = 256,
+        hop_size: int = 80,
+        mel_bins: int = 64,
+        fmin: float = 50.0,
+        fmax: float = 4000.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(sample_rate, window_size, hop_size, mel_bins, fmin, fmax, **options)

@@ -1,9 +1,10 @@
 """What every PANNs model shares: the log-mel front end, SpecAugment and mixup.
 
 PANNs computes its log-mel with torchlibrosa (an STFT written as two Conv1d layers and
-a mel matrix stored as parameters). We compute the same numbers with torchaudio on the
-model's device: a periodic Hann window, centred frames with reflect padding, power 2,
-librosa's Slaney mel filters with Slaney area normalisation, then ``10*log10`` with
+a mel matrix stored as parameters). We compute the same numbers with torchaudio's STFT on
+the model's device: a periodic Hann window, centred frames with reflect padding, power 2,
+librosa's Slaney mel filters with Slaney area normalisation (our float64
+``slaney_mel_filters``), then ``10*log10`` with
 ``amin=1e-10``, ``ref=1.0`` and no ``top_db``. The torchlibrosa tensors in released
 checkpoints are checked against ours when loading (see ``PannsModel``) and dropped.
 """
@@ -15,6 +16,37 @@ import math
 import torch
 import torchaudio
 from torch import nn
+
+
+def _hz_to_slaney_mel(hz: torch.Tensor) -> torch.Tensor:
+    """Slaney's mel scale (librosa's default, ``htk=False``): linear below 1 kHz, log above."""
+    linear = hz / (200.0 / 3)
+    log = 15.0 + torch.log(hz.clamp(min=1e-10) / 1000.0) / (math.log(6.4) / 27.0)
+    return torch.where(hz >= 1000.0, log, linear)
+
+
+def _slaney_mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
+    linear = mel * (200.0 / 3)
+    log = 1000.0 * torch.exp((math.log(6.4) / 27.0) * (mel - 15.0))
+    return torch.where(mel >= 15.0, log, linear)
+
+
+def slaney_mel_filters(sample_rate: int, n_fft: int, mel_bins: int, fmin: float, fmax: float) -> torch.Tensor:
+    """librosa's ``filters.mel(htk=False, norm="slaney")`` as ``(n_fft // 2 + 1, mel_bins)``
+    float32, computed in float64. Not torchaudio's ``melscale_fbanks``: it places the FFT
+    bins at ``linspace(0, sample_rate // 2)``, integer division, so at odd rates (11025 Hz)
+    every filter is off (5e-5, 0.2 dB of log-mel vs librosa / torchlibrosa); in float32 it
+    is also 10-100x further from librosa at the common rates."""
+    freqs = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    edges = torch.tensor([float(fmin), float(fmax)], dtype=torch.float64)
+    low, high = _hz_to_slaney_mel(edges).tolist()
+    points = _slaney_mel_to_hz(torch.linspace(low, high, mel_bins + 2, dtype=torch.float64))  # filter edges, Hz
+    widths = points[1:] - points[:-1]
+    ramps = points[:, None] - freqs[None, :]
+    rising, falling = -ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]
+    filters = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    filters = filters * (2.0 / (points[2:] - points[:-2]))[:, None]  # Slaney area normalisation
+    return filters.T.float().contiguous()
 
 
 class LogMelFrontEnd(nn.Module):
@@ -45,9 +77,7 @@ class LogMelFrontEnd(nn.Module):
         self.db_offset = 10.0 * math.log10(max(amin, ref))
         # librosa.filters.get_window("hann", n, fftbins=True) is the periodic Hann window.
         self.register_buffer("window", torch.hann_window(window_size, periodic=True), persistent=False)
-        mel_fb = torchaudio.functional.melscale_fbanks(
-            window_size // 2 + 1, float(fmin), float(fmax), mel_bins, sample_rate, norm="slaney", mel_scale="slaney"
-        )
+        mel_fb = slaney_mel_filters(sample_rate, window_size, mel_bins, fmin, fmax)
         self.register_buffer("mel_fb", mel_fb, persistent=False)  # (freq_bins, mel_bins), torchlibrosa's melW layout
 
     def num_frames(self, num_samples: int) -> int:

@@ -64,6 +64,11 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
         )  # fmt: skip
         if base_channels % 16:
             raise ValueError(f"base_channels must be a multiple of 16 for the wavegram reshape, got {base_channels}")
+        if hop_size != 320:  # else the concatenation would silently pair unrelated times
+            raise ValueError(
+                f"Wavegram_Logmel_Cnn14's waveform branch steps 320 samples per frame (stride 5, pools of 4, 4, 4), so the "
+                f"log-mel branch must too: hop_size=320, got {hop_size}. Use Cnn14 for other hop sizes."
+            )
         b = base_channels
         self.pre_conv0 = nn.Conv1d(1, b, kernel_size=11, stride=5, padding=5, bias=False)
         self.pre_bn0 = nn.BatchNorm1d(b)
@@ -93,6 +98,10 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
         wavegram = ["pre_conv0", "pre_bn0", "pre_block1", "pre_block2", "pre_block3", "pre_block4"]
         return [*wavegram, "bn0", *(f"conv_block{i}" for i in range(1, 7)), "fc1"]
 
+    def min_samples(self) -> int:
+        # the wavegram branch has a fixed 320-sample step (stride 5, then pools of 4, 4, 4)
+        return max(super().min_samples(), 320 * self.pooling)
+
     def wavegram(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(B, samples)`` -> ``(B, base_channels, frames/2, 32)``."""
         a = F.relu(self.pre_bn0(self.pre_conv0(waveform[:, None, :])))
@@ -104,8 +113,15 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
 
     def forward(self, input: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         waveform = self.as_waveform(input)
+        if waveform.shape[-1] < self.min_samples():
+            raise ValueError(
+                f"{type(self).__name__} needs clips of at least {self.min_samples()} samples "
+                f"({self.min_samples() / self.sample_rate:.2f} s), got {waveform.shape[-1]}; pad them (clip_seconds)."
+            )
+        x = self.log_mel(waveform)
+        self.check_size(x)
         a = self.wavegram(waveform)
-        x = self.augment(self.log_mel(waveform), mixup_lambda)
+        x = self.augment(x, mixup_lambda)
         if self.training and mixup_lambda is not None:
             a = do_mixup(a, mixup_lambda)
         x = self.conv_block1(x, pool_size=(2, 2), pool_type="avg")
