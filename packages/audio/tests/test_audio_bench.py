@@ -39,7 +39,7 @@ def test_quick_case_steps(case) -> None:
         assert out is not None
         return
     expected = case.reference(CPU)()
-    if case.name.endswith("/train-step"):
+    if case.name.endswith(("/train-step", "/train-gpu-path")):
         assert out.ndim == 0 and math.isfinite(out.item()) and math.isfinite(expected.item())
     elif case.name.endswith("/inference"):
         assert out.shape == expected.shape == (case.items, 527)
