@@ -133,3 +133,19 @@ def test_official_checkpoints_with_training_args_load(tmp_path):
     torch.save({"model": ToyEncoder().state_dict(), "args": argparse.Namespace(lr=1e-3, model="mae_vit_base"), "epoch": 199}, path)
     loaded = load_checkpoint_file(path)
     assert loaded["args"].model == "mae_vit_base" and "stem.weight" in loaded["model"]
+
+
+def test_non_strict_loading_names_what_it_left_out_and_hints_compile_prefix():
+    import pytest as _pytest
+
+    from polyfm.core.toy import ToyEncoder
+    from polyfm.core.weights import diff_keys, load_state_dict_checked
+
+    source = ToyEncoder().state_dict()
+    partial = {k: v for k, v in source.items() if not k.startswith("norm.")}
+    partial["extra.weight"] = torch.zeros(1)
+    with _pytest.warns(UserWarning, match=r"missing from the checkpoint \(2\):\n  norm.bias\n  norm.weight") as record:
+        load_state_dict_checked(ToyEncoder(), partial, strict=False, source="partial.pt")
+    assert "unexpected in the checkpoint (1):\n  extra.weight" in str(record[0].message)
+    compiled = {f"_orig_mod.{k}": v for k, v in source.items()}
+    assert "'_orig_mod.' prefix" in diff_keys(ToyEncoder(), compiled).report()

@@ -290,7 +290,7 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
     """Spot the usual cause of a total mismatch: a prefix added or dropped."""
     if not missing or not unexpected:
         return ""
-    for extra in ("module.", "model.", "encoder.", "backbone.", "swinViT."):
+    for extra in ("module.", "_orig_mod.", "model.", "encoder.", "backbone.", "swinViT."):  # DataParallel/DDP, torch.compile, wrappers
         if sum(1 for k in unexpected if k.startswith(extra) and k[len(extra):] in set(missing)) >= max(1, len(missing) // 2):
             return f"hint: the checkpoint keys carry a '{extra}' prefix the model does not; strip it."
         if sum(1 for k in missing if k.startswith(extra) and k[len(extra):] in set(unexpected)) >= max(1, len(unexpected) // 2):
@@ -317,8 +317,11 @@ def load_state_dict_checked(
     ignore_missing: Iterable[str] = (),
     ignore_unexpected: Iterable[str] = (),
     source: str = "checkpoint",
+    warn: bool = True,
 ) -> KeyDiff:
-    """Load with a readable diff. Non-strict loading still refuses shape mismatches.
+    """Load with a readable diff. Non-strict loading still refuses shape mismatches, and
+    warns with the keys it left out (``warn=False`` for callers that judge the returned
+    diff and report it themselves).
 
     ``ignore_missing``/``ignore_unexpected`` are key prefixes that may legitimately
     differ (a new task head, a pretraining decoder dropped for fine-tuning).
@@ -330,9 +333,11 @@ def load_state_dict_checked(
     if diff.mismatched or (strict and not diff.ok):
         raise CheckpointError(
             f"{source} does not fit {type(model).__name__}:\n{diff.report()}\n"
-            "Check that the model configuration matches the checkpoint (see its registry meta), "
-            "or pass strict=False to load what fits."
+            "Check that the model configuration matches the checkpoint (see its registry meta); to take only what fits, "
+            "load the state yourself with polyfm.core.weights.load_state_dict_checked(model, state, strict=False)."
         )
+    if warn and not diff.ok:  # non-strict: load what fits, but never leave keys out without saying which
+        warnings.warn(f"{source} loaded into {type(model).__name__} without some keys:\n{diff.report()}", stacklevel=2)
     fitting = {k: v for k, v in state_dict.items() if k in model.state_dict()}
     model.load_state_dict(fitting, strict=False)
     return diff

@@ -162,7 +162,7 @@ class ChemBERTa(Encoder, PretrainedMixin):
         if not any(k.startswith("roberta.") for k in state) and any(k.startswith("embeddings.") for k in state):
             state = {f"roberta.{k}": v for k, v in state.items()}
         model = cls(**arguments)
-        diff = load_state_dict_checked(model, state, strict=False, ignore_unexpected=_IGNORED_UNEXPECTED, source=str(weights))
+        diff = load_state_dict_checked(model, state, strict=False, ignore_unexpected=_IGNORED_UNEXPECTED, source=str(weights), warn=False)  # judged below
         missing = [k for k in diff.missing if k not in _TIED]
         trunk_missing = [k for k in missing if k.startswith("roberta.")]
         if trunk_missing or diff.unexpected:
