@@ -158,7 +158,8 @@ def test_medseg_prediction_keeps_grid_and_affine(tmp_path) -> None:
     assert json.loads((tmp_path / "pred" / "scan_seg.json").read_text())["labels"]["2"] == "spleen"
 
 
-def test_medseg_dicom_series_folder_is_read(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["{z}.dcm", "IM{z:04d}"])  # PACS exports often drop the extension
+def test_medseg_dicom_series_folder_is_read(tmp_path, name: str) -> None:
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -176,7 +177,8 @@ def test_medseg_dicom_series_folder_is_read(tmp_path) -> None:
         ds.PixelRepresentation, ds.RescaleIntercept, ds.RescaleSlope = 1, 0, 1
         ds.PixelData = np.full((20, 18), 100 * z, np.int16).tobytes()
         (tmp_path / "series").mkdir(exist_ok=True)
-        pydicom.dcmwrite(tmp_path / "series" / f"{z}.dcm", ds, enforce_file_format=True)
+        pydicom.dcmwrite(tmp_path / "series" / name.format(z=z), ds, enforce_file_format=True)
+    (tmp_path / "series" / "notes.txt").write_text("not a slice")  # beside the series, ignored by find_volumes
     assert find_volumes(tmp_path) == [str(tmp_path / "series")]
     dm = VolumeFolderDataModule(folder=str(tmp_path), roi_size=[16, 16, 6], num_samples=1, batch_size=1, orientation=None, a_min=0, a_max=500)
     dm.setup()
@@ -237,3 +239,114 @@ def test_medseg_transform_device_cuda_batches(tmp_path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert batch["input"].is_cuda and batch["target"].is_cuda
     assert batch["input"].shape == (4, 1, 16, 16, 8) and batch["target"].dtype == torch.long
+
+
+# ----------------------------------------------------------------------------- real-world file variants
+
+
+def test_medseg_float_labels_with_rounding_noise_are_snapped(tmp_path) -> None:
+    """Float label maps written with noise (0.9999999, 2.0000001) keep their classes: a plain cast
+    would truncate 0.9999999 to background. Fractions (0.5) are still refused (test above)."""
+    noise = {1: -1e-7, 2: 1e-7}
+    path = _dataset(tmp_path, n=2, label_fn=lambda i, lab: (lab + np.vectorize(lambda v: noise.get(int(v), 0.0))(lab), AFFINE))
+    assert nib.load(str(tmp_path / "labelsTr" / "case0.nii.gz")).get_data_dtype() == np.float64
+    dm = SegmentationDataModule(str(path), roi_size=[16, 16, 8], cache="memory", val_fraction=0.5)
+    dm.setup()
+    whole = dm.val_set[0]["target"]  # validation: the whole volume, no crop
+    expected = np.asarray(nib.load(str(tmp_path / "labelsTr" / "case0.nii.gz")).dataobj).round().astype(int)
+    assert torch.bincount(whole.flatten(), minlength=3).tolist() == np.bincount(expected.ravel(), minlength=3).tolist()
+    assert set(next(iter(dm.train_dataloader()))["target"].unique().tolist()) <= {0, 1, 2}
+
+
+def test_medseg_unreadable_files_are_named_and_macos_metadata_skipped(tmp_path, caplog) -> None:
+    path = _dataset(tmp_path, n=2)
+    (tmp_path / "imagesTr" / "case1.nii.gz").write_bytes(b"\x00\x05\x16\x07" + bytes(200))  # truncated / not gzip
+    with pytest.raises(DataError, match=r"imagesTr/case1.nii.gz: cannot be read as the image \(.*\). Expected a NIfTI file"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], cache="memory").setup()
+    (tmp_path / "imagesTr" / "._case0.nii.gz").write_bytes(b"\x00\x05\x16\x07" + bytes(200))  # AppleDouble, as in MSD tarballs
+    (tmp_path / "imagesTr" / "case1.nii.gz").unlink()
+    with caplog.at_level("INFO", logger="polyfm.medseg.data"):
+        assert find_volumes(tmp_path / "imagesTr") == [str(tmp_path / "imagesTr" / "case0.nii.gz")]
+    assert "skipped 1 macOS '._*' metadata files" in caplog.text
+    with pytest.raises(DataError, match=r"\._case0.nii.gz: cannot be read.*'\._\*' are macOS metadata"):
+        VolumeFolderDataModule(files=[str(tmp_path / "imagesTr" / "._case0.nii.gz")], roi_size=[16, 16, 8]).setup()
+
+
+class _Threshold(torch.nn.Module):
+    """Logits for 'above 0.5 after the CT window': the written label map must be the input's own threshold."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([0.5 - x[:, :1], x[:, :1] - 0.5], 1)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_medseg_prediction_round_trip_on_a_permuted_grid(tmp_path, suffix: str) -> None:
+    """A PSR-oriented input (axes permuted and flipped vs RAS, anisotropic): the prediction is made in
+    RAS (resampled to 1.5 mm) and written back voxel for voxel on the input's own grid and header."""
+    psr = np.array([[0, 0, -2.0, 5.0], [-1.5, 0, 0, 3.0], [0, 1.0, 0, -7.0], [0, 0, 0, 1]])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (20, 18, 10)], indexing="ij"), -1)
+    world = grid @ psr[:3, :3].T + psr[:3, 3]
+    image = np.where(np.linalg.norm(world - world.mean((0, 1, 2)), axis=-1) < 8.0, 250.0, -175.0).astype(np.float32)  # a ball
+    source = tmp_path / f"scan{suffix}"
+    nib.save(nib.Nifti1Image(image, psr), str(source))
+    expected = (image > 0).astype(np.uint8)
+    for pixdim, agreement in ((None, 1.0), ([1.5, 1.5, 1.5], 0.97)):
+        out = predict_to_nifti(_Threshold(), source, tmp_path / f"seg{suffix}", pixdim=pixdim, a_min=-175.0, a_max=250.0)
+        written = nib.load(str(out))
+        assert written.shape == image.shape and nib.aff2axcodes(written.affine) == ("P", "S", "L")
+        np.testing.assert_allclose(written.affine, psr, atol=1e-5)
+        got = np.asarray(written.dataobj)
+        assert (got == expected).mean() >= agreement, pixdim
+        assert got.sum() > 0.5 * expected.sum()
+
+
+def test_medseg_4d_multimodal_channels_last(tmp_path) -> None:
+    """MSD BrainTumour-style 4D images (modalities on the last NIfTI axis) with in_channels set."""
+    path = _dataset(tmp_path, n=2, image_fn=lambda i, image: np.stack([image, -image + 50.0], -1))
+    dm = SegmentationDataModule(str(path), roi_size=[16, 16, 8], modality="MR", in_channels=2, cache="memory", val_fraction=0.5)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input"].shape == (2, 2, 16, 16, 8) and batch["target"].shape == (2, 1, 16, 16, 8)  # one case, 2 crops
+    whole = dm.val_set[0]["input"]
+    assert float(torch.corrcoef(whole.flatten(1))[0, 1]) < -0.99  # the channels are the two modalities, in order
+    out = predict_to_nifti(_Threshold(), tmp_path / "imagesTr" / "case0.nii.gz", tmp_path / "seg.nii.gz", modality="MR", in_channels=2)
+    written = nib.load(str(out))
+    assert written.shape == (24, 20, 12) and np.allclose(written.affine, AFFINE)
+
+
+def _nnunet_v2_dataset(root: Path, cases: list[str], channels: int = 2) -> Path:
+    """nnU-Net v2's raw layout: imagesTr/{case}_{XXXX}.nii.gz per channel, labelsTr/{case}.nii.gz, no 'training' list."""
+    for number, case in enumerate(cases):
+        for channel in range(channels):  # channel c is 100 * (c + 1) HU: the order must survive stacking
+            _save(root / "imagesTr" / f"{case}_{channel:04d}.nii.gz", np.full((20, 18, 10), 100.0 * (channel + 1) + number, np.float32))
+        label = np.zeros((20, 18, 10), np.uint8)
+        label[5:10, 5:10, 2:6] = 1
+        _save(root / "labelsTr" / f"{case}.nii.gz", label)
+    description = {"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "lesion": 1}, "numTraining": len(cases), "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(description))
+    return root / "dataset.json"
+
+
+def test_medseg_nnunet_v2_raw_dataset_reads_one_file_per_channel(tmp_path) -> None:
+    path = _nnunet_v2_dataset(tmp_path, ["prostate_001", "prostate_002"])
+    cases, names = read_decathlon(path)
+    assert names == ["background", "lesion"] and len(cases) == 2
+    assert [Path(f).name for f in cases[0]["image"]] == ["prostate_001_0000.nii.gz", "prostate_001_0001.nii.gz"]
+    dm = SegmentationDataModule(str(path), roi_size=[16, 16, 8], in_channels=2, a_min=0.0, a_max=1000.0, cache="memory", val_fraction=0.5)
+    dm.setup()
+    whole = dm.val_set[0]["input"]  # CT window [0, 1000] -> [0, 1]: channel c holds (100 (c + 1) + case) / 1000
+    assert whole.shape == (2, 20, 18, 10)
+    assert torch.allclose(whole[:, 0, 0, 0], torch.tensor([0.1, 0.2]), atol=0.002)
+    assert next(iter(dm.train_dataloader()))["input"].shape == (2, 2, 16, 16, 8)
+    with pytest.raises(DataError, match=r"2 channels \(a 4D volume or one file per channel.*set in_channels=2"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], cache="memory").setup()
+    (tmp_path / "imagesTr" / "prostate_002_0001.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"training\[1\]\.image = imagesTr/prostate_002_0001.nii.gz"):
+        read_decathlon(path)
+    (tmp_path / "labelsTr" / "prostate_002.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"numTraining is 2 but labelsTr/ holds 1"):
+        read_decathlon(path)
+    description = json.loads(path.read_text()) | {"labels": {"background": 0, "lesion": 1, "ignore": 2}, "numTraining": 1}
+    path.write_text(json.dumps(description))  # sparse annotations: nnU-Net's ignore label
+    with pytest.raises(DataError, match=r"dataset.json: 'labels' declares nnU-Net's 'ignore' label \(id 2"):
+        SegmentationDataModule(str(path), in_channels=2)

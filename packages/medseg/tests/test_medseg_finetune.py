@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from polyfm.core.adaptation import Adaptation
+from polyfm.core.errors import ConfigError
 from polyfm.core.tasks import OptimConfig
 from polyfm.core.trainer import build_trainer
 from polyfm.medseg.data import SegmentationDataModule, predict_to_nifti
@@ -118,3 +119,44 @@ def test_medseg_dynunet_deep_supervision_and_swin_train_through_the_task() -> No
     assert any("swinViT.layers1.0.blocks.0.attn.qkv.lora_A" in n for n, p in task.model.named_parameters() if p.requires_grad)
     loss = task.training_step({"input": torch.randn(2, 1, 64, 64), "target": torch.randint(0, 3, (2, 1, 64, 64))}, 0)
     assert torch.isfinite(loss)
+
+
+def _volume_batch() -> dict:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1, 40, 50, 20, generator=generator)  # z (20) smaller than the window (32): padded
+    return {"input": x, "target": torch.randint(0, 3, (1, 1, 40, 50, 20), generator=generator)}
+
+
+@pytest.mark.parametrize("family", ["unet", "segresnet"])
+def test_medseg_sliding_window_matches_monai_with_the_device_split(family: str) -> None:
+    from monai.inferers import sliding_window_inference
+
+    from polyfm.medseg.models import SegResNet
+
+    torch.manual_seed(0)
+    model = UNet(spatial_dims=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2)) if family == "unet" else SegResNet(
+        init_filters=8, out_channels=3, blocks_down=(1, 1, 2), blocks_up=(1, 1), norm=("group", {"num_groups": 4}))  # fmt: skip
+    task = VolumeSegmentation(model, 3, roi_size=[32, 32, 32], sw_batch_size=2, overlap=0.25, sw_device="cpu", output_device="cpu").eval()
+    assert task.inferer.sw_device == "cpu" and task.inferer.device == "cpu"
+    batch = _volume_batch()
+    with torch.no_grad():
+        ours = task.infer(batch["input"])
+        reference = sliding_window_inference(batch["input"], (32, 32, 32), 2, task.model, overlap=0.25, mode="gaussian", sw_device="cpu", device="cpu")
+        torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+        assert ours.shape == (1, 3, 40, 50, 20)
+        task.test_step(batch, 0)  # the metrics take the label map wherever the logits were stitched
+    assert task.hd95.aggregate().shape == (1, 2)
+    with pytest.raises(ConfigError, match="need roi_size"):
+        VolumeSegmentation(UNet(spatial_dims=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2)), 3, output_device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_medseg_windows_on_gpu_logits_on_host() -> None:
+    model = UNet(spatial_dims=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2))
+    task = VolumeSegmentation(model, 3, roi_size=[32, 32, 32], sw_device="cuda", output_device="cpu").cuda().eval()
+    batch = {k: v.cuda() for k, v in _volume_batch().items()}
+    with torch.no_grad():
+        assert task.infer(batch["input"]).device.type == "cpu"
+        task.test_step(batch, 0)
+    assert task.metrics["test_"].compute().device.type == "cuda"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import monai.networks.nets as monai_nets
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from polyfm.core.errors import CheckpointError
-from polyfm.medseg.models import MODELS, BasicUNet, DynUNet, SwinUNETR, UNet
+from polyfm.medseg.models import MODELS, UNETR, BasicUNet, DynUNet, SegResNet, SwinUNETR, UNet
 
 TINY = {
     "unet": (UNet, monai_nets.UNet, {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1}),
@@ -20,7 +21,9 @@ TINY = {
         monai_nets.DynUNet,
         {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "filters": [4, 8, 16]},
     ),
+    "segresnet": (SegResNet, monai_nets.SegResNet, {"init_filters": 8, "blocks_down": (1, 1, 2), "blocks_up": (1, 1), "norm": ("group", {"num_groups": 4})}),
     "swin_unetr": (SwinUNETR, monai_nets.SwinUNETR, {"feature_size": 12, "depths": (1, 1, 1, 1)}),
+    "unetr": (UNETR, monai_nets.UNETR, {"img_size": 64, "feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}),
 }
 
 
@@ -28,20 +31,49 @@ TINY = {
 @pytest.mark.parametrize("name", list(TINY))
 def test_medseg_model_matches_monai(name: str, spatial_dims: int) -> None:
     if (name, spatial_dims) == ("swin_unetr", 3):
-        pytest.skip("3D SwinUNETR parity runs in test_medseg_swinvit_ssl_weights_load_like_monai_load_from")
+        pytest.skip("3D SwinUNETR parity runs in test_medseg_swin_unetr_btcv_bundle_matches_monai_in_3d (a bundle, 64x64x32)")
     ours_cls, monai_cls, kwargs = TINY[name]
     torch.manual_seed(0)
     ours = ours_cls(spatial_dims=spatial_dims, in_channels=1, out_channels=3, **kwargs).eval()
     reference = monai_cls(spatial_dims=spatial_dims, in_channels=1, out_channels=3, **kwargs).eval()
     assert list(ours.state_dict()) == list(reference.state_dict())  # MONAI's keys, so bundles load as is
     reference.load_state_dict(ours.state_dict())
-    size = 64 if name == "swin_unetr" else 32  # SwinUNETR's instance norm needs a 2-voxel bottleneck: 64 = 2 * 32
+    size = 64 if name in ("swin_unetr", "unetr") else 32  # Swin: a 2-voxel bottleneck (64 = 2 * 32); UNETR: img_size
     x = torch.randn(1 if spatial_dims == 3 else 2, 1, *([size] * spatial_dims))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x))
         features = ours.forward_features(x)
     assert features.shape == (len(x), ours.feature_dim)
     assert MODELS[name] is ours_cls
+
+
+VARIANTS = [  # other valid configurations than TINY's: MONAI's options that change layers or the forward
+    ("unet", {"act": ("leakyrelu", {"negative_slope": 0.2}), "norm": "batch", "adn_ordering": "AN", "bias": False, "up_kernel_size": 1}),
+    ("basic_unet", {"upsample": "nontrainable"}),
+    ("basic_unet", {"upsample": "pixelshuffle"}),
+    ("dynunet", {"res_block": True, "trans_bias": True, "deep_supervision": True, "deep_supr_num": 1}),
+    ("segresnet", {"upsample_mode": "deconv", "act": "prelu", "norm_name": "group", "num_groups": 4}),
+    ("swin_unetr", {"use_v2": True, "downsample": "mergingv2", "patch_norm": True, "qkv_bias": False, "mlp_ratio": 2.0}),
+    ("unetr", {"proj_type": "perceptron", "res_block": False, "conv_block": False, "qkv_bias": True, "norm_name": "batch"}),
+]
+
+
+@pytest.mark.parametrize(("name", "variant"), VARIANTS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VARIANTS)])
+def test_medseg_model_variants_match_monai(name: str, variant: dict) -> None:
+    ours_cls, monai_cls, kwargs = TINY[name]
+    kwargs = {**kwargs, **variant}
+    if name == "segresnet":
+        kwargs.pop("norm")  # norm_name/num_groups: MONAI's older spelling, as renalStructures_CECT_segmentation uses
+    torch.manual_seed(0)
+    ours = ours_cls(spatial_dims=2, in_channels=2, out_channels=3, **kwargs).eval()
+    reference = monai_cls(spatial_dims=2, in_channels=2, out_channels=3, **kwargs).eval()
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x))
+    blocks, params = ours.block_names(), [n for n, _ in ours.named_parameters()]
+    assert all(any(n.startswith(b + ".") for b in blocks) for n in params)  # freeze-k and LLRD see every weight
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -163,6 +195,27 @@ def test_medseg_monai_bundle_folder_and_zip_load(tmp_path, monkeypatch) -> None:
         torch.testing.assert_close(UNet.from_pretrained(archive).eval()(x), expected)
 
 
+@pytest.mark.parametrize(
+    ("cls", "network_def"),
+    [
+        (UNet, {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2]}),
+        (SwinUNETR, {"_target_": "SwinUNETR", "spatial_dims": 2, "in_channels": 1, "out_channels": 3, "depths": [1, 1, 1, 1]}),
+    ],
+    ids=["unet", "swin_unetr"],
+)
+def test_medseg_bundle_network_def_uses_monai_defaults(tmp_path, cls: type, network_def: dict) -> None:
+    """A network_def leaves out what MONAI defaults (UNet num_res_units=0, SwinUNETR feature_size=24), where
+    polyfm's classes default otherwise (2 and 48, for the recipes): the bundle means MONAI's."""
+    torch.manual_seed(10)
+    reference = getattr(monai_nets, network_def["_target_"])(**{k: v for k, v in network_def.items() if k != "_target_"}).eval()
+    bundle = tmp_path / "bundle"
+    _write_bundle(bundle, reference, network_def)
+    model = cls.from_pretrained(bundle).eval()
+    x = torch.randn(1, 1, *([64] * network_def["spatial_dims"]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
 def test_medseg_bundle_with_another_architecture_names_the_keys(tmp_path) -> None:
     path = tmp_path / "model.pt"
     torch.save(monai_nets.BasicUNet(spatial_dims=3, features=(4, 4, 8, 8, 16, 4)).state_dict(), path)
@@ -187,3 +240,259 @@ def test_medseg_offline_fetch_names_the_url(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("POLYFM_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="model_swinvit.pt"):
         SwinUNETR.from_pretrained("swin_unetr_ssl")
+
+
+# ----------------------------------------------------------------------------- checkpoint and bundle variants
+
+
+def _pediatric_like_bundle(folder, reference) -> None:
+    """pediatric_abdominal_ct_segmentation's layout: configs/inference.yaml with @references and a
+    $ expression, weights in models/dynunet_FT.pt (no model.pt), other networks in other configs."""
+    import yaml
+
+    (folder / "models").mkdir(parents=True)
+    (folder / "configs").mkdir()
+    torch.save(reference.state_dict(), folder / "models" / "dynunet_FT.pt")
+    inference = {
+        "input_channels": 1, "output_channels": 4, "spatial_size": [32, 32, 32], "spatial_dims": "$len(@spatial_size)",
+        "network_def": {
+            "_target_": "monai.networks.nets.DynUNet", "spatial_dims": "@spatial_dims", "in_channels": "@input_channels",
+            "out_channels": "@output_channels", "kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, [2, 2, 1]],
+            "upsample_kernel_size": [2, 2, [2, 2, 1]], "filters": [4, 8, 16, 16], "norm_name": "instance",
+            "deep_supervision": False, "res_block": True,
+        },
+        "network": "$@network_def.to(@device)",
+    }  # fmt: skip
+    (folder / "configs" / "inference.yaml").write_text(yaml.safe_dump(inference))
+    segresnet = {"network_def": {"_target_": "monai.networks.nets.SegResNet", "init_filters": 16, "in_channels": "@input_channels"}, "input_channels": 1}
+    (folder / "configs" / "inference_segresnet.yaml").write_text(yaml.safe_dump(segresnet))
+    (folder / "configs" / "metadata.json").write_text(json.dumps({"version": "0.4.4", "monai_version": "1.3.0"}))
+
+
+def test_medseg_bundle_yaml_with_references_loads_dynunet(tmp_path) -> None:
+    torch.manual_seed(4)
+    kwargs = {"kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, [2, 2, 1]], "upsample_kernel_size": [2, 2, [2, 2, 1]],
+              "filters": [4, 8, 16, 16], "norm_name": "instance", "res_block": True}  # fmt: skip
+    reference = monai_nets.DynUNet(spatial_dims=3, in_channels=1, out_channels=4, **kwargs).eval()
+    bundle = tmp_path / "pediatric_abdominal_ct_segmentation"
+    _pediatric_like_bundle(bundle, reference)
+    with pytest.raises(CheckpointError, match=r"inference.yaml: network_def sets spatial_dims='\$len\(@spatial_size\)'.*spatial_dims=\.\.\."):
+        DynUNet.from_pretrained(bundle)  # polyfm does not evaluate bundle code: it asks for the value
+    model = DynUNet.from_pretrained(bundle, spatial_dims=3).eval()  # @references resolved from the yaml
+    assert model.config["out_channels"] == 4 and model.config["res_block"] is True
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match=r"declares no UNet network \(network_def in inference.yaml: DynUNet.*polyfm.medseg.models.DynUNet.from_pretrained"):
+        UNet.from_pretrained(bundle)
+    (bundle / "models" / "other.pt").write_bytes((bundle / "models" / "dynunet_FT.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=r"several weight files \(dynunet_FT.pt, other.pt\)"):
+        DynUNet.from_pretrained(bundle, spatial_dims=3)
+
+
+def test_medseg_segresnet_bundle_zip_matches_monai(tmp_path, monkeypatch) -> None:
+    """brats_mri_segmentation's network_def (4 MR channels, 3 regions), released as a zip."""
+    monkeypatch.setenv("POLYFM_CACHE", str(tmp_path / "cache"))
+    network_def = {"_target_": "SegResNet", "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "init_filters": 8,
+                   "in_channels": 4, "out_channels": 3, "dropout_prob": 0.2}  # fmt: skip
+    torch.manual_seed(5)
+    reference = monai_nets.SegResNet(**{k: v for k, v in network_def.items() if not k.startswith("_")}).eval()
+    bundle = tmp_path / "brats_mri_segmentation"
+    _write_bundle(bundle, reference, network_def)
+    (bundle / "configs" / "metadata.json").write_text("{}")
+    archive = tmp_path / "brats_mri_segmentation_v0.5.2.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in bundle.rglob("*"):
+            zf.write(file, file.relative_to(tmp_path))
+    model = SegResNet.from_pretrained(archive).eval()
+    x = torch.randn(1, 4, 32, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+        assert model.bottleneck_features(x).shape == (1, 64, 4, 4, 2) and model.feature_dim == 64
+    assert model.block_names()[-1] == "conv_final.2" and model.head_names() == ["conv_final.2"]
+
+
+def test_medseg_swin_unetr_btcv_bundle_matches_monai_in_3d(tmp_path) -> None:
+    """swin_unetr_btcv_segmentation's network_def (img_size, removed from MONAI in 1.5, use_checkpoint), narrower."""
+    network_def = {"_target_": "SwinUNETR", "spatial_dims": 3, "img_size": 96, "in_channels": 1, "out_channels": 14,
+                   "feature_size": 12, "use_checkpoint": False}  # fmt: skip
+    torch.manual_seed(9)
+    reference = monai_nets.SwinUNETR(**{k: v for k, v in network_def.items() if k not in ("_target_", "img_size")}).eval()
+    bundle = tmp_path / "swin_unetr_btcv_segmentation"
+    _write_bundle(bundle, reference, network_def)
+    model = SwinUNETR.from_pretrained(bundle).eval()
+    x = torch.randn(1, 1, 64, 64, 32)  # the bench's Swin patch: a 2x2x1 bottleneck
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_medseg_dynunet_deep_supervision_checkpoint_loads_without_heads(tmp_path, caplog) -> None:
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, **TINY["dynunet"][2]}
+    torch.manual_seed(6)
+    reference = monai_nets.DynUNet(**kwargs, deep_supervision=True, deep_supr_num=1).eval()  # trained with deep supervision
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": reference.state_dict(), "epoch": 3}, path)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with caplog.at_level("INFO", logger="polyfm.medseg.models.dynunet"):
+        plain = DynUNet.from_pretrained(path, **kwargs).eval()  # inference without the training-only heads
+    assert "dropped 4 deep-supervision head tensors" in caplog.text
+    supervised = DynUNet.from_pretrained(path, **kwargs, deep_supervision=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), reference(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(supervised(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_medseg_swinvit_ssl_weights_load_into_v2_like_monai(tmp_path, caplog) -> None:
+    depths = (1, 1, 1, 1)
+    path = tmp_path / "model_swinvit.pt"
+    torch.save(_official_swinvit_checkpoint(12, depths, with_heads=True), path)
+    with caplog.at_level("INFO", logger="polyfm.medseg.models.base"):
+        ours = SwinUNETR.from_pretrained(path, feature_size=12, depths=depths, out_channels=3, use_v2=True).eval()
+    assert "swinViT.layers1c" in caplog.text and "decoder1" in caplog.text  # what stays fresh is said
+    reference = monai_nets.SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=depths, use_v2=True).eval()
+    reference.load_from(torch.load(path, weights_only=True))
+    loaded = [k for k in reference.state_dict() if k.startswith("swinViT.") and not re.match(r"swinViT\.layers\dc\.", k)]
+    assert len(loaded) > 20 and any(k.startswith("swinViT.layers4c.") for k in ours.state_dict())
+    for key in loaded:
+        torch.testing.assert_close(ours.state_dict()[key], reference.state_dict()[key], msg=key)
+
+
+def _nnunet_checkpoint(features, kernels, strides, classes=3, network="PlainConvUNet", seed=8) -> dict:
+    """A random nnU-Net v2 checkpoint_final.pth in dynamic-network-architectures' layout (PlainConvUNet, 3D,
+    conv biases, instance norms, every module also under its all_modules / decoder.encoder alias)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.3
+
+    w: dict[str, torch.Tensor] = {}
+
+    def stacked(prefix, c_in, c_out, kernel):
+        for c in range(2):
+            conv = {"weight": rand(c_out, c_in if c == 0 else c_out, *kernel), "bias": rand(c_out)}
+            norm = {"weight": 1 + rand(c_out), "bias": rand(c_out)}
+            for name, value in conv.items():
+                w[f"{prefix}.convs.{c}.conv.{name}"] = w[f"{prefix}.convs.{c}.all_modules.0.{name}"] = value
+            for name, value in norm.items():
+                w[f"{prefix}.convs.{c}.norm.{name}"] = w[f"{prefix}.convs.{c}.all_modules.1.{name}"] = value
+
+    n, c_in = len(features), 1
+    for s in range(n):
+        stacked(f"encoder.stages.{s}.0", c_in, features[s], kernels[s])
+        c_in = features[s]
+    for d in range(n - 1):
+        below, skip = features[n - 1 - d], features[n - 2 - d]
+        w[f"decoder.transpconvs.{d}.weight"], w[f"decoder.transpconvs.{d}.bias"] = rand(below, skip, *strides[n - 1 - d]), rand(skip)
+        stacked(f"decoder.stages.{d}", 2 * skip, skip, kernels[n - 2 - d])
+        w[f"decoder.seg_layers.{d}.weight"], w[f"decoder.seg_layers.{d}.bias"] = rand(classes, skip, 1, 1, 1), rand(classes)
+    w |= {f"decoder.encoder.{k[len('encoder.'):]}": v for k, v in w.items() if k.startswith("encoder.")}
+    arch = {"n_stages": n, "features_per_stage": features, "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": kernels,
+            "strides": strides, "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}  # fmt: skip
+    plans = {"configurations": {"3d_fullres": {"patch_size": [32, 32, 16], "architecture": {
+        "network_class_name": f"dynamic_network_architectures.architectures.unet.{network}", "arch_kwargs": arch}},
+        "3d_cascade_fullres": {"inherits_from": "3d_fullres"}}}  # fmt: skip
+    return {"network_weights": w, "optimizer_state": {}, "current_epoch": 1000, "trainer_name": "nnUNetTrainer",
+            "init_args": {"plans": plans, "configuration": "3d_cascade_fullres", "fold": 0, "device": torch.device("cpu")},
+            "inference_allowed_mirroring_axes": (0, 1, 2)}  # fmt: skip
+
+
+def _nnunet_forward(w: dict, x: torch.Tensor, n: int, strides: list) -> list[torch.Tensor]:
+    """PlainConvUNet's forward written from dynamic-network-architectures (conv with bias -> instance norm ->
+    LeakyReLU 0.01, strided first conv per stage, transposed conv, cat(up, skip)); full-resolution output first."""
+    f = torch.nn.functional
+
+    def stacked(prefix, x, stride):
+        for c in range(2):
+            weight = w[f"{prefix}.convs.{c}.conv.weight"]
+            x = f.conv3d(x, weight, w[f"{prefix}.convs.{c}.conv.bias"], stride=stride if c == 0 else 1, padding=[(k - 1) // 2 for k in weight.shape[2:]])
+            x = f.instance_norm(x, weight=w[f"{prefix}.convs.{c}.norm.weight"], bias=w[f"{prefix}.convs.{c}.norm.bias"], eps=1e-5)
+            x = f.leaky_relu(x, 0.01)
+        return x
+
+    skips = []
+    for s in range(n):
+        x = stacked(f"encoder.stages.{s}.0", x, strides[s])
+        skips.append(x)
+    outputs = []
+    for d in range(n - 1):
+        x = f.conv_transpose3d(x, w[f"decoder.transpconvs.{d}.weight"], w[f"decoder.transpconvs.{d}.bias"], stride=strides[n - 1 - d])
+        x = stacked(f"decoder.stages.{d}", torch.cat([x, skips[n - 2 - d]], 1), 1)
+        outputs.append(f.conv3d(x, w[f"decoder.seg_layers.{d}.weight"], w[f"decoder.seg_layers.{d}.bias"]))
+    return outputs[::-1]
+
+
+def test_medseg_nnunet_plain_unet_loads_as_dynunet(tmp_path, caplog) -> None:
+    features, kernels, strides = [4, 8, 16, 16], [[3, 3, 3]] * 4, [[1, 1, 1], [2, 2, 2], [2, 2, 1], [2, 2, 2]]
+    checkpoint = _nnunet_checkpoint(features, kernels, strides)
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(checkpoint, path)
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        expected = _nnunet_forward(checkpoint["network_weights"], x, 4, strides)
+        with caplog.at_level("INFO", logger="polyfm.medseg.nnunet"):
+            model = DynUNet.from_pretrained(path).eval()  # the architecture comes from the checkpoint
+        assert "dropped 14 nnU-Net convolution biases" in caplog.text  # 2 per block, 4 encoder + 3 decoder blocks
+        assert model.config["strides"] == strides and model.config["filters"] == features and model.config["out_channels"] == 3
+        torch.testing.assert_close(model(x), expected[0], atol=1e-5, rtol=1e-5)  # measured 5e-6 (outputs up to 3.9)
+        supervised = DynUNet.from_pretrained(path, deep_supervision=True, deep_supr_num=2).train()
+        stacked = supervised(x)  # MONAI: (B, 1 + heads, C, *S), the heads interpolated to full size
+        for i in range(3):
+            reference = torch.nn.functional.interpolate(expected[i], size=x.shape[2:]) if i else expected[0]
+            torch.testing.assert_close(stacked[:, i], reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match=r"an nnU-Net checkpoint \(nnUNetTrainer.*DynUNet.from_pretrained.*not UNet"):
+        UNet.from_pretrained(path)
+
+
+def test_medseg_nnunet_checkpoints_dynunet_cannot_hold_are_refused_by_name(tmp_path) -> None:
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(_nnunet_checkpoint([4, 8, 16], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], network="ResidualEncoderUNet"), path)
+    with pytest.raises(CheckpointError, match=r"checkpoint_final.pth: an nnU-Net checkpoint \(nnUNetTrainer\).*ResidualEncoderUNet.*nnUNetv2_predict"):
+        DynUNet.from_pretrained(path)
+    anisotropic = [[1, 3, 3], [3, 3, 3], [3, 3, 3]]  # the usual MR plan: in-plane kernels at full resolution
+    torch.save(_nnunet_checkpoint([4, 8, 16], anisotropic, [[1, 1, 1], [1, 2, 2], [2, 2, 2]]), path)
+    with pytest.raises(CheckpointError, match=r"decoder stage 1 uses kernel \[1, 3, 3\].*deeper stage's \[3, 3, 3\]"):
+        DynUNet.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", ["unet", "swin_unetr"])
+def test_medseg_task_checkpoint_loads_into_the_network(tmp_path, name: str) -> None:
+    """polyfm fit writes {"state_dict": {"model.<network key>": ...}}; from_pretrained takes the network
+    out (UNet's own keys start with model. too; SwinUNETR's must not be mistaken for SSL weights)."""
+    from polyfm.core.adaptation import Adaptation
+    from polyfm.medseg.tasks import VolumeSegmentation
+
+    ours_cls, _, kwargs = TINY[name]
+    torch.manual_seed(7)
+    task = VolumeSegmentation(ours_cls(spatial_dims=2, in_channels=1, out_channels=3, **kwargs), num_classes=4).eval()
+    path = tmp_path / "epoch=3-step=40.ckpt"
+    torch.save({"state_dict": task.state_dict(), "epoch": 3, "pytorch-lightning_version": "2.6.6"}, path)
+    loaded = ours_cls.from_pretrained(path, spatial_dims=2, in_channels=1, out_channels=4, **kwargs).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), task.model(x))
+    lora = VolumeSegmentation(ours_cls(spatial_dims=2, in_channels=1, out_channels=3, **kwargs), num_classes=4, adaptation=Adaptation(mode="lora"))
+    torch.save({"state_dict": lora.state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"LoRA adapters.*merge_lora"):
+        ours_cls.from_pretrained(path, spatial_dims=2, in_channels=1, out_channels=4, **kwargs)
+
+
+def test_medseg_unetr_checkpoint_from_older_monai_loads(tmp_path, caplog) -> None:
+    """research-contributions' UNETR/BTCV layout ({"epoch", "best_acc", "state_dict"}), saved by a MONAI that
+    built cross-attention in every ViT layer (1.3/1.4: extra cross_attn.*) or none (before: no norm_cross_attn)."""
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, **TINY["unetr"][2]}
+    torch.manual_seed(11)
+    reference = monai_nets.UNETR(**kwargs).eval()
+    state = {k: v for k, v in reference.state_dict().items() if ".norm_cross_attn." not in k or not k.startswith("vit.blocks.0.")}
+    for i in range(12):
+        state |= {f"vit.blocks.{i}.cross_attn.{n}.weight": torch.randn(48, 48) for n in ("to_q", "to_k", "to_v", "out_proj")}
+    path = tmp_path / "UNETR_model_best_acc.pth"
+    torch.save({"epoch": 500, "best_acc": 0.81, "state_dict": state}, path)
+    with caplog.at_level("INFO", logger="polyfm.medseg.models.unetr"):
+        model = UNETR.from_pretrained(path, **kwargs).eval()
+    assert "dropped 48 unused cross-attention tensors" in caplog.text and "norm_cross_attn for 2" in caplog.text
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+        assert model.bottleneck_features(x).shape == (1, 48, 4, 4, 4) and model.forward_features(x).shape == (1, 48)

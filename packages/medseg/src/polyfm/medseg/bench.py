@@ -1,6 +1,6 @@
 """Benchmarks: polyfm's medseg training step, sliding-window inference and data pipeline vs plain MONAI.
 
-Every network family we ship (UNet, BasicUNet, DynUNet, SwinUNETR) gets two cases, built by
+Every network family we ship (UNet, BasicUNet, DynUNet, SegResNet, SwinUNETR, UNETR) gets two cases, built by
 one function (:func:`_family_cases`) from one configuration, both sides seeded alike so the
 weights are the same:
 
@@ -68,20 +68,25 @@ class Family:
 
 
 def families(quick: bool) -> list[Family]:
-    """The four families at tiny widths (quick) or at the recipes' sizes."""
+    """The six families at tiny widths (quick) or at the recipes' sizes (SegResNet: wholeBody_ct_segmentation's,
+    UNETR: MONAI's BTCV tutorial's)."""
     if quick:
         return [
             Family("unet3d", "UNet", {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 2}, 14),
             Family("basic_unet3d", "BasicUNet", {"features": (4, 8, 16, 32, 64, 4)}, 14),
             Family("dynunet", "DynUNet", {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [8, 16, 32], "deep_supervision": True, "deep_supr_num": 1}, 2, True, {"upsample_kernel_size": [2, 2]}),
+            Family("segresnet", "SegResNet", {"init_filters": 8, "blocks_down": (1, 2, 2, 4), "blocks_up": (1, 1, 1)}, 14),
             Family("swin_unetr", "SwinUNETR", {"feature_size": 12}, 14, roi=(64, 64, 32)),
+            Family("unetr", "UNETR", {"img_size": (32, 32, 32), "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}, 14),
         ]  # fmt: skip
     dyn_strides = [1, 2, 2, 2, 2, 2]  # finetune-dynunet.yaml
     return [
         Family("unet3d", "UNet", {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2}, 14),
         Family("basic_unet3d", "BasicUNet", {"features": (32, 32, 64, 128, 256, 32)}, 14),
         Family("dynunet", "DynUNet", {"kernel_size": [3] * 6, "strides": dyn_strides, "deep_supervision": True, "deep_supr_num": 2}, 2, True, {"upsample_kernel_size": dyn_strides[1:]}),
+        Family("segresnet", "SegResNet", {"init_filters": 32, "blocks_down": (1, 2, 2, 4), "blocks_up": (1, 1, 1)}, 14),
         Family("swin_unetr", "SwinUNETR", {"feature_size": 48}, 14),
+        Family("unetr", "UNETR", {"img_size": (96, 96, 96), "feature_size": 16}, 14),
     ]  # fmt: skip
 
 

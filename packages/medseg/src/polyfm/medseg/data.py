@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,8 @@ from polyfm.core.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: how far a float label value may sit from an integer and still be that class (rounding noise)
+LABEL_TOLERANCE = 1e-3
 DICOM_SUFFIXES = (".dcm", ".ima")
 
 #: TotalSegmentator v2 ids of the large abdominal organs (the example CT's label map uses these).
@@ -51,10 +54,13 @@ TOTALSEGMENTATOR_ABDOMEN = {
 # ----------------------------------------------------------------------------- dataset.json
 
 
-def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple[list[dict[str, str]], list[str]]:
+def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple[list[dict[str, Any]], list[str]]:
     """Cases of one section of a Decathlon ``dataset.json`` with absolute paths, and the label names.
 
-    Every listed file must exist; a missing one raises a DataError naming the entry."""
+    An nnU-Net v2 ``dataset.json`` (``channel_names``, ``file_ending``, no ``training`` list) lists
+    its training cases through ``labelsTr/`` (or its ``dataset`` key); multi-channel images are
+    lists of files, one per channel. Every listed file must exist; a missing one raises a
+    DataError naming the entry."""
     path = Path(dataset_json)
     if not path.exists():
         raise DataError("dataset.json not found: pass the path of the Decathlon-style dataset description.", path=path)
@@ -66,27 +72,36 @@ def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple
         raise DataError(f"the top level must be an object with a {section!r} list, not a {type(description).__name__}.", path=path)
     if section in description and not isinstance(description[section], list):
         raise DataError(f"{section!r} must be a list of cases, not a {type(description[section]).__name__}.", path=path)
-    if section not in description:
-        raise DataError(f"has no {section!r} list (sections present: {sorted(k for k, v in description.items() if isinstance(v, list))}).", path=path)
     root = path.parent
-    cases: list[dict[str, str]] = []
+    if section not in description and section == "training" and "file_ending" in description:
+        entries = _nnunet_v2_training(description, root, path)  # nnU-Net v2: no list, the folders are the list
+    elif section not in description:
+        raise DataError(f"has no {section!r} list (sections present: {sorted(k for k, v in description.items() if isinstance(v, list))}).", path=path)
+    else:
+        entries = description[section]
+    cases: list[dict[str, Any]] = []
     missing: list[str] = []
-    for index, entry in enumerate(description[section]):
+    for index, entry in enumerate(entries):
         if not isinstance(entry, str | dict):
             raise DataError(f"{section} entry {index} is a {type(entry).__name__} ({entry!r:.60}); expected {{'image': ..., 'label': ...}}.", path=path)
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)  # MSD "test" lists bare paths
         if "image" not in entry:
             raise DataError(f"{section} entry {index} has no 'image' key: {entry}.", path=path)
-        case: dict[str, str] = {}
+        case: dict[str, Any] = {}
         for key in ("image", "label"):
             if key not in entry:
                 continue
-            if not isinstance(entry[key], str) or not entry[key]:
-                raise DataError(f"{section}[{index}].{key} must be a file path, got {entry[key]!r:.60}.", path=path)
-            file = (root / entry[key]).resolve() if not Path(entry[key]).is_absolute() else Path(entry[key])
-            if not file.exists():
-                missing.append(f"{section}[{index}].{key} = {entry[key]} (looked for {file})")
-            case[key] = str(file)
+            # an image may be one file per channel (nnU-Net v2's case_0000, case_0001, ...): MONAI stacks them
+            names = entry[key] if key == "image" and isinstance(entry[key], list) and entry[key] else [entry[key]]
+            files = []
+            for name in names:
+                if not isinstance(name, str) or not name:
+                    raise DataError(f"{section}[{index}].{key} must be a file path, got {entry[key]!r:.60}.", path=path)
+                file = (root / name).resolve() if not Path(name).is_absolute() else Path(name)
+                if not file.exists():
+                    missing.append(f"{section}[{index}].{key} = {name} (looked for {file})")
+                files.append(str(file))
+            case[key] = files if len(names) > 1 else files[0]
         cases.append(case)
     if missing:
         shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
@@ -100,6 +115,31 @@ def read_decathlon(dataset_json: str | Path, section: str = "training") -> tuple
     except ValueError as exc:
         raise DataError(f"{exc}.", path=path) from exc
     return cases, names
+
+
+def _nnunet_v2_training(description: Mapping[str, Any], root: Path, path: Path) -> list[dict[str, Any]]:
+    """nnU-Net v2's raw layout as MSD-style entries: ``imagesTr/{case}_{channel:04d}{ending}``, ``labelsTr/{case}{ending}``."""
+    ending = str(description["file_ending"])
+    channels = description.get("channel_names") or description.get("modality") or {"0": "image"}
+    if isinstance(description.get("dataset"), Mapping):  # nnU-Net v2's explicit list of files, relative to the json
+        listed = []
+        for case, files in description["dataset"].items():
+            if not isinstance(files, Mapping) or not isinstance(files.get("images"), list) or not files["images"] or "label" not in files:
+                raise DataError(f"dataset[{case!r}] must have 'images' (a list) and 'label', got {files!r:.80}.", path=path)
+            listed.append({"image": list(files["images"]) if len(files["images"]) > 1 else files["images"][0], "label": files["label"]})
+        return listed
+    labels_dir = root / "labelsTr"
+    if not labels_dir.is_dir():
+        raise DataError(f"an nnU-Net v2 dataset.json (file_ending {ending!r}, no 'training' list) needs labelsTr/ beside it; {labels_dir} does not exist.", path=path)
+    names = sorted(f.name[: -len(ending)] for f in labels_dir.iterdir() if f.name.endswith(ending) and not f.name.startswith("._"))
+    expected = description.get("numTraining")
+    if isinstance(expected, int) and expected != len(names):
+        raise DataError(f"numTraining is {expected} but labelsTr/ holds {len(names)} '*{ending}' label files: add the missing labels or fix numTraining.", path=path)
+    entries = []
+    for case in names:
+        images = [f"imagesTr/{case}_{int(channel):04d}{ending}" for channel in sorted(channels, key=int)]
+        entries.append({"image": images if len(images) > 1 else images[0], "label": f"labelsTr/{case}{ending}"})
+    return entries
 
 
 def label_names(labels: Mapping[str, Any]) -> list[str]:
@@ -132,7 +172,7 @@ def _case_name(data: Mapping[Hashable, Any], key: str = "image") -> str:
 class CheckCase(mt.MapTransform):
     """Refuse a loaded case that would silently train on garbage; the error names it and says what to do.
 
-    Runs after ``LoadImaged(..., ensure_channel_first=True)`` on MetaTensors."""
+    Runs after :class:`LoadVolumed` (channel first) on MetaTensors."""
 
     def __init__(self, in_channels: int = 1, num_classes: int | None = None, label_map: Mapping[int, int] | None = None, label_key: str = "label") -> None:
         super().__init__(keys=["image"], allow_missing_keys=True)
@@ -143,7 +183,7 @@ class CheckCase(mt.MapTransform):
         image, name = d["image"], _case_name(d)
         if image.shape[0] != self.in_channels:
             raise DataError(
-                f"the image has {image.shape[0]} channels (a 4D volume: spatial shape {tuple(image.shape[1:])}) but the "
+                f"the image has {image.shape[0]} channels (a 4D volume or one file per channel: spatial shape {tuple(image.shape[1:])}) but the "
                 f"model takes in_channels={self.in_channels}. Split the 4D file into 3D volumes (one per time point or "
                 f"modality), or set in_channels={image.shape[0]} if they are co-registered modalities.",
                 path=name,
@@ -182,9 +222,19 @@ class CheckCase(mt.MapTransform):
                 path=label_name,
             )
         values = _plain(label)  # a MetaTensor would copy its metadata on every operation below
-        if not torch.equal(values, values.round()):  # NaN too: NaN != NaN
-            bad = values[values != values.round()].unique()[:5].tolist()
-            raise DataError(f"label values must be integers; found {bad}. Was the label map resampled with linear interpolation?", path=label_name)
+        rounded = values.round()
+        if not torch.equal(values, rounded):  # NaN too: NaN != NaN
+            off = ~((values - rounded).abs() <= LABEL_TOLERANCE)  # ~(<=) is True for NaN
+            if bool(off.any()):
+                bad = values[off].unique()[:5].tolist()
+                raise DataError(
+                    f"label values must be integers; found {bad} (more than {LABEL_TOLERANCE} from one). "
+                    "Was the label map resampled with linear interpolation?",
+                    path=label_name,
+                )
+            # float label maps written with rounding noise (1.0000001, 0.9999999): snap them, or the
+            # integer cast later would truncate 0.9999999 to background
+            values.copy_(rounded)
         low, high = torch.aminmax(values) if values.numel() else (values.new_zeros(()), None)  # one pass for both
         if bool(low < 0):
             raise DataError(f"negative label values {values[values < 0].unique()[:5].tolist()}; labels are class ids 0..K-1.", path=label_name)
@@ -195,6 +245,28 @@ class CheckCase(mt.MapTransform):
                 "or pass label_map to keep only some structures (every unmapped id becomes background).",
                 path=label_name,
             )
+
+
+class LoadVolumed(mt.LoadImaged):
+    """MONAI's ``LoadImaged`` (``image_only``, channel first) whose read errors name the file: a
+    DataError instead of MONAI's "applying transform" RuntimeError around nibabel's message."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys=list(keys), ensure_channel_first=True, image_only=True)
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d[key] = self._loader(d[key], reader)
+            except Exception as exc:  # nibabel, pydicom and MONAI's reader choice raise many types
+                hint = " Files named '._*' are macOS metadata, not images: delete them." if Path(str(d[key])).name.startswith("._") else ""
+                raise DataError(
+                    f"cannot be read as the {key} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                    f"Expected a NIfTI file (.nii, .nii.gz) or a DICOM series folder; is it truncated?{hint}",
+                    path=d[key],
+                ) from exc
+        return d
 
 
 class RemapLabels(mt.MapTransform):
@@ -284,7 +356,7 @@ def preprocessing(
 ) -> list[mt.Transform]:
     """The deterministic, invertible part: load, check, remap, orient, resample, scale intensities."""
     steps: list[mt.Transform] = [
-        mt.LoadImaged(keys=list(keys), ensure_channel_first=True, image_only=True),
+        LoadVolumed(keys),
         CheckCase(in_channels=in_channels, num_classes=num_classes, label_map=label_map),
     ]
     if label_map and "label" in keys:
@@ -349,14 +421,18 @@ def segmentation_transforms(
 # ----------------------------------------------------------------------------- datamodules
 
 
-def _data_error_in(exc: BaseException) -> DataError | None:
-    """MONAI wraps errors raised inside transforms ("applying transform ..."); find ours."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, DataError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+@contextmanager
+def _data_errors_as_themselves() -> Iterator[None]:
+    """MONAI wraps errors raised inside transforms ("applying transform ..."); re-raise ours as themselves."""
+    try:
+        yield
+    except RuntimeError as exc:
+        seen: BaseException | None = exc
+        while seen is not None and not isinstance(seen, DataError):
+            seen = seen.__cause__ or seen.__context__
+        if seen is None:
+            raise
+        raise seen from None
 
 
 class CheckedDataset(torch.utils.data.Dataset):
@@ -369,24 +445,14 @@ class CheckedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        try:
+        with _data_errors_as_themselves():
             return self.dataset[index]
-        except RuntimeError as exc:
-            error = _data_error_in(exc)
-            if error is None:
-                raise
-            raise error from None
 
 
-def _make_dataset(cases: list[dict[str, str]], transform: Callable[..., Any], cache: str, cache_dir: str | None) -> CheckedDataset:
-    try:
-        if cache == "memory":
+def _make_dataset(cases: list[dict[str, Any]], transform: Callable[..., Any], cache: str, cache_dir: str | None) -> CheckedDataset:
+    if cache == "memory":
+        with _data_errors_as_themselves():
             return CheckedDataset(CacheDataset(cases, transform, cache_rate=1.0, num_workers=0, progress=False))
-    except RuntimeError as exc:
-        error = _data_error_in(exc)
-        if error is None:
-            raise
-        raise error from None
     if cache == "disk":
         if not cache_dir:
             raise DataError("cache='disk' needs cache_dir (a folder for MONAI's PersistentDataset).")
@@ -448,6 +514,13 @@ class SegmentationDataModule(DictDataModule):
             return ["background", *[by_target.get(i, f"class_{i}") for i in range(1, max(self.label_map.values()) + 1)]]
         if not names:
             raise DataError("dataset.json has no 'labels'; pass class_names (background first).", path=self.dataset_json)
+        if "ignore" in names:  # nnU-Net v2's label for unannotated voxels (sparse annotations)
+            raise DataError(
+                f"'labels' declares nnU-Net's 'ignore' label (id {names.index('ignore')}: voxels left unannotated). polyfm's "
+                "loss has no ignore index and would learn it as a class; pass label_map to keep the real classes "
+                "(unmapped ids become background), or complete the annotations.",
+                path=self.dataset_json,
+            )
         return names
 
     def transforms(self, train: bool) -> mt.Compose:
@@ -457,7 +530,7 @@ class SegmentationDataModule(DictDataModule):
             self.transform_device if train else None,
         )  # fmt: skip
 
-    def split(self) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    def split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         description = json.loads(Path(self.dataset_json).read_text())
         if description.get("validation"):
             train, val = self.cases, read_decathlon(self.dataset_json, "validation")[0]
@@ -536,18 +609,36 @@ class RepeatedDataset(torch.utils.data.Dataset):
 
 
 def find_volumes(folder: str | Path) -> list[str]:
-    """NIfTI files and DICOM series (one per folder holding .dcm files) under ``folder``, sorted."""
+    """NIfTI files and DICOM series (one per folder holding .dcm files, or DICOM files without an
+    extension) under ``folder``, sorted; macOS ``._*`` metadata files are skipped (logged)."""
     root = Path(folder)
     if root.is_file():
         return [str(root)]
     if not root.is_dir():
         raise DataError("is not a folder or a file: point it at your unlabelled NIfTI files / DICOM series.", path=root)
-    nifti = [p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)]
-    dicom_dirs = {p.parent for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES}
+    files = [p for p in root.rglob("*") if p.is_file()]
+    apple_double = [p for p in files if p.name.startswith("._")]  # macOS metadata (MSD tarballs carry them)
+    if apple_double:
+        log.info("%s: skipped %d macOS '._*' metadata files (e.g. %s): they are not volumes.", root, len(apple_double), apple_double[0].name)
+    files = [p for p in files if not p.name.startswith("._")]
+    nifti = [p for p in files if p.name.lower().endswith(NIFTI_SUFFIXES)]
+    # PACS exports often name slices IM0001, 1.2.840..., without an extension: tell them by DICOM's preamble
+    dicom_dirs = {p.parent for p in files if p.suffix.lower() in DICOM_SUFFIXES or (not p.name.lower().endswith(NIFTI_SUFFIXES) and _is_dicom_file(p))}
     volumes = sorted(str(p) for p in [*nifti, *dicom_dirs])
     if not volumes:
         raise DataError("holds no NIfTI (.nii, .nii.gz) files and no DICOM series (.dcm).", path=root)
     return volumes
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10: a 128-byte preamble, then ``DICM``. Only extensionless or numbered names are read."""
+    if path.suffix and not path.suffix[1:].isdigit():  # '.txt', '.json', '.png' are not DICOM; '.1', '.0001' may be
+        return False
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 class VolumeFolderDataModule(DictDataModule):
@@ -627,7 +718,8 @@ def predict_to_nifti(
     import nibabel as nib
 
     pre = mt.Compose(preprocessing(["image"], in_channels, None, modality, a_min, a_max, pixdim, orientation, None))
-    data = pre({"image": str(image_path)})
+    with _data_errors_as_themselves():
+        data = pre({"image": str(image_path)})
     image = data["image"]
     model = model.to(device).eval()
     with torch.no_grad():

@@ -10,7 +10,9 @@
 * DiceCE loss (MONAI, one-hot targets, softmax), deep supervision weights for DynUNet;
 * sliding-window inference with Gaussian blending (MONAI ``SlidingWindowInferer``) in
   validation, test and predict when ``roi_size`` is given; with ``slice_axis`` (2 = axial)
-  a 2D network runs slice by slice over 3D volumes (MONAI ``SliceInferer``);
+  a 2D network runs slice by slice over 3D volumes (MONAI ``SliceInferer``); ``sw_device`` /
+  ``output_device`` are MONAI's ``sw_device`` / ``device`` (windows on the GPU, the stitched
+  logits of a large volume on the host), and the metrics follow;
 * test metrics beyond Dice: HD95 and surface Dice per class (MONAI metrics, in voxels
   unless ``spacing`` is given), logged as ``test/hd95``, ``test/surface_dice`` and per class.
 """
@@ -27,6 +29,7 @@ from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from torch import nn
 
 from polyfm.core.adaptation import Adaptation
+from polyfm.core.errors import ConfigError
 from polyfm.core.tasks import OptimConfig, Segmentation
 
 
@@ -50,6 +53,8 @@ class VolumeSegmentation(Segmentation):
         spacing: list[float] | None = None,
         surface_tolerance: float = 2.0,
         slice_axis: int | None = None,
+        sw_device: str | None = None,
+        output_device: str | None = None,
     ) -> None:
         if hasattr(model, "reset_head"):
             model.reset_head(num_classes)
@@ -58,10 +63,15 @@ class VolumeSegmentation(Segmentation):
         if adaptation.mode == "lora" and adaptation.lora_targets is None and heads:
             adaptation = _lora_outside_heads(model, adaptation, heads)
         inferer = None
+        # MONAI's split: windows run on sw_device, the whole-volume logits are stitched on output_device
+        # (MONAI's `device`; "cpu" keeps a large volume's logits off the GPU)
+        devices = {"sw_device": sw_device, "device": output_device}
+        if (sw_device or output_device) and not roi_size:
+            raise ConfigError(f"sw_device={sw_device!r} / output_device={output_device!r} need roi_size: they configure the sliding window.")
         if roi_size and slice_axis is not None:  # a 2D network over 3D volumes, one slice at a time
-            inferer = SliceInferer(spatial_dim=slice_axis, roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+            inferer = SliceInferer(spatial_dim=slice_axis, roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", **devices)
         elif roi_size:
-            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", **devices)
         super().__init__(
             model=model,
             num_classes=num_classes,
@@ -82,14 +92,23 @@ class VolumeSegmentation(Segmentation):
         n_thresholds = num_classes if include_background else num_classes - 1
         self.surface_dice = SurfaceDiceMetric([surface_tolerance] * n_thresholds, include_background=include_background, reduction="none")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _infer_batch(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-volume inference, loss logged; (label map, target) on the target's device, where the
+        metrics live, whichever device the logits were stitched on (``output_device``)."""
         logits = self.infer(batch["input"])
         target = batch["target"]
-        self.log("test/loss", self._single_loss(logits, target), batch_size=len(target), sync_dist=True)
-        prediction = logits.argmax(1)
-        self.metrics["test_"].update(prediction, target[:, 0].long())
+        loss = self._single_loss(logits, target.to(logits.device)).to(target.device)
+        self.log(f"{stage}/loss", loss, batch_size=len(target), sync_dist=True)
+        return logits.argmax(1).to(target.device), target[:, 0].long()
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        self.metrics[f"{stage}_"].update(*self._infer_batch(batch, stage))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prediction, labels = self._infer_batch(batch, "test")
+        self.metrics["test_"].update(prediction, labels)
         one_hot_pred = nn.functional.one_hot(prediction, self.num_classes).movedim(-1, 1)
-        one_hot_target = nn.functional.one_hot(target[:, 0].long(), self.num_classes).movedim(-1, 1)
+        one_hot_target = nn.functional.one_hot(labels, self.num_classes).movedim(-1, 1)
         kwargs = {"spacing": self.spacing} if self.spacing else {}
         self.hd95(one_hot_pred, one_hot_target, **kwargs)
         self.surface_dice(one_hot_pred, one_hot_target, **kwargs)

@@ -10,7 +10,10 @@ output comes back, so sliding-window inference sees a plain tensor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from monai.networks.nets import DynUNet as MonaiDynUNet
@@ -18,6 +21,8 @@ from monai.networks.nets.dynunet import DynUNetSkipLayer
 from torch import nn
 
 from polyfm.medseg.models.base import MedSegNet
+
+log = logging.getLogger(__name__)
 
 
 class DynUNet(MonaiDynUNet, MedSegNet):
@@ -83,6 +88,33 @@ class DynUNet(MonaiDynUNet, MedSegNet):
         for down in self.downsamples:
             x = down(x)
         return self.bottleneck(x)
+
+    @classmethod
+    def foreign_checkpoint(cls, checkpoint: dict[str, Any], file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        from polyfm.medseg.nnunet import convert_nnunet, is_nnunet_checkpoint
+
+        if is_nnunet_checkpoint(checkpoint):  # nnU-Net's PlainConvUNet is this network (see polyfm.medseg.nnunet)
+            return convert_nnunet(checkpoint, file)
+        return {}, checkpoint
+
+    def fit_checkpoint(self, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        # Deep supervision heads only shape the training loss; a model built with fewer of them (or none:
+        # inference, fine-tuning without deep supervision) gives the same full-resolution output.
+        own = self.state_dict(keep_vars=True)
+        extra = [k for k in state_dict if (k.startswith("deep_supervision_heads.") or ".super_head." in k) and k not in own]
+        if extra:
+            log.info("%s: dropped %d deep-supervision head tensors the model does not build (deep_supervision=%s, "
+                     "deep_supr_num=%d).", source, len(extra), self.deep_supervision, self.deep_supr_num)  # fmt: skip
+        state = {k: v for k, v in state_dict.items() if k not in set(extra)}
+        # MONAI's skip_layers hold second references to the same modules; converted checkpoints name each once
+        aliases: dict[int, list[str]] = {}
+        for key, tensor in own.items():
+            aliases.setdefault(id(tensor), []).append(key)
+        for names in aliases.values():
+            present = next((state[n] for n in names if n in state), None)
+            if present is not None:
+                state.update({n: present for n in names if n not in state})
+        return state
 
     def _after_reset_head(self, fresh: nn.Module) -> None:
         # MONAI's skip layers hold their own references to the supervision heads; repoint them.

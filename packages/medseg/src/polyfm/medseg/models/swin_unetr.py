@@ -41,11 +41,14 @@ class SwinUNETR(MonaiSwinUNETR, MedSegNet):
         num_heads: Sequence[int] = (3, 6, 12, 24),
         window_size: int = 7,
         patch_size: int = 2,
+        qkv_bias: bool = True,
+        mlp_ratio: float = 4.0,
         norm_name: str | tuple = "instance",
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         dropout_path_rate: float = 0.0,
         normalize: bool = True,
+        patch_norm: bool = False,
         use_checkpoint: bool = False,
         downsample: str = "merging",
         use_v2: bool = False,
@@ -57,12 +60,15 @@ class SwinUNETR(MonaiSwinUNETR, MedSegNet):
             depths=tuple(depths),
             num_heads=tuple(num_heads),
             window_size=window_size,
+            qkv_bias=qkv_bias,
+            mlp_ratio=mlp_ratio,
             feature_size=feature_size,
             norm_name=norm_name,
             drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate,
             dropout_path_rate=dropout_path_rate,
             normalize=normalize,
+            patch_norm=patch_norm,
             use_checkpoint=use_checkpoint,
             spatial_dims=spatial_dims,
             downsample=downsample,
@@ -71,8 +77,9 @@ class SwinUNETR(MonaiSwinUNETR, MedSegNet):
         self.config = {
             "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
             "feature_size": feature_size, "depths": list(depths), "num_heads": list(num_heads),
-            "window_size": window_size, "patch_size": patch_size, "norm_name": norm_name, "drop_rate": drop_rate,
-            "attn_drop_rate": attn_drop_rate, "dropout_path_rate": dropout_path_rate, "normalize": normalize,
+            "window_size": window_size, "patch_size": patch_size, "qkv_bias": qkv_bias, "mlp_ratio": mlp_ratio,
+            "norm_name": norm_name, "drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate,
+            "dropout_path_rate": dropout_path_rate, "normalize": normalize, "patch_norm": patch_norm,
             "use_checkpoint": use_checkpoint, "downsample": downsample, "use_v2": use_v2,
         }  # fmt: skip
         self.feature_dim = 16 * feature_size
@@ -118,7 +125,9 @@ class SwinUNETR(MonaiSwinUNETR, MedSegNet):
     @classmethod
     def checkpoint_ignores(cls, state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if all(k.startswith("swinViT.") for k in state_dict):  # encoder-only (SSL) weights: the decoder is new
-            return ("encoder", "decoder", "out."), ()
+            # v1 SSL weights in a use_v2 model: the v2 residual blocks are new too (as MONAI's load_from leaves them)
+            v2_blocks = tuple(f"swinViT.layers{i}c." for i in range(1, 5) if not any(k.startswith(f"swinViT.layers{i}c.") for k in state_dict))
+            return ("encoder", "decoder", "out.", *v2_blocks), ()
         return (), ()
 
     @classmethod
