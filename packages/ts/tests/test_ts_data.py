@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from polyfm.core.errors import DataError
+from polyfm.core.errors import ConfigError, DataError
 from polyfm.ts.data import ForecastDataModule, read_series, split_borders
 
 
@@ -112,8 +112,9 @@ def test_ts_ett_split_scaling_and_windows(tmp_path) -> None:
     np.testing.assert_allclose(dm.scaler.mean[0], train_only.mean(), rtol=1e-4)
     full_train = dm.dataset("train")
     assert len(full_train) == len(range(96, 8640 - 24 + 1, 4))
-    assert len(dm.train_set) == round(0.1 * len(full_train))
-    assert dm.train_set.indices[-1] == len(full_train) - 1  # 'last' few-shot windows, as granite-tsfm
+    # 'last' few-shot windows, as granite-tsfm: those inside the last int(0.1 * (8640 - 96)) + 96 training rows
+    assert len(dm.train_set) == len(range(8640 - int(0.1 * (8640 - 96)), 8640 - 24 + 1, 4))
+    assert dm.train_set.indices[-1] == len(full_train) - 1
     test = dm.dataset("test")
     first = test[0]
     assert first["meta"].endswith(str(frame["date"][11520]))  # first test origin at the border, context before it
@@ -132,3 +133,135 @@ def test_ts_exogenous_batches_hide_target_future(tmp_path) -> None:
     assert item["future_values"].shape == (16, 2)
     assert (item["future_known_values"][:, :2] == 0).all() and (item["future_known_values"][:, 2] != 0).any()
     assert int(item["freq_token"]) == 7  # hourly, granite-tsfm's token
+
+
+def _etth1() -> str:
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("POLYFM_DATA_DIR")
+    if not root or not (Path(root) / "ts" / "ETTh1.csv").exists():
+        pytest.skip("POLYFM_DATA_DIR with ts/ETTh1.csv is not set")
+    return str(Path(root) / "ts" / "ETTh1.csv")
+
+
+def _assert_same_windows(dm: ForecastDataModule, reference, every: int) -> None:
+    """Our train/val/test windows equal granite-tsfm's datasets (same count, same scaled values)."""
+    for ref, ours in zip(reference, (dm.train_set, dm.val_set, dm.test_set)):
+        assert len(ref) == len(ours)
+        for i in range(0, len(ours), every):
+            torch.testing.assert_close(ours[i]["past_values"], ref[i]["past_values"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours[i]["future_values"], ref[i]["future_values"], atol=1e-5, rtol=1e-5)
+
+
+def test_ts_etth1_european_export_matches_granite_windows(tmp_path) -> None:
+    """Real ETTh1 re-exported the European way (';' separator, day-first dotted dates, local time with UTC
+    offsets) reads to the same series, and its scaled windows equal granite-tsfm's TimeSeriesPreprocessor +
+    ForecastDFDataset on the original frame (fraction split)."""
+    preprocessor = pytest.importorskip("tsfm_public.toolkit.time_series_preprocessor")
+    original = pd.read_csv(_etth1(), parse_dates=["date"])
+    export = original.assign(date=original["date"].dt.tz_localize("UTC").dt.tz_convert("Europe/Paris").dt.strftime("%d.%m.%Y %H:%M%z"))
+    export.to_csv(tmp_path / "etth1_eu.csv", sep=";", index=False)
+    series = read_series(tmp_path / "etth1_eu.csv")
+    assert series.report == {"dayfirst_timestamps": 1} and series.step == pd.Timedelta(hours=1)
+    assert (series.timestamps == pd.DatetimeIndex(original["date"])).all()  # back in UTC: regular across the DST changes
+    columns = [c for c in original.columns if c != "date"]
+    tsp = preprocessor.TimeSeriesPreprocessor(timestamp_column="date", target_columns=columns, context_length=512, prediction_length=96,
+                                              scaling=True, encode_categorical=False, scaler_type="standard")
+    reference = preprocessor.get_datasets(tsp, original, split_config={"train": 0.7, "test": 0.2})
+    dm = ForecastDataModule(str(tmp_path / "etth1_eu.csv"), context_length=512, horizon=96, split=[0.7, 0.1, 0.2])
+    dm.setup()
+    _assert_same_windows(dm, reference, every=97)
+    # 5% few-shot on the ETT split: the same 311 training windows as get_datasets(fewshot_fraction=0.05)
+    ett = {"train": [0, 8640], "valid": [8640, 11520], "test": [11520, 14400]}
+    few_ref = preprocessor.get_datasets(tsp, original, split_config=ett, fewshot_fraction=0.05)[0]
+    few = ForecastDataModule(_etth1(), context_length=512, horizon=96, label_fraction=0.05)
+    few.setup()
+    assert len(few.train_set) == len(few_ref) == 311
+    for i in (0, 155, 310):
+        torch.testing.assert_close(few.train_set[i]["past_values"], few_ref[i]["past_values"], atol=1e-5, rtol=1e-5)
+
+
+def test_ts_numeric_and_calendar_timestamps(tmp_path) -> None:
+    """Epoch numbers are refused unless their unit is named; calendar months and business days are regular steps."""
+    frame = _frame(rows=120)
+    epoch = frame.assign(date=frame["date"].astype("datetime64[s]").astype("int64"))
+    _write(epoch, tmp_path / "epoch.csv")
+    with pytest.raises(DataError, match=r"epoch.csv, key 'date'.*holds numbers.*timestamp_format='s'"):
+        read_series(tmp_path / "epoch.csv")
+    read = read_series(tmp_path / "epoch.csv", timestamp_format="s")
+    assert (read.timestamps == pd.DatetimeIndex(frame["date"])).all() and read.step == pd.Timedelta(hours=1)
+    daily = pd.DataFrame({"date": pd.date_range("2020-01-01", periods=60, freq="D").strftime("%Y%m%d").astype(int), "x": np.arange(60.0)})
+    assert read_series(daily, timestamp_format="%Y%m%d").step == pd.Timedelta(days=1)
+    monthly = pd.DataFrame({"date": pd.date_range("1990-01-31", periods=300, freq="ME"), "x": np.sin(np.arange(300) / 6)})
+    dm = ForecastDataModule.from_frame(monthly, name="monthly", context_length=48, horizon=12, split=[0.7, 0.1, 0.2])
+    dm.setup()
+    assert isinstance(dm.series.step, pd.offsets.MonthEnd) and dm.freq_token == 0  # out of TTM's frequency vocabulary
+    assert dm.test_set[0]["meta"] == f"monthly@{monthly['date'][dm.borders[1]]}"
+    assert list(dm.series.future_timestamps(len(monthly) - 1, 2)) == [pd.Timestamp("2015-01-31"), pd.Timestamp("2015-02-28")]
+    with pytest.raises(ConfigError, match=r"'ett' split .* fixed step"):
+        ForecastDataModule.from_frame(monthly, name="monthly", context_length=48, horizon=12).setup()
+    business = pd.DataFrame({"date": pd.bdate_range("2021-01-01", periods=100), "x": np.arange(100.0)})
+    assert isinstance(read_series(business).step, pd.offsets.BusinessDay)  # weekends are not gaps
+
+
+def test_ts_long_format_file_names_the_id_column(tmp_path) -> None:
+    """Several series stacked in one file (granite-tsfm's id_columns layout) get an error naming the id column."""
+    frame = _frame(rows=100)
+    stacked = pd.concat([frame.assign(station="A"), frame.assign(station="B")])
+    path = _write(stacked, tmp_path / "long.csv")
+    with pytest.raises(DataError, match=r"long.csv, key 'station'.*stacks 2 series.*df\[df\['station'\] == 'A'\]"):
+        read_series(path)
+    assert len(read_series(stacked[stacked["station"] == "B"], columns=["c0", "c1", "c2"])) == 100
+
+
+def test_ts_id_columns_windows_and_few_shot_match_granite(tmp_path) -> None:
+    """Several series stacked in one file (id column): per-series splits, scalers and few-shot windows equal
+    granite-tsfm's TimeSeriesPreprocessor(id_columns=...) + get_datasets; metrics use each series' own scale."""
+    preprocessor = pytest.importorskip("tsfm_public.toolkit.time_series_preprocessor")
+    parts = [_frame(rows=500, seed=1).assign(station="B"), _frame(rows=420, seed=2).assign(station="A"),
+             _frame(rows=460, seed=3).assign(c1=lambda f: f["c1"] * 100, station="C")]  # series C: another scale
+    stacked = pd.concat(parts).reset_index(drop=True)
+    path = _write(stacked, tmp_path / "stations.csv")
+    columns = ["c0", "c1", "c2"]
+    for fraction in (None, 0.3):
+        tsp = preprocessor.TimeSeriesPreprocessor(id_columns=["station"], timestamp_column="date", target_columns=columns,
+                                                  context_length=64, prediction_length=16, scaling=True, encode_categorical=False,
+                                                  scaler_type="standard")
+        reference = preprocessor.get_datasets(tsp, stacked, split_config={"train": 0.7, "test": 0.2}, fewshot_fraction=fraction)
+        dm = ForecastDataModule(path, context_length=64, horizon=16, split=[0.7, 0.1, 0.2], id_columns=["station"],
+                                label_fraction=fraction or 1.0)
+        dm.setup()
+        _assert_same_windows(dm, reference, every=7)
+    assert sorted(dm.scalers) == [f"{path}[station={s}]" for s in "ABC"] and dm.test_set[0]["meta"].startswith(f"{path}[station=A]@")
+    from polyfm.ts.forecast import baselines
+
+    naive = baselines(dm, "test", season=None)["repeat_last"]
+    # original units: series C's c1 is 100x larger, so its errors dominate; the scaled MSE does not see that
+    assert naive["mse_original"] > 50 * naive["mse"]
+    with pytest.raises(DataError, match=r"stations.csv\[station=A\]: the train split has 294 rows"):
+        ForecastDataModule(path, context_length=280, horizon=16, split=[0.7, 0.1, 0.2], id_columns=["station"]).setup()
+    with pytest.raises(DataError, match=r"no id column\(s\) \['site'\]"):
+        ForecastDataModule(path, context_length=64, horizon=16, split=[0.7, 0.1, 0.2], id_columns=["site"]).setup()
+
+
+def test_ts_spreadsheet_and_pandas_exports(tmp_path, caplog) -> None:
+    """What other tools write: a saved row index ('Unnamed: 0'), a DatetimeIndex in Parquet, Latin-1 text and
+    a space after each comma read to the same series; the row index is dropped and counted, never a channel."""
+    frame = _frame(rows=120)
+    expected = read_series(frame)
+    frame.to_csv(tmp_path / "with_index.csv")  # pandas' default: the row index as a header-less first column
+    frame.set_index("date").to_parquet(tmp_path / "indexed.parquet")
+    (tmp_path / "latin1.csv").write_bytes(frame.rename(columns={"c0": "température"}).to_csv(index=False).encode("latin-1"))
+    (tmp_path / "spaced.csv").write_text(frame.to_csv(index=False).replace(",", ", "))
+    with caplog.at_level(logging.WARNING, logger="polyfm.ts"):
+        indexed = read_series(tmp_path / "with_index.csv")
+        assert indexed.columns == expected.columns and indexed.report == {"dropped_index_columns": 1}
+        for name in ("indexed.parquet", "latin1.csv", "spaced.csv"):
+            series = read_series(tmp_path / name)
+            np.testing.assert_allclose(series.values, expected.values, rtol=1e-6)
+            assert (series.timestamps == expected.timestamps).all() and len(series.columns) == 3, name
+    assert read_series(tmp_path / "latin1.csv").columns[0] == "température"
+    assert "row-number column(s) ['Unnamed: 0']" in caplog.text and "DatetimeIndex" in caplog.text and "Latin-1" in caplog.text
+    # selected explicitly, an unnamed column is data
+    assert read_series(tmp_path / "with_index.csv", columns=["Unnamed: 0", "c0"]).columns == ["Unnamed: 0", "c0"]

@@ -142,3 +142,21 @@ def test_ts_pretraining_loss_falls_across_resolutions(tmp_path) -> None:
     with torch.no_grad():
         end = float(objective(model.eval(), batch)["loss"])
     assert end < 0.6 * start
+
+
+def test_ts_model_and_data_channels_or_horizon_mismatch_is_refused(tmp_path) -> None:
+    """A TTM whose forecast channels or horizon differ from the batches would score one channel against
+    another's truth (same count) or fail deep in a loss: evaluation and fine-tuning refuse it up front."""
+    from polyfm.core.errors import ConfigError
+
+    frame = synthetic_series(500, channels=3, seed=2)
+    dm = ForecastDataModule.from_frame(frame, name="s", context_length=64, horizon=16, split=[0.6, 0.2, 0.2],
+                                       target_columns=["x1", "x2"])
+    wrong = _small(64, 16, num_input_channels=3, prediction_channel_indices=[0, 1])  # x0, x1: same count, other channels
+    with pytest.raises(ConfigError, match=r"prediction_channel_indices: model \[0, 1\], data \[1, 2\].*targets \['x1', 'x2'\]"):
+        rolling_evaluate(wrong, dm, "test")
+    with pytest.raises(ConfigError, match=r"prediction_channel_indices: model None, data \[1, 2\]"):
+        fine_tune(_small(64, 16), dm, epochs=1, root=str(tmp_path))  # common-channel: forecasts all three
+    with pytest.raises(ConfigError, match=r"forecasts 8 steps but the data's horizon is 16.*prediction_filter_length=16"):
+        rolling_evaluate(_small(64, 16, prediction_filter_length=8, **dm.model_config()), dm, "test")
+    assert rolling_evaluate(_small(64, 16, **dm.model_config()), dm, "test")["windows"] > 0

@@ -133,3 +133,117 @@ def test_ts_from_pretrained_with_new_decoder_parts(tmp_path, caplog) -> None:
     assert out.shape == (2, 16, 2)
     with pytest.raises(CheckpointError, match=r"shape mismatch"):
         TTM.from_pretrained(tmp_path, d_model=32)
+
+
+def _hub_snapshot(cache, repo: str, branch: str, commit: str, files: dict[str, bytes]) -> None:
+    """huggingface_hub's cache layout: content-addressed blobs, a snapshot of symlinks, refs/<branch>."""
+    import hashlib
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / branch).write_text(commit)
+    (root / "blobs").mkdir(exist_ok=True)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        (root / "blobs" / digest).write_bytes(data)
+        (snapshot / name).symlink_to(f"../../blobs/{digest}")
+
+
+def test_ts_hub_snapshot_layouts_branch_names_and_revision(tmp_path, monkeypatch) -> None:
+    """Hub snapshots (symlinked blobs, generation_config.json beside, or only an older pytorch_model.bin) load by
+    hub id + branch, by revision=, by granite-tsfm's get_model key and by the -l1 registry names."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("POLYFM_CACHE", str(tmp_path / "polyfm"))
+    monkeypatch.setenv("POLYFM_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = TTM(**SMALL).eval()
+    model.save_pretrained(tmp_path / "saved")
+    config = (tmp_path / "saved" / "config.json").read_bytes()
+    safetensors = (tmp_path / "saved" / "model.safetensors").read_bytes()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    repo = "ibm-granite/granite-timeseries-ttm-r2"
+    _hub_snapshot(tmp_path / "hub", repo, "1024-96-r2", "a" * 40,
+                  {"config.json": config, "model.safetensors": safetensors, "generation_config.json": b"{}"})
+    _hub_snapshot(tmp_path / "hub", repo, "180-60-ft-l1-r2.1", "b" * 40,
+                  {"config.json": config, "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes()})
+    x = torch.randn(2, 64, 1)
+    with torch.no_grad():
+        expected = model(x)["prediction_outputs"]
+        for name, kwargs in [(f"{repo}@1024-96-r2", {}), (repo, {"revision": "1024-96-r2"}), ("1024-96-r2", {}),
+                             ("ttm-r2-1024-96", {}), ("ttm-r2.1-180-60-ft-l1", {}), ("180-60-ft-l1-r2.1", {})]:
+            loaded = TTM.from_pretrained(name, **kwargs).eval()
+            assert torch.equal(loaded(x)["prediction_outputs"], expected), name
+    assert get_weights("ttm-r2.1-360-60-ft-l1").meta["revision"] == "360-60-ft-l1-r2.1"
+    with pytest.raises(CheckpointError, match=r"resolve/1536-96-r2/model.safetensors"):
+        TTM.from_pretrained(repo, revision="1536-96-r2")  # not in either cache: the offline error names the URL
+
+
+def test_ts_from_pretrained_refuses_unknown_overrides_and_bad_configs(tmp_path, caplog) -> None:
+    """A misspelt keyword, a corrupt or inconsistent config.json and an unknown config field are never passed over silently."""
+    import logging
+
+    TTM(**SMALL).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown keyword\(s\) \['prediction_filter_lenght'\]"):
+        TTM.from_pretrained(tmp_path, prediction_filter_lenght=8)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_patches": 9}))
+    with pytest.raises(ConfigError, match=r"config.json: num_patches=9 disagrees with context_length=64"):
+        TTM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_patches": 8, "some_future_field": 1, "init_std": 0.1}))
+    with caplog.at_level(logging.WARNING, logger="polyfm.ts"):
+        TTM.from_pretrained(tmp_path)
+    assert "['some_future_field'] are not TTM r1/r2 architecture fields" in caplog.text and "init_std" not in caplog.text
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"Cannot read the TTM config .*config.json"):
+        TTM.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"loss='rmse'"):
+        TTMConfig.from_dict({**config, "loss": "rmse"})
+    with pytest.raises(ConfigError, match=r"quantile=1.5"):
+        TTMConfig.from_dict({**config, "loss": "pinball", "quantile": 1.5})
+    with pytest.raises(ConfigError, match=r"fcm_use_mixer=True needs fcm_context_length >= 1"):
+        TTMConfig.from_dict({**config, "enable_forecast_channel_mixing": True, "fcm_use_mixer": True, "fcm_context_length": 0})
+
+
+def test_ts_out_of_vocabulary_tokens_are_named() -> None:
+    """A frequency token or static category outside the embedding's vocabulary names the field to change
+    (nn.Embedding alone says only 'index out of range in self')."""
+    prefix = TTM(**{**SMALL, "resolution_prefix_tuning": True})  # granite's default vocabulary: 5 tokens
+    x = torch.randn(2, 64, 1)
+    with pytest.raises(ValueError, match=r"freq_token holds 7, outside this TTM's frequency_token_vocab_size=5.*>= 10"):
+        prefix(x, freq_token=torch.tensor([7, 7]))  # hourly
+    with pytest.raises(ValueError, match=r"one token per window, shape \(2,\); got shape \(3,\)"):
+        prefix(x, freq_token=torch.tensor([1, 2, 3]))
+    assert prefix(x, freq_token=torch.tensor([[4], [0]]))["prediction_outputs"].shape == (2, 16, 1)
+    static = TTM(**{**SMALL, "num_input_channels": 2, "decoder_mode": "mix_channel", "categorical_vocab_size_list": [3, 2]})
+    x2 = torch.randn(2, 64, 2)
+    with pytest.raises(ValueError, match=r"static_categorical_values\[:, 1\] holds 2, outside .*categorical_vocab_size_list\[1\]=2"):
+        static(x2, static_categorical_values=torch.tensor([[0, 1], [2, 2]]))
+    with pytest.raises(ValueError, match=r"must be \(batch, 2\) token ids"):
+        static(x2, static_categorical_values=torch.tensor([0, 1]))
+
+
+def test_ts_wrapped_state_dicts_load(tmp_path, caplog) -> None:
+    """pytorch_model.bin files saved from a wrapped TTM (DDP 'module.', torch.compile '_orig_mod.', a Lightning task's
+    {'state_dict': {'model.…'}} with its own extra keys) load into the same weights; the unwrapping is logged."""
+    import logging
+
+    torch.manual_seed(0)
+    model = TTM(**SMALL)
+    model.save_pretrained(tmp_path / "plain")
+    own = model.state_dict()
+    layouts = {
+        "ddp": {f"module.{k}": v for k, v in own.items()},
+        "compiled-ddp": {f"module._orig_mod.{k}": v for k, v in own.items()},
+        "lightning": {"state_dict": {**{f"model.{k}": v for k, v in own.items()}, "loss_weight": torch.ones(1)}, "epoch": 3},
+    }
+    for name, content in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
+        torch.save(content, folder / "pytorch_model.bin")
+        with caplog.at_level(logging.WARNING, logger="polyfm.ts"):
+            loaded = TTM.from_pretrained(folder)
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in own.items()), name
+    assert "keys carry a 'model.' prefix" in caplog.text and "leaving out 1 other keys (['loss_weight'])" in caplog.text

@@ -32,11 +32,32 @@ CONFIGS = {
 }
 
 
+# Configurations a checkpoint or a fine-tuning recipe may carry beyond the five above: the released r2
+# long-context shapes (patch 128 for 1024/1536), a filter much shorter than the horizon, 21 mix-channel
+# channels, channel subsets with exogenous mixing, and granite-tsfm's other point losses.
+R2_SHAPE = dict(num_input_channels=1, d_model=64, num_layers=1, decoder_d_model=32, decoder_num_layers=1, adaptive_patching_levels=3)
+MORE_CONFIGS = {
+    "ctx1024-patch128-h192": dict(R2_SHAPE, context_length=1024, patch_length=128, patch_stride=128, prediction_length=192),
+    "ctx1536-patch128-h336-filter48": dict(R2_SHAPE, context_length=1536, patch_length=128, patch_stride=128,
+                                           prediction_length=336, prediction_filter_length=48),
+    "ctx512-h720-no-decoder-apl0": dict(R2_SHAPE, context_length=512, patch_length=64, patch_stride=64, prediction_length=720,
+                                        adaptive_patching_levels=0, use_decoder=False, scaling=True),
+    "mix-channel-21-batchnorm-no-gate": dict(BASE, num_input_channels=21, mode="mix_channel", decoder_mode="mix_channel",
+                                             norm_mlp="BatchNorm", gated_attn=False, head_dropout=0.7),
+    "exogenous-subset-fcm-mixer": dict(BASE, num_input_channels=5, exogenous_channel_indices=[4, 0], prediction_channel_indices=[3, 1],
+                                       enable_forecast_channel_mixing=True, fcm_use_mixer=True, fcm_gated_attn=False,
+                                       fcm_prepend_past=False, fcm_context_length=3),
+    "loss-huber-delta": dict(BASE, loss="huber", huber_delta=0.3, decoder_adaptive_patching_levels=2),
+    "loss-pinball-q0.9": dict(BASE, loss="pinball", quantile=0.9, scaling=False),
+    "loss-mae-selfattn-4-heads": dict(BASE, loss="mae", self_attn=True, self_attn_heads=4, use_positional_encoding=True),
+}
+
+
 def _inputs(config: dict, batch: int = 4) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     inputs = {
         "past_values": torch.randn(batch, config["context_length"], config["num_input_channels"], generator=generator) * 5 + 2,
-        "future_values": torch.randn(batch, config["prediction_length"], config["num_input_channels"], generator=generator),
+        "future_values": torch.randn(batch, config["prediction_length"], config["num_input_channels"], generator=generator) * 5,
     }
     if config.get("resolution_prefix_tuning"):
         inputs["freq_token"] = torch.tensor([7, 3, 0, 1])[:batch]
@@ -50,9 +71,9 @@ def _reference(config: dict):
     return tinytimemixer.TinyTimeMixerForPrediction(tinytimemixer.TinyTimeMixerConfig(**config)).eval()
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, *MORE_CONFIGS])
 def test_ts_parity_prediction_outputs(name: str) -> None:
-    config = {**BASE, **CONFIGS[name]}
+    config = {**BASE, **CONFIGS[name]} if name in CONFIGS else {**BASE, **MORE_CONFIGS[name]}
     reference = _reference(config)
     ours = TTM.from_config(TTMConfig.from_dict(reference.config.to_dict())).eval()
     load_state_dict_checked(ours, reference.state_dict(), strict=True)  # same key names, same shapes
@@ -114,3 +135,63 @@ def test_ts_parity_zero_shot_pipeline(tmp_path) -> None:
     mse = torch.nn.functional.mse_loss(expected, batch["future_values"]).item()
     assert scores["windows"] == len(batch["past_values"])
     assert abs(scores["mse"] - mse) < 1e-5 * max(1.0, mse)
+
+
+def _random_config(rng) -> dict:
+    """A valid r1/r2 configuration drawn over every architecture field (seeded, so failures reproduce)."""
+    channels, patch = rng.choice([1, 2, 4, 7]), rng.choice([4, 8, 16])
+    config = dict(
+        context_length=patch * rng.choice([4, 6, 8]) + rng.choice([0, 0, 3]), patch_length=patch, patch_stride=patch,
+        num_input_channels=channels, prediction_length=rng.choice([8, 12, 24]), d_model=rng.choice([16, 32, 48]),
+        num_layers=rng.choice([1, 2]), decoder_d_model=rng.choice([8, 16]), decoder_num_layers=rng.choice([1, 2]),
+        adaptive_patching_levels=rng.choice([0, 1, 2, 3]), mode=rng.choice(["common_channel", "mix_channel"]),
+        decoder_mode=rng.choice(["common_channel", "mix_channel"]), gated_attn=rng.random() < 0.7,
+        norm_mlp=rng.choice(["LayerNorm", "BatchNorm"]), self_attn=rng.random() < 0.3, self_attn_heads=rng.choice([1, 2]),
+        use_positional_encoding=rng.random() < 0.3, positional_encoding_type=rng.choice(["sincos", "random"]),
+        scaling=rng.choice(["std", "mean", None, True]), loss=rng.choice(["mse", "mae", "huber", "pinball"]),
+        quantile=rng.choice([0.1, 0.9]), huber_delta=rng.choice([0.5, 2.0]), resolution_prefix_tuning=rng.random() < 0.3,
+        frequency_token_vocab_size=10, decoder_raw_residual=rng.random() < 0.3, use_decoder=rng.random() < 0.9,
+        decoder_adaptive_patching_levels=rng.choice([0, 0, 1]), expansion_factor=rng.choice([2, 3]),
+    )
+    if channels > 1 and rng.random() < 0.4:  # fcm_context_length 0 only with the gate and no mixer: granite fails otherwise
+        context = rng.choice([0, 1, 2])
+        config.update(enable_forecast_channel_mixing=True, fcm_context_length=context, fcm_prepend_past=rng.random() < 0.7,
+                      fcm_use_mixer=context > 0 and rng.random() < 0.5, fcm_gated_attn=context == 0 or rng.random() < 0.5)
+        if rng.random() < 0.5:
+            config["exogenous_channel_indices"] = [channels - 1]
+    if channels > 1 and rng.random() < 0.3:
+        exogenous = config.get("exogenous_channel_indices") or []
+        config["prediction_channel_indices"] = [i for i in sorted(rng.sample(range(channels), k=channels // 2)) if i not in exogenous] or None
+    if rng.random() < 0.3:
+        config["prediction_filter_length"] = rng.randint(2, config["prediction_length"])  # granite needs 2+ with channel mixing
+    if config["decoder_mode"] == "mix_channel" and config["use_decoder"] and rng.random() < 0.2:
+        config["categorical_vocab_size_list"] = [3, 5]
+    return config
+
+
+def test_ts_parity_random_configurations() -> None:
+    """40 seeded random configurations (with observed masks, frequency tokens, categoricals): forecasts and losses
+    equal granite-tsfm's within 1e-5, so no field combination is silently treated differently."""
+    import random
+
+    rng = random.Random(0)
+    for trial in range(40):
+        config = _random_config(rng)
+        torch.manual_seed(trial)
+        reference = tinytimemixer.TinyTimeMixerForPrediction(tinytimemixer.TinyTimeMixerConfig(**config)).eval()
+        ours = TTM.from_config(TTMConfig.from_dict(reference.config.to_dict())).eval()
+        load_state_dict_checked(ours, reference.state_dict(), strict=True)
+        generator = torch.Generator().manual_seed(trial)
+        shape = (3, config["context_length"], config["num_input_channels"])
+        inputs = {"past_values": torch.randn(*shape, generator=generator) * 4 + 1,
+                  "future_values": torch.randn(3, config["prediction_length"], shape[2], generator=generator) * 3}
+        if trial % 2:
+            inputs["past_observed_mask"] = (torch.rand(*shape, generator=generator) > 0.2).float()
+        if config["resolution_prefix_tuning"]:
+            inputs["freq_token"] = torch.tensor([0, 7, 9])
+        if config.get("categorical_vocab_size_list"):
+            inputs["static_categorical_values"] = torch.tensor([[0, 4], [2, 1], [1, 3]])
+        with torch.no_grad():
+            expected, got = reference(**inputs), ours(**inputs)
+        assert torch.allclose(got["prediction_outputs"], expected.prediction_outputs, atol=1e-5, rtol=1e-5), config
+        assert torch.allclose(got["loss"], expected.loss, atol=1e-5, rtol=1e-5), config

@@ -19,6 +19,10 @@ sense it can be asked for, and is then counted and logged (logger ``polyfm.ts``)
 * constant channels (zero variance on the train split) are kept with scale 1 and logged
   by default (``on_constant="keep"``), or refused (``"error"``), or dropped (``"drop"``).
 
+Timestamps: pandas infers the format; a day-first file (``13/07/2016``) is read day-first
+(logged), numeric timestamps need ``timestamp_format`` (epoch unit or strftime format), UTC
+offsets become naive UTC, and complete calendar-step series (months, business days) are regular.
+
 Scaling is a per-channel standard scaler fitted on the train split only (observed points).
 Batches are dicts: ``past_values (B, L, C)``, ``future_values (B, H, C_target)``, and when
 relevant ``past_observed_mask``, ``freq_token (B,)``, ``future_known_values (B, H, C)``
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from polyfm.core.data import DictDataModule
 from polyfm.core.errors import ConfigError, DataError
@@ -49,6 +54,8 @@ OnMissing = Literal["error", "interpolate", "mask"]
 OnDuplicate = Literal["error", "first", "last", "mean"]
 OnGap = Literal["error", "nan"]
 OnConstant = Literal["keep", "error", "drop"]
+# a fixed step (hourly, 15 minutes) or a calendar one (month end, business day); None without timestamps
+Step = pd.Timedelta | pd.DateOffset | None
 
 # granite-tsfm's DEFAULT_FREQUENCY_MAPPING, by step length.
 _FREQUENCY_TOKEN_BY_STEP = {
@@ -58,9 +65,9 @@ _FREQUENCY_TOKEN_BY_STEP = {
 }
 
 
-def frequency_token(step: pd.Timedelta | None) -> int:
-    """TTM's resolution token for a sampling step (0 = out of vocabulary)."""
-    return _FREQUENCY_TOKEN_BY_STEP.get(step, 0) if step is not None else 0
+def frequency_token(step: Step) -> int:
+    """TTM's resolution token for a sampling step (0 = out of vocabulary, e.g. calendar months)."""
+    return _FREQUENCY_TOKEN_BY_STEP.get(step, 0) if isinstance(step, pd.Timedelta) else 0
 
 
 # ----------------------------------------------------------------------------- reading
@@ -73,7 +80,7 @@ class Series:
     values: np.ndarray
     columns: list[str]
     timestamps: pd.DatetimeIndex | None
-    step: pd.Timedelta | None
+    step: Step
     source: str
     report: dict[str, int] = field(default_factory=dict)
 
@@ -108,10 +115,54 @@ def load_frame(path: str | Path) -> pd.DataFrame:
         if suffixes.endswith((".parquet", ".pq")):
             return pd.read_parquet(path)
         if suffixes.endswith((".csv", ".csv.gz", ".txt")):
-            return pd.read_csv(path)
+            return _read_csv(path)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot be parsed as {path.suffix.lstrip('.')}: {exc}", path=path) from exc
     raise DataError(f"unsupported format {path.suffix!r}; use .csv or .parquet.", path=path)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """pandas' reader, plus what spreadsheet exports need: ';'/tab/'|' separators (else one column named
+    "date;HUFL;..."), a space after each separator, and Latin-1 text where UTF-8 fails."""
+    options: dict[str, Any] = {"skipinitialspace": True}
+    try:
+        frame = pd.read_csv(path, **options)
+    except UnicodeDecodeError:
+        log.warning("%s: not UTF-8 text; read as Latin-1", path)
+        options["encoding"] = "latin-1"
+        frame = pd.read_csv(path, **options)
+    header = str(frame.columns[0]) if len(frame.columns) == 1 else ""
+    separator = next((sep for sep in (";", "\t", "|") if sep in header), None)
+    if separator is not None:
+        log.warning("%s: columns separated by %r", path, separator)
+        frame = pd.read_csv(path, sep=separator, **options)
+    return frame
+
+
+def _drop_row_counters(frame: pd.DataFrame, label: str, report: dict[str, int], keep: Sequence[str] = ()) -> pd.DataFrame:
+    """A saved row index (pandas writes it as a header-less first column, read back as 'Unnamed: 0')
+    is not a channel: dropped, logged and counted, unless selected in ``keep``. Other unnamed columns are data."""
+    counters = []
+    for column in frame.columns:
+        values = frame[column]
+        if column in keep:
+            continue
+        if str(column).startswith("Unnamed: ") and pd.api.types.is_integer_dtype(values.dtype) and len(values):
+            start = int(values.iloc[0])
+            if start in (0, 1) and np.array_equal(values.to_numpy(), np.arange(start, start + len(values))):
+                counters.append(column)
+    if counters:
+        log.warning("%s: dropped the row-number column(s) %s (a saved index, not a channel)", label, counters)
+        report["dropped_index_columns"] = len(counters)
+    return frame.drop(columns=counters)
+
+
+def _timestamps_from_index(frame: pd.DataFrame, timestamp_column: str | None, label: str) -> pd.DataFrame:
+    """Parquet files and DataFrames often keep the time axis as a DatetimeIndex: make it the timestamp column."""
+    if timestamp_column is None or timestamp_column in frame.columns or not isinstance(frame.index, pd.DatetimeIndex):
+        return frame
+    log.warning("%s: no column %r; timestamps taken from the DatetimeIndex %r", label, timestamp_column, frame.index.name)
+    return frame.rename_axis(timestamp_column).reset_index()
 
 
 def read_series(
@@ -123,11 +174,14 @@ def read_series(
     on_gap: OnGap = "error",
     sort: bool = False,
     name: str | None = None,
+    timestamp_format: str | None = None,
 ) -> Series:
     """Read and check a series from a file or a DataFrame (see the module doc for the checks).
 
     ``columns`` selects the channels (default: every column but the timestamp). With
-    ``timestamp_column=None`` the rows are taken as equally spaced steps.
+    ``timestamp_column=None`` the rows are taken as equally spaced steps. ``timestamp_format``
+    is a strftime format (``"%d.%m.%Y %H:%M"``, ``"%Y%m%d"``) or, for numeric timestamps, the
+    epoch unit (``"s"``, ``"ms"``, ``"us"``, ``"ns"``); by default pandas infers it.
     """
     if isinstance(source, pd.DataFrame):
         frame, label = source.copy(), name or "<DataFrame>"
@@ -138,6 +192,7 @@ def read_series(
     report: dict[str, int] = {}
 
     timestamps: pd.DatetimeIndex | None = None
+    frame = _timestamps_from_index(_drop_row_counters(frame, label, report, keep=columns or ()), timestamp_column, label)
     if timestamp_column is not None:
         if timestamp_column not in frame.columns:
             raise DataError(
@@ -145,17 +200,7 @@ def read_series(
                 "Pass timestamp_column=<name> (or None for equally spaced rows).",
                 path=label,
             )
-        raw = frame[timestamp_column]
-        parsed = pd.to_datetime(raw, errors="coerce")
-        bad = np.flatnonzero(parsed.isna().to_numpy())
-        if len(bad):
-            i = int(bad[0])
-            raise DataError(
-                f"{_row_text(label, i)}: timestamp {raw.iloc[i]!r} cannot be parsed ({len(bad)} such rows). Fix or remove them.",
-                path=label, key=timestamp_column,
-            )
-        if getattr(parsed.dt, "tz", None) is not None:
-            parsed = parsed.dt.tz_convert(None)
+        parsed = parse_timestamps(frame[timestamp_column], label, timestamp_column, timestamp_format, report)
         frame = frame.drop(columns=[timestamp_column])
         frame.index = pd.DatetimeIndex(parsed)
 
@@ -172,6 +217,15 @@ def read_series(
         bad = np.flatnonzero(values.isna().to_numpy() & raw.notna().to_numpy())
         if len(bad):
             i = int(bad[0])
+            ids = raw.nunique()
+            if len(bad) == len(raw) and frame.index.has_duplicates and 1 < ids <= len(raw) // 2:
+                raise DataError(  # several series stacked in one file (granite-tsfm's id_columns)
+                    f"column {column!r} looks like a series id: the file stacks {ids} series (long format, e.g. "
+                    f"{raw.iloc[0]!r}). polyfm reads one series per file: pass one of them as a DataFrame, e.g. "
+                    f"df[df[{column!r}] == {raw.iloc[0]!r}], or pivot the file to one column per channel; "
+                    f"ForecastDataModule(..., id_columns=[{column!r}]) windows every series.",
+                    path=label, key=column,
+                )
             raise DataError(
                 f"{_row_text(label, i)}: value {raw.iloc[i]!r} is not numeric ({len(bad)} such cells in this column). "
                 "Channels must be numbers; select numeric channels with columns=[...].",
@@ -180,7 +234,7 @@ def read_series(
         numeric[column] = values.astype("float64")
     data = pd.DataFrame(numeric, index=frame.index)
 
-    step: pd.Timedelta | None = None
+    step: Step = None
     if timestamps is None and timestamp_column is not None:
         data, step, report = _check_time_axis(data, label, on_duplicate, on_gap, sort, report)
         timestamps = pd.DatetimeIndex(data.index)
@@ -217,9 +271,77 @@ def read_series(
     return Series(values.astype(np.float32), selected, timestamps, step, label, report)
 
 
+EPOCH_UNITS = ("s", "ms", "us", "ns")
+
+
+def parse_timestamps(raw: pd.Series, label: str, column: str, timestamp_format: str | None, report: dict[str, int]) -> pd.Series:
+    """Timestamps as naive datetimes (time-zone aware ones converted to UTC), or a DataError naming the row."""
+    numeric = pd.api.types.is_numeric_dtype(raw.dtype) and not pd.api.types.is_bool_dtype(raw.dtype)
+    if timestamp_format in EPOCH_UNITS:
+        if not numeric:
+            raise DataError(f"timestamp_format={timestamp_format!r} is an epoch unit, but the column is not numeric "
+                            f"(first value {raw.iloc[0]!r}); pass a strftime format instead.", path=label, key=column)
+        return pd.to_datetime(raw, unit=timestamp_format, errors="coerce").pipe(_check_parsed, raw, label, column)
+    if numeric and timestamp_format is None:
+        # pandas would read 1467331200 as nanoseconds after 1970 and 20160701 likewise: never what a file means
+        raise DataError(
+            f"timestamp column holds numbers (first {raw.iloc[0]}), not dates. Pass timestamp_format='s' or 'ms' "
+            "(epoch seconds/milliseconds), a strftime format such as '%Y%m%d', or timestamp_column=None for equally spaced rows.",
+            path=label, key=column,
+        )
+    text = raw.astype(str) if numeric else raw
+    parsed = _to_datetime(text, timestamp_format)
+    if timestamp_format is None and parsed.isna().any():
+        # "13/07/2016": the format inferred from the first row was month-first; a day-first file parses whole
+        with warnings.catch_warnings():  # a speculative second reading: pandas' format-inference notes are noise here
+            warnings.simplefilter("ignore", UserWarning)
+            dayfirst = _to_datetime(text, None, dayfirst=True)
+        if dayfirst.notna().all():
+            log.warning("%s: timestamps are day-first (e.g. %r); read them so", label, raw.iloc[0])
+            report["dayfirst_timestamps"] = 1
+            parsed = dayfirst
+    return _check_parsed(parsed, raw, label, column)
+
+
+def _to_datetime(text: pd.Series, timestamp_format: str | None, dayfirst: bool = False) -> pd.Series:
+    try:
+        parsed = pd.to_datetime(text, format=timestamp_format, errors="coerce", dayfirst=dayfirst)
+    except ValueError:  # mixed UTC offsets (local time across a DST change): compare them in UTC
+        parsed = pd.to_datetime(text, format=timestamp_format, errors="coerce", dayfirst=dayfirst, utc=True)
+    if getattr(parsed.dt, "tz", None) is not None:
+        parsed = parsed.dt.tz_convert(None)
+    return parsed
+
+
+def _check_parsed(parsed: pd.Series, raw: pd.Series, label: str, column: str) -> pd.Series:
+    bad = np.flatnonzero(parsed.isna().to_numpy())
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"{_row_text(label, i)}: timestamp {raw.iloc[i]!r} cannot be parsed ({len(bad)} such rows). Fix or remove them, "
+            "or pass timestamp_format (a strftime format such as '%d.%m.%Y %H:%M').",
+            path=label, key=column,
+        )
+    return parsed
+
+
+def _calendar_step(index: pd.DatetimeIndex) -> pd.DateOffset | None:
+    """The calendar frequency (month end, quarter start, business day, ...) of a complete index, if it has one."""
+    from pandas.tseries.frequencies import to_offset
+    from pandas.tseries.offsets import Tick
+
+    with warnings.catch_warnings():  # pandas 3 announces a change of the return type (string -> offset)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        inferred = pd.infer_freq(index)
+    if inferred is None:
+        return None
+    offset = to_offset(inferred)
+    return None if isinstance(offset, Tick) else offset
+
+
 def _check_time_axis(
     data: pd.DataFrame, label: str, on_duplicate: OnDuplicate, on_gap: OnGap, sort: bool, report: dict[str, int]
-) -> tuple[pd.DataFrame, pd.Timedelta | None, dict[str, int]]:
+) -> tuple[pd.DataFrame, Step, dict[str, int]]:
     data.index = pd.DatetimeIndex(data.index).as_unit("ns")  # pandas may parse to s/us units
     index = data.index
     if not index.is_monotonic_increasing:
@@ -227,7 +349,7 @@ def _check_time_axis(
             i = int(np.flatnonzero(np.diff(index.asi8) < 0)[0]) + 1
             raise DataError(
                 f"{_row_text(label, i)}: timestamp {index[i]} comes before the previous row's {index[i - 1]}. "
-                "Sort the file by time, or pass sort=True.",
+                "Sort the file by time, or pass sort=True (if the file stacks several series, read one at a time).",
                 path=label,
             )
         order = np.argsort(index.asi8, kind="stable")
@@ -240,7 +362,7 @@ def _check_time_axis(
         if on_duplicate == "error":
             raise DataError(
                 f"{_row_text(label, i)}: timestamp {data.index[i]} repeats the previous row ({int(duplicated.sum())} duplicates). "
-                "Remove them, or pass on_duplicate='first', 'last' or 'mean'.",
+                "Remove them, or pass on_duplicate='first', 'last' or 'mean' (if the file stacks several series, read one at a time).",
                 path=label,
             )
         if on_duplicate == "mean":
@@ -252,6 +374,10 @@ def _check_time_axis(
     if len(data) < 2:
         return data, None, report
     deltas = np.diff(data.index.asi8)
+    if len(data) >= 3 and (deltas != deltas[0]).any():
+        calendar = _calendar_step(data.index)
+        if calendar is not None:  # months, quarters, years, business days: regular, but not in fixed time
+            return data, calendar, report
     step_ns = int(pd.Series(deltas).mode().iloc[0])
     step = pd.Timedelta(step_ns, unit="ns")
     irregular = np.flatnonzero(deltas % step_ns != 0)
@@ -281,7 +407,7 @@ def _check_time_axis(
 # ----------------------------------------------------------------------------- splits and scaling
 
 
-def split_borders(length: int, step: pd.Timedelta | None, split: str | Sequence[float] = "ett") -> tuple[int, int, int]:
+def split_borders(length: int, step: Step, split: str | Sequence[float] = "ett") -> tuple[int, int, int]:
     """End rows of train, validation and test.
 
     ``"ett"``: the ETT benchmark split, 12/4/4 months of 30 days (ETTh1: 8640/11520/14400 rows;
@@ -291,8 +417,9 @@ def split_borders(length: int, step: pd.Timedelta | None, split: str | Sequence[
     if isinstance(split, str):
         if split != "ett":
             raise ConfigError(f"split={split!r}: use 'ett' or fractions (train, val, test).")
-        if step is None:
-            raise ConfigError("the 'ett' split is by time and needs timestamps; use fractions for a series without them.")
+        if not isinstance(step, pd.Timedelta):
+            raise ConfigError(f"the 'ett' split is by time and needs timestamps with a fixed step (got {step!r}); "
+                              "use split fractions, e.g. [0.7, 0.1, 0.2].")
         month = int(pd.Timedelta(days=30) / step)
         borders = (12 * month, 16 * month, 20 * month)
         if length < borders[2]:
@@ -414,13 +541,25 @@ def window_origins(
 # ----------------------------------------------------------------------------- the DataModule
 
 
-class ForecastDataModule(DictDataModule):
-    """Windows of one series with the standard chronological splits, scaled with train statistics.
+@dataclass
+class SeriesPart:
+    """One series of a ForecastDataModule: checked values, split borders, train-fitted scaler."""
 
-    ``label_fraction`` (e.g. 0.05, 0.1) keeps that fraction of the training windows for few-shot
-    fine-tuning: the latest ones (``fewshot_location="last"``, granite-tsfm's default) or a seeded
-    uniform sample (``"uniform"``). ``target_columns`` are forecast; ``exogenous_columns`` have a
-    known future (TTM's exogenous mixer); other ``columns`` are past-only inputs.
+    series: Series
+    borders: tuple[int, int, int]
+    scaler: StandardScaler
+
+
+class ForecastDataModule(DictDataModule):
+    """Windows of a series with the standard chronological splits, scaled with train statistics.
+
+    ``label_fraction`` (e.g. 0.05, 0.1) keeps that fraction for few-shot fine-tuning: the windows in
+    the latest training rows (``fewshot_location="last"``, granite-tsfm's ``get_datasets`` selection)
+    or a seeded uniform sample of windows (``"uniform"``). ``target_columns`` are forecast;
+    ``exogenous_columns`` have a known future (TTM's exogenous mixer); other ``columns`` are past-only
+    inputs. ``id_columns`` reads a long-format file of several series: each is split, scaled and
+    few-shot-selected on its own, and the windows are concatenated in id order (granite-tsfm's
+    ``id_columns``).
     """
 
     def __init__(
@@ -445,8 +584,11 @@ class ForecastDataModule(DictDataModule):
         num_workers: int = 0,
         label_fraction: float = 1.0,
         seed: int = 0,
+        timestamp_format: str | None = None,
+        id_columns: list[str] | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        self.timestamp_format, self.id_columns = timestamp_format, list(id_columns or [])
         if context_length < 1 or horizon < 1 or train_stride < 1 or eval_stride < 1:
             raise ConfigError("context_length, horizon and strides must be positive.")
         if fewshot_location not in ("last", "uniform"):
@@ -458,8 +600,10 @@ class ForecastDataModule(DictDataModule):
         self.train_stride, self.eval_stride, self.use_freq_token = train_stride, eval_stride, use_freq_token
         self.on_missing, self.on_duplicate, self.on_gap, self.on_constant = on_missing, on_duplicate, on_gap, on_constant
         self.fewshot_location = fewshot_location
-        self.series: Series | None = None
+        self.series: Series | None = None  # the series (and its scaler, borders) when there is one
         self.scaler: StandardScaler | None = None
+        self.parts: list[SeriesPart] = []  # every series: one, or one per id with id_columns
+        self.scalers: dict[str, StandardScaler] = {}  # by series source (the part of ``meta`` before '@')
         self.frame: pd.DataFrame | None = None
         self._prepared = False
 
@@ -473,51 +617,87 @@ class ForecastDataModule(DictDataModule):
     # --- what a model needs to know
 
     def prepare(self) -> None:
-        """Read, check, split and fit the scaler (idempotent; ``setup`` calls it)."""
+        """Read, check, split and fit the scaler(s) (idempotent; ``setup`` calls it)."""
         if self._prepared:
             return
         source = self.frame if self.frame is not None else os.path.expandvars(self.path)  # "$POLYFM_DATA_DIR/ts/..." in recipes
-        series = read_series(source, self.timestamp_column, self.columns, self.on_missing, self.on_duplicate, self.on_gap,
-                             name=self.path if self.frame is not None else None)
-        self.borders = split_borders(len(series), series.step, self.split)
-        train_values = series.values[: self.borders[0]]
-        constant = constant_channels(train_values, series.columns)
-        if constant and self.on_constant == "drop":
-            keep = [i for i, c in enumerate(series.columns) if c not in constant]
-            if not keep:
-                raise DataError("every channel is constant on the train split.", path=series.source)
-            log.warning("%s: dropped %d constant channel(s) %s", series.source, len(constant), constant)
-            series.report["dropped_constant_channels"] = len(constant)
-            series = Series(series.values[:, keep], [series.columns[i] for i in keep], series.timestamps, series.step,
-                            series.source, series.report)
-            train_values = series.values[: self.borders[0]]
-        elif constant:
-            series.report["constant_channels"] = len(constant)
-        self.scaler = StandardScaler.fit(train_values, series.columns, series.source, self.on_constant)
-        unknown = [c for c in [*(self.target_columns or []), *self.exogenous_columns] if c not in series.columns]
-        if unknown:
-            raise DataError(f"target/exogenous column(s) {unknown} are not among the channels {series.columns}.", path=series.source)
-        exogenous = [series.columns.index(c) for c in self.exogenous_columns]
-        if self.target_columns is not None:
-            targets = [series.columns.index(c) for c in self.target_columns]
+        name = self.path if self.frame is not None else None
+        if self.id_columns:
+            all_series = self._read_grouped(source, name or str(source))
         else:
-            targets = [i for i in range(len(series.columns)) if i not in exogenous]
+            all_series = [self._read(source, name)]
+        borders = [split_borders(len(series), series.step, self.split) for series in all_series]
+        columns = all_series[0].columns
+        constant = {c for series, b in zip(all_series, borders) for c in constant_channels(series.values[: b[0]], series.columns)}
+        if constant and self.on_constant == "drop":  # dropped from every series, so all keep the same channels
+            keep = [i for i, c in enumerate(columns) if c not in constant]
+            if not keep:
+                raise DataError("every channel is constant on the train split.", path=all_series[0].source)
+            dropped = [c for c in columns if c in constant]
+            log.warning("%s: dropped %d constant channel(s) %s", self.path, len(dropped), dropped)
+            all_series = [Series(s.values[:, keep], [columns[i] for i in keep], s.timestamps, s.step, s.source,
+                                 {**s.report, "dropped_constant_channels": len(dropped)}) for s in all_series]
+            columns = all_series[0].columns
+        elif constant:
+            for series, b in zip(all_series, borders):
+                if count := len(constant_channels(series.values[: b[0]], series.columns)):
+                    series.report["constant_channels"] = count
+        unknown = [c for c in [*(self.target_columns or []), *self.exogenous_columns] if c not in columns]
+        if unknown:
+            raise DataError(f"target/exogenous column(s) {unknown} are not among the channels {columns}.", path=all_series[0].source)
+        exogenous = [columns.index(c) for c in self.exogenous_columns]
+        if self.target_columns is not None:
+            targets = [columns.index(c) for c in self.target_columns]
+        else:
+            targets = [i for i in range(len(columns)) if i not in exogenous]
         if set(targets) & set(exogenous) or not targets:
             raise ConfigError("target_columns must be non-empty and disjoint from exogenous_columns.")
-        self.series, self.target_indices, self.exogenous_indices = series, sorted(targets), sorted(exogenous)
+        self.target_indices, self.exogenous_indices = sorted(targets), sorted(exogenous)
         needed = self.context_length + self.horizon
-        if self.borders[0] < needed:
-            raise DataError(
-                f"the train split has {self.borders[0]} rows, fewer than context_length + horizon = {needed}. "
-                "Use a shorter context or horizon, or a longer series.",
-                path=series.source,
-            )
+        self.parts = []
+        for series, b in zip(all_series, borders):
+            if b[0] < needed:
+                raise DataError(
+                    f"the train split has {b[0]} rows, fewer than context_length + horizon = {needed}. "
+                    "Use a shorter context or horizon, or a longer series.",
+                    path=series.source,
+                )
+            # one scaler per series, fitted on its own train split (granite-tsfm scales by id_columns too)
+            scaler = StandardScaler.fit(series.values[: b[0]], series.columns, series.source, self.on_constant)
+            self.parts.append(SeriesPart(series, b, scaler))
+        self.scalers = {part.series.source: part.scaler for part in self.parts}
+        if len(self.parts) == 1:
+            self.series, self.borders, self.scaler = self.parts[0].series, self.parts[0].borders, self.parts[0].scaler
         self._prepared = True
+
+    def _read(self, source: str | pd.DataFrame, name: str | None) -> Series:
+        return read_series(source, self.timestamp_column, self.columns, self.on_missing, self.on_duplicate, self.on_gap,
+                           name=name, timestamp_format=self.timestamp_format)
+
+    def _read_grouped(self, source: str | pd.DataFrame, label: str) -> list[Series]:
+        """One checked series per value of ``id_columns`` (long format), in sorted id order as granite-tsfm;
+        each is named ``file[id=value]`` in errors and ``meta`` (its rows are counted within the series)."""
+        frame = source if isinstance(source, pd.DataFrame) else load_frame(source)
+        frame = _drop_row_counters(frame, label, {}, keep=[*self.id_columns, *(self.columns or [])])
+        frame = _timestamps_from_index(frame, self.timestamp_column, label)
+        missing = [c for c in self.id_columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"no id column(s) {missing}; columns are {list(frame.columns)}.", path=label)
+        empty = np.flatnonzero(frame[self.id_columns].isna().any(axis=1).to_numpy())
+        if len(empty):
+            raise DataError(f"{_row_text(label, int(empty[0]))}: the series id is empty ({len(empty)} such rows).",
+                            path=label, key=self.id_columns[0])
+        series = []
+        for key, group in frame.groupby(self.id_columns, sort=True):
+            key = key if isinstance(key, tuple) else (key,)
+            name = f"{label}[{', '.join(f'{c}={v}' for c, v in zip(self.id_columns, key))}]"
+            series.append(self._read(group.drop(columns=self.id_columns).reset_index(drop=True), name))
+        return series
 
     def model_config(self) -> dict[str, Any]:
         """TTM channel settings matching these batches (pass them to ``TTM(...)``)."""
         self.prepare()
-        n = len(self.series.columns)  # type: ignore[union-attr]
+        n = len(self.parts[0].series.columns)
         all_targets = self.target_indices == list(range(n))
         return {
             "num_input_channels": n,
@@ -527,16 +707,20 @@ class ForecastDataModule(DictDataModule):
 
     @property
     def freq_token(self) -> int:
+        """The first series' frequency token (each series' windows carry their own)."""
         self.prepare()
-        return frequency_token(self.series.step)  # type: ignore[union-attr]
+        return frequency_token(self.parts[0].series.step)
 
-    def dataset(self, stage: Literal["train", "val", "test"], stride: int | None = None) -> WindowDataset:
+    def dataset(self, stage: Literal["train", "val", "test"], stride: int | None = None) -> WindowDataset | ConcatDataset[Any]:
+        """The windows of ``stage``: one ``WindowDataset``, or their concatenation over the series (id order)."""
         self.prepare()
-        series, scaler = self.series, self.scaler
-        assert series is not None and scaler is not None
+        windows = [self._windows(part, stage, stride) for part in self.parts]
+        return windows[0] if len(windows) == 1 else ConcatDataset(windows)
+
+    def _windows(self, part: SeriesPart, stage: Literal["train", "val", "test"], stride: int | None) -> WindowDataset:
+        series, scaler, borders = part.series, part.scaler, part.borders
         scaled = scaler.transform(series.values)
-        start, end = {"train": (0, self.borders[0]), "val": (self.borders[0], self.borders[1]),
-                      "test": (self.borders[1], self.borders[2])}[stage]
+        start, end = {"train": (0, borders[0]), "val": (borders[0], borders[1]), "test": (borders[1], borders[2])}[stage]
         stride = stride or (self.train_stride if stage == "train" else self.eval_stride)
         target_observed = series.observed[:, self.target_indices] if self.on_missing == "mask" else None
         origins = window_origins(start, end, self.context_length, self.horizon, stride, stage == "train", target_observed)
@@ -553,7 +737,7 @@ class ForecastDataModule(DictDataModule):
             )
         return WindowDataset(
             series, scaled, origins, self.context_length, self.horizon, self.target_indices, self.exogenous_indices,
-            self.freq_token if self.use_freq_token else None, with_mask=self.on_missing == "mask",
+            frequency_token(series.step) if self.use_freq_token else None, with_mask=self.on_missing == "mask",
         )
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
@@ -563,18 +747,37 @@ class ForecastDataModule(DictDataModule):
         if self.train_set is not None:
             return
         train, self.val_set, self.test_set = self.build()
-        if self.label_fraction < 1.0:
-            train = Subset(train, fewshot_indices(len(train), self.label_fraction, self.fewshot_location, self.seed).tolist())
+        if self.label_fraction < 1.0:  # per series, as granite-tsfm selects per id
+            datasets = train.datasets if isinstance(train, ConcatDataset) else [train]
+            chosen, offset = [], 0
+            for i, (part, windows) in enumerate(zip(self.parts, datasets)):
+                picked = fewshot_indices(windows.origins, part.borders[0], self.context_length, self.label_fraction,
+                                         self.fewshot_location, self.seed + i)
+                chosen.append(offset + picked)
+                offset += len(windows)
+            train = Subset(train, np.concatenate(chosen).tolist())
         self.train_set = train
 
 
-def fewshot_indices(length: int, fraction: float, location: str = "last", seed: int = 0) -> np.ndarray:
-    """Indices of the few-shot training windows: the latest ``fraction`` or a seeded uniform sample."""
+def fewshot_indices(origins: np.ndarray, train_rows: int, context_length: int, fraction: float, location: str = "last",
+                    seed: int = 0) -> np.ndarray:
+    """Indices (into ``origins``) of the few-shot training windows.
+
+    ``"last"`` is granite-tsfm's ``get_datasets(fewshot_fraction=f, fewshot_location="last")``: the windows
+    lying wholly in the last ``int(f * (train_rows - context_length)) + context_length`` training rows
+    (at least the last window). ``"uniform"``: a seeded sample of ``round(f * windows)`` windows.
+    """
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}.")
-    count = max(1, int(round(length * fraction)))
+    length = len(origins)
     if location == "last":
-        return np.arange(length - count, length)
+        first_origin = train_rows - int(fraction * (train_rows - context_length))
+        kept = np.flatnonzero(np.asarray(origins) >= first_origin)
+        if not len(kept):
+            log.warning("label_fraction=%s keeps fewer training rows than one window: using the last window", fraction)
+            kept = np.arange(length - 1, length)
+        return kept
+    count = max(1, int(round(length * fraction)))
     return np.sort(np.random.default_rng(seed).choice(length, size=count, replace=False))
 
 
@@ -659,8 +862,10 @@ class PretrainDataModule(DictDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        timestamp_format: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.timestamp_format = timestamp_format
         self.paths, self.context_length, self.horizon = list(paths), context_length, horizon
         self.resolutions = list(resolutions or [1, 2, 4])
         self.timestamp_column, self.stride, self.max_windows = timestamp_column, stride, max_windows
@@ -678,7 +883,8 @@ class PretrainDataModule(DictDataModule):
         sources: list[Any] = [(p, str(p)) for p in expand_sources(self.paths)] + self.frames
         if not sources:
             raise ConfigError("PretrainDataModule got no series: pass paths (files or folders) or frames.")
-        return [read_series(src, self.timestamp_column, on_missing=self.on_missing, name=name) for src, name in sources]
+        return [read_series(src, self.timestamp_column, on_missing=self.on_missing, name=name, timestamp_format=self.timestamp_format)
+                for src, name in sources]
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any] | None]:
         univariate: list[tuple[np.ndarray, str, int]] = []

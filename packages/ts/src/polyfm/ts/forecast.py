@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from polyfm.core.errors import DataError
-from polyfm.ts.data import ForecastDataModule, StandardScaler, WindowDataset, frequency_token, read_series
+from polyfm.core.errors import ConfigError, DataError
+from polyfm.ts.data import ForecastDataModule, StandardScaler, frequency_token, read_series
 
 log = logging.getLogger("polyfm.ts")
 
@@ -50,16 +50,23 @@ def naive_forecast(past: torch.Tensor, horizon: int, season: int | None = None) 
 
 
 class _Accumulator:
-    def __init__(self, scaler: StandardScaler, targets: Sequence[int]):
-        self.scaler, self.targets = scaler, list(targets)
+    """Error sums over windows; original units through each window's series scaler (``meta`` = ``source@origin``)."""
+
+    def __init__(self, scalers: dict[str, StandardScaler], targets: Sequence[int]):
+        self.scalers, self.targets = scalers, list(targets)
         self.sums = dict.fromkeys(("se", "ae", "se_orig", "ae_orig"), 0.0)
         self.count = 0
         self.per_window: list[tuple[str, float, float]] = []
 
+    def _original_error(self, pred: torch.Tensor, target: torch.Tensor, meta: Sequence[str]) -> torch.Tensor:
+        # (pred - target) in the units of each window's own series (one scaler per id with id_columns)
+        std = torch.stack([torch.as_tensor(self.scalers[m.rsplit("@", 1)[0]].std[self.targets]) for m in meta])
+        return (pred - target) * std[:, None, :]
+
     def add(self, pred: torch.Tensor, target: torch.Tensor, meta: Sequence[str]) -> None:
         pred, target = pred.detach().float().cpu(), target.detach().float().cpu()
         err = pred - target
-        err_orig = self.scaler.inverse(pred, self.targets) - self.scaler.inverse(target, self.targets)
+        err_orig = self._original_error(pred, target, meta)
         self.sums["se"] += float((err**2).sum())
         self.sums["ae"] += float(err.abs().sum())
         self.sums["se_orig"] += float((err_orig**2).sum())
@@ -79,7 +86,37 @@ class _Accumulator:
         }
 
 
-def _loader(dm: ForecastDataModule, stage: str, stride: int | None, batch_size: int) -> tuple[WindowDataset, DataLoader]:
+def check_model_fits_data(model: nn.Module, dm: ForecastDataModule) -> None:
+    """Refuse a TTM whose channels or horizon differ from the DataModule's batches: equal channel counts with
+    other channels would compare forecasts of one channel with the truth of another, silently."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "output_length"):
+        return  # not a TTM: the caller's model, the caller's contract
+    expected = dm.model_config()
+    channels = len(dm.parts[0].series.columns)
+    if config.output_length != dm.horizon:
+        raise ConfigError(f"the model forecasts {config.output_length} steps but the data's horizon is {dm.horizon}: build "
+                          f"the data with horizon={config.output_length}, or the model with prediction_filter_length={dm.horizon} "
+                          "(at most its prediction_length).")
+    if config.channel_specific:
+        got = {"num_input_channels": config.num_input_channels, "prediction_channel_indices": config.prediction_channel_indices,
+               "exogenous_channel_indices": config.exogenous_channel_indices}
+        if got["prediction_channel_indices"] == list(range(config.num_input_channels)):
+            got["prediction_channel_indices"] = None
+        differs = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
+    else:  # a common-channel TTM forecasts every channel it is given: the data must forecast them all
+        differs = {k: (None, v) for k, v in expected.items() if k != "num_input_channels" and v is not None}
+    if differs:
+        names = dm.parts[0].series.columns
+        raise ConfigError(
+            "the model's channels do not match the data's (" + "; ".join(f"{k}: model {a}, data {b}" for k, (a, b) in differs.items())
+            + f"; the data's channels are {names} with targets {[names[i] for i in dm.target_indices]}). "
+            f"Build the TTM with **dm.model_config() ({channels} channels), or choose target_columns/exogenous_columns/columns "
+            "to match the model."
+        )
+
+
+def _loader(dm: ForecastDataModule, stage: str, stride: int | None, batch_size: int) -> tuple[Dataset[Any], DataLoader]:
     dataset = dm.dataset(stage, stride)  # type: ignore[arg-type]
     return dataset, DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
@@ -93,11 +130,12 @@ def rolling_evaluate(
     Returns ``mse``/``mae`` (scaled), ``mse_original``/``mae_original``, ``windows`` and a
     ``per_window`` DataFrame (origin timestamp, mse, mae).
     """
+    check_model_fits_data(model, dm)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     _, loader = _loader(dm, stage, stride, batch_size)
-    acc = _Accumulator(dm.scaler, dm.target_indices)  # type: ignore[arg-type]
+    acc = _Accumulator(dm.scalers, dm.target_indices)
     for batch in loader:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         acc.add(_predict(model, moved), batch["future_values"], batch["meta"])
@@ -113,7 +151,7 @@ def baselines(dm: ForecastDataModule, stage: Literal["val", "test"] = "test", se
     kinds: dict[str, int | None] = {"repeat_last": None}
     if season:
         kinds[f"seasonal_naive_{season}"] = season
-    accs = {name: _Accumulator(dm.scaler, dm.target_indices) for name in kinds}  # type: ignore[arg-type]
+    accs = {name: _Accumulator(dm.scalers, dm.target_indices) for name in kinds}
     for batch in loader:
         past = batch["past_values"][..., dm.target_indices]
         for name, period in kinds.items():
@@ -143,6 +181,7 @@ def fine_tune(
     from polyfm.core.trainer import build_trainer
     from polyfm.ts.models.ttm import head_only
 
+    check_model_fits_data(model, dm)
     adaptation = {"head": head_only(model), "full": Adaptation(mode="full"), "lora": Adaptation(mode="lora")}[mode]  # type: ignore[arg-type]
     task = Forecasting(model, adaptation=adaptation, optim=OptimConfig(lr=lr, weight_decay=weight_decay))
     trainer = build_trainer(
@@ -163,6 +202,7 @@ def forecast(
     future_exogenous: pd.DataFrame | None = None,
     freq_token: int | None = None,
     on_missing: Literal["error", "interpolate", "mask"] = "error",
+    timestamp_format: str | None = None,
 ) -> pd.DataFrame:
     """Forecast the next horizon after the last row of ``data``; returns a DataFrame with the future
     timestamps (``timestamp_column``) and one column per forecast channel, in the data's units.
@@ -173,7 +213,7 @@ def forecast(
     (the model's ``exogenous_channel_indices``) need their known future in ``future_exogenous``.
     """
     config = model.config  # type: ignore[union-attr]
-    series = read_series(data, timestamp_column, columns, on_missing=on_missing)
+    series = read_series(data, timestamp_column, columns, on_missing=on_missing, timestamp_format=timestamp_format)
     if config.channel_specific and len(series.columns) != config.num_input_channels:
         raise DataError(
             f"has {len(series.columns)} channels {series.columns}; the model expects {config.num_input_channels}. "

@@ -39,21 +39,54 @@ from torch import nn
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError, ConfigError
-from polyfm.core.weights import PretrainedMixin, WeightSpec, diff_keys, load_checkpoint_file, load_state_dict_checked
+from polyfm.core.performance import expected_host_sync
+from polyfm.core.weights import (
+    PretrainedMixin,
+    WeightSpec,
+    diff_keys,
+    load_checkpoint_file,
+    load_state_dict_checked,
+    unwrap_state_dict,
+)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the hub layouts, preferred first
 
 
 def hf_cache_folder(repo: str, revision: str) -> Path | None:
-    """The snapshot folder of ``repo@revision`` in the Hugging Face hub cache, if complete."""
+    """The snapshot folder of ``repo@revision`` (a branch or a commit hash) in the Hugging Face hub
+    cache, if it holds config.json and a weights file (safetensors, or an older pytorch_model.bin)."""
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
     root = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser() / f"models--{repo.replace('/', '--')}"
     ref = root / "refs" / revision
-    if not ref.exists():
-        return None
-    folder = root / "snapshots" / ref.read_text().strip()
-    return folder if (folder / "config.json").exists() and (folder / "model.safetensors").exists() else None
+    folder = root / "snapshots" / (ref.read_text().strip() if ref.exists() else revision)
+    complete = (folder / "config.json").exists() and any((folder / name).exists() for name in WEIGHT_FILES)
+    return folder if complete else None
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """A config.json as a dict, or a CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"Cannot read the TTM config {path}: {exc}. Download it again or fix the JSON.") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object of TinyTimeMixerConfig fields.")
+    return raw
 
 
 log = logging.getLogger("polyfm.ts")
+
+
+def check_ids(ids: torch.Tensor, size: int, what: str, field_name: str, hint: str = "") -> None:
+    """Name an id outside an embedding's vocabulary (nn.Embedding only says 'index out of range in self').
+    Checked on CPU only: on an accelerator the read would make the host wait for it."""
+    if ids.device.type != "cpu" or not ids.numel():
+        return
+    with expected_host_sync():
+        bad = (ids < 0) | (ids >= size)
+        if bool(bad.any()):
+            raise ValueError(f"{what} holds {ids[bad][0].item()}, outside this TTM's {field_name}={size} (ids 0..{size - 1}). {hint}".rstrip())
 _UNSET = object()
 # config overrides after which the decoder/head may hold parts the checkpoint does not have
 _STRUCTURAL_OVERRIDES = {
@@ -95,6 +128,8 @@ class TTMConfig:
     positional_encoding_type: str = "sincos"
     scaling: str | bool | None = "std"
     loss: str | None = "mse"
+    quantile: float = 0.5  # loss="pinball"
+    huber_delta: float = 1.0  # loss="huber"
     norm_eps: float = 1e-5
     adaptive_patching_levels: int = 0
     resolution_prefix_tuning: bool = False
@@ -133,6 +168,10 @@ class TTMConfig:
         for name, allowed in (("mode", _MODES), ("decoder_mode", _MODES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"TTM {name}={getattr(self, name)!r}; choose one of {sorted(allowed)}.")
+        if self.loss not in _LOSSES:
+            raise ConfigError(f"TTM loss={self.loss!r}; choose one of {sorted(_LOSSES - {None})} or None (granite-tsfm's point losses).")
+        if self.loss == "pinball" and not 0.0 < self.quantile < 1.0:
+            raise ConfigError(f"TTM quantile={self.quantile!r} (loss='pinball') must lie strictly between 0 and 1.")
         if self.prediction_filter_length is not None and not 0 < self.prediction_filter_length <= self.prediction_length:
             raise ConfigError("prediction_filter_length must be positive and at most prediction_length.")
         if self.prediction_channel_indices is not None:
@@ -146,6 +185,9 @@ class TTMConfig:
             bad = [i for i in getattr(self, name) or [] if not 0 <= i < self.num_input_channels]
             if bad:
                 raise ConfigError(f"TTM {name} {bad} out of range for num_input_channels={self.num_input_channels}.")
+        if self.enable_forecast_channel_mixing and self.fcm_use_mixer and self.fcm_context_length < 1:
+            # the mixer embeds each forecast step's window of neighbours; without neighbours there is none
+            raise ConfigError("fcm_use_mixer=True needs fcm_context_length >= 1 (granite-tsfm fails on this combination too).")
         if self.categorical_vocab_size_list is not None and self.decoder_mode != "mix_channel":
             raise ConfigError("static categorical inputs need decoder_mode='mix_channel' (as in granite-tsfm).")
         self.num_patches = (self.context_length - self.patch_length) // self.patch_stride + 1
@@ -183,17 +225,30 @@ class TTMConfig:
             raise ConfigError(f"{source}: loss='nll' (distribution head) is disabled in granite-tsfm and not supported.")
         if raw.get("model_type", "tinytimemixer") != "tinytimemixer":
             raise ConfigError(f"{source}: model_type={raw.get('model_type')!r}, expected 'tinytimemixer'.")
-        names = {f.name for f in fields(cls)} - {"num_patches"}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        names = cls.field_names()
+        unknown = sorted(k for k in raw if k not in names and k not in cls._R3_OFF and k not in _IGNORED_KEYS
+                         and not k.startswith(_IGNORED_PREFIXES))
+        if unknown:  # a newer granite-tsfm field we do not know: say so rather than drop it silently
+            log.warning("%s: config field(s) %s are not TTM r1/r2 architecture fields and are ignored", source, unknown)
+        config = cls(**{k: v for k, v in raw.items() if k in names})
+        stored = raw.get("num_patches")
+        if stored is not None and stored != config.num_patches:
+            # granite-tsfm builds from the stored value; a stale one would give other weight shapes than ours
+            raise ConfigError(
+                f"{source}: num_patches={stored} disagrees with context_length={config.context_length}, "
+                f"patch_length={config.patch_length}, resolution_prefix_tuning={config.resolution_prefix_tuning} "
+                f"(which give {config.num_patches}). Remove num_patches or fix the lengths."
+            )
+        return config
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The fields a caller may set (config.json names)."""
+        return {f.name for f in fields(cls)} - {"num_patches"}
 
     @classmethod
     def from_json(cls, path: str | Path) -> TTMConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"Cannot read the TTM config {path}: {exc}") from exc
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -210,6 +265,30 @@ class TTMConfig:
 
 
 _MODES = {"common_channel", "mix_channel"}
+# config.json keys that do not change TinyTimeMixerForPrediction's forecast in r1/r2: Hugging Face
+# bookkeeping, weight initialisation, the disabled distribution head, and r3 options that only act when
+# an r3 switch in TTMConfig._R3_OFF is on (those switches are refused).
+_HF_KEYS = {  # transformers.PretrainedConfig's generic attributes (older versions write them all)
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "return_dict",
+    "output_hidden_states", "output_attentions", "use_return_dict", "id2label", "label2id", "problem_type", "auto_map",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "torchscript", "pruned_heads", "tie_word_embeddings",
+    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "tokenizer_class",
+    "prefix", "bos_token_id", "pad_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "tf_legacy_loss", "use_bfloat16", "output_scores", "return_dict_in_generate",
+    "_attn_implementation_autoset", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "epsilon_cutoff", "eta_cutoff",
+}
+_IGNORED_KEYS = _HF_KEYS | {
+    "init_std", "post_init", "init_linear", "init_embed", "init_processing", "patch_last", "num_patches",
+    "distribution_output", "num_parallel_samples", "mask_value", "light_mode", "use_fft_embedding", "get_one_freq_emb",
+    "point_extra_weight", "residual_context_length", "forecast_loss_type", "joint_loss_weight", "residual_loss_weight",
+    "quantile_levels", "combine_quantiles_via_variance", "penalize_large_width_ratio", "width_penalty_mode",
+}
+_IGNORED_PREFIXES = ("trend_", "mq_", "fft_d_freq_")
+_LOSSES = {"mse", "mae", "huber", "pinball", None}
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -524,6 +603,10 @@ class TTMEncoder(nn.Module):
                     f"(polyfm.ts.models.ttm.FREQUENCY_TOKENS, e.g. {FREQUENCY_TOKENS['h']} for hourly)."
                 )
             b, c, _, d = hidden.shape
+            if freq_token.numel() != b:
+                raise ValueError(f"freq_token must hold one token per window, shape ({b},); got shape {tuple(freq_token.shape)}.")
+            check_ids(freq_token.reshape(b), self.freq_mod[0].num_embeddings, "freq_token", "frequency_token_vocab_size",
+                      "(FREQUENCY_TOKENS goes up to 9: build the TTM with frequency_token_vocab_size >= 10 to use all of them)")
             prefix = self.freq_mod(freq_token.long().reshape(b)).view(b, 1, 1, d).expand(b, c, 1, d)
             hidden = torch.cat((prefix, hidden), dim=-2)
         if self.positional_encoder is not None:
@@ -557,6 +640,12 @@ class StaticCategoricalEmbedding(nn.Module):
         self.num_patches = num_patches
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
+        count = len(self.embedding_layers)
+        if values.dim() != 2 or values.shape[1] != count:
+            raise ValueError(f"static_categorical_values must be (batch, {count}) token ids, one per categorical variable; "
+                             f"got shape {tuple(values.shape)}.")
+        for i, layer in enumerate(self.embedding_layers):
+            check_ids(values[:, i], layer.num_embeddings, f"static_categorical_values[:, {i}]", f"categorical_vocab_size_list[{i}]")
         embedded = torch.stack([layer(values[:, i].long()) for i, layer in enumerate(self.embedding_layers)], dim=1)
         return embedded.unsqueeze(2).repeat(1, 1, self.num_patches, 1)
 
@@ -726,6 +815,8 @@ class TTM(Encoder, PretrainedMixin):
         positional_encoding_type: str = "sincos",
         scaling: str | None = "std",
         loss: str | None = "mse",
+        quantile: float = 0.5,
+        huber_delta: float = 1.0,
         norm_eps: float = 1e-5,
         adaptive_patching_levels: int = 3,
         resolution_prefix_tuning: bool = False,
@@ -871,7 +962,11 @@ class TTM(Encoder, PretrainedMixin):
         if self.config.loss == "mae":
             return F.l1_loss(forecast, target)
         if self.config.loss == "huber":
-            return F.huber_loss(forecast, target)
+            return F.huber_loss(forecast, target, delta=self.config.huber_delta)
+        if self.config.loss == "pinball":  # quantile loss at config.quantile, mean over all points
+            errors = target - forecast
+            q = self.config.quantile
+            return torch.maximum(q * errors, (q - 1) * errors).mean()
         return F.mse_loss(forecast, target)
 
     # --- checkpoints
@@ -893,6 +988,11 @@ class TTM(Encoder, PretrainedMixin):
         Hugging Face cache (e.g. downloaded by granite-tsfm) is read from there."""
         from polyfm.ts.weights import HUB_ALIASES, WEIGHTS
 
+        revision = config.pop("revision", None)  # granite-tsfm / transformers style: (hub id, revision=branch)
+        if revision is not None:
+            if Path(name_or_path).exists() or "@" in str(name_or_path):
+                raise ConfigError(f"revision={revision!r} applies to a hub id without '@branch'; got {str(name_or_path)!r}.")
+            name_or_path = f"{name_or_path}@{revision}"
         name = HUB_ALIASES.get(str(name_or_path), str(name_or_path))
         spec = next((s for s in WEIGHTS if s.name == name), None)
         if spec is not None and not Path(name_or_path).exists():
@@ -908,22 +1008,26 @@ class TTM(Encoder, PretrainedMixin):
         Keyword overrides that change no weight shape are allowed (e.g. ``prediction_filter_length``,
         ``head_dropout``, ``num_input_channels`` in common-channel mode).
         """
+        unknown = sorted(set(config) - TTMConfig.field_names())
+        if unknown:  # a misspelt or unsupported override must not be dropped silently
+            raise ConfigError(f"TTM.from_pretrained got unknown keyword(s) {unknown}; the accepted ones are TTMConfig's "
+                              "fields (config.json names, e.g. prediction_filter_length, num_input_channels) and revision.")
         path = Path(path)
         folder = path if path.is_dir() else path.parent
-        weights = path if path.is_file() else next(
-            (folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).exists()), None
-        )
+        weights = path if path.is_file() else next((folder / name for name in WEIGHT_FILES if (folder / name).exists()), None)
         if weights is None:
             raise CheckpointError(f"{folder} holds no model.safetensors (or pytorch_model.bin): not a TTM hub folder.")
         raw: dict[str, Any] = {}
         if (folder / "config.json").exists():
-            raw = json.loads((folder / "config.json").read_text())
+            raw = read_config_json(folder / "config.json")
         elif spec is None and not config:
             raise CheckpointError(f"{folder} has no config.json: pass the TTM configuration as keyword arguments.")
         changed = {k for k, v in config.items() if raw.get(k, _UNSET) != v}
+        if changed & {"context_length", "patch_length", "patch_stride", "resolution_prefix_tuning"}:
+            raw.pop("num_patches", None)  # derived from the lengths: recomputed for the override
         raw.update(config)
         model = cls.from_config(TTMConfig.from_dict(raw, source=str(folder / "config.json")))
-        state = load_checkpoint_file(weights)
+        state = unwrap_wrapper_prefixes(unwrap_state_dict(load_checkpoint_file(weights)), set(model.state_dict()), str(weights))
         if spec is not None and spec.converter is not None:
             state = spec.converter(state)
         # Overrides may add parts the checkpoint lacks (a mix-channel decoder, the forecast channel mixer for
@@ -937,6 +1041,33 @@ class TTM(Encoder, PretrainedMixin):
             log.warning("%s: %s changed; %d tensors initialised fresh in %s", weights, sorted(changed & _STRUCTURAL_OVERRIDES),
                         len(fresh), parts)
         return model
+
+
+# what wraps a TTM's keys when it was saved from inside something else: DataParallel/DDP, torch.compile,
+# a LightningModule such as polyfm's Forecasting task (its ``model`` attribute)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def unwrap_wrapper_prefixes(state: dict[str, torch.Tensor], own: set[str], source: str) -> dict[str, torch.Tensor]:
+    """A state dict whose keys all miss ours but match them after dropping leading wrapper prefixes, unwrapped
+    (logged); keys without such a prefix (a task's metrics or extra heads) are left out and counted in the log."""
+    if own & set(state):
+        return state
+
+    def strip(key: str) -> str:
+        while prefix := next((p for p in _WRAPPER_PREFIXES if key.startswith(p)), None):
+            key = key[len(prefix):]
+        return key
+
+    unwrapped = {strip(k): v for k, v in state.items() if strip(k) != k}
+    if not own & set(unwrapped):
+        return state  # the strict load reports the key diff (with core's prefix hint)
+    first = next(k for k in state if strip(k) != k)
+    wrapper = first[: len(first) - len(strip(first))]
+    others = [k for k in state if strip(k) == k]
+    log.warning("%s: keys carry a %r prefix (a wrapped model); stripped it%s", source, wrapper,
+                f", leaving out {len(others)} other keys ({others[:3]})" if others else "")
+    return unwrapped
 
 
 def head_only(model: TTM) -> Adaptation:
