@@ -199,3 +199,22 @@ def test_multilabel_macro_metrics_skip_labels_without_both_classes():
     metric.update(preds, target)
     # label 0 is perfectly ranked (1.0), label 1 has no positives (skipped, not counted as 0), label 2 is 1.0
     assert metric.compute().item() == pytest.approx(1.0)
+
+
+def test_forecast_shape_mismatch_is_refused_not_broadcast():
+    from polyfm.core import Forecasting
+
+    class OneChannel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, past_values):
+            return self.proj(past_values[..., 0]).unsqueeze(-1)  # (B, 4, 1)
+
+    task = Forecasting(OneChannel())
+    batch = {"past_values": torch.randn(2, 8, 3), "future_values": torch.randn(2, 4, 3)}
+    with pytest.raises(ValueError, match=r"forecast shape \(2, 4, 1\) does not match future_values \(2, 4, 3\)"):
+        task.training_step(batch, 0)
+    one_channel_batch = {**batch, "future_values": batch["future_values"][..., :1]}
+    assert torch.isfinite(task.training_step(one_channel_batch, 0))

@@ -582,6 +582,11 @@ class Forecasting(EngineModule):
         pred, target = self(**inputs), batch["future_values"]
         if self.target_channels is not None:
             pred, target = pred[..., self.target_channels], target[..., self.target_channels]
+        if pred.shape != target.shape:  # mse_loss would broadcast (B,H,1) against (B,H,C) with only a warning
+            raise ValueError(
+                f"forecast shape {tuple(pred.shape)} does not match future_values {tuple(target.shape)} (batch, horizon, channels): "
+                "build the model for the data's horizon and channels, or choose channels with target_channels."
+            )
         return pred, target
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
