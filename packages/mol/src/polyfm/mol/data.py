@@ -57,6 +57,19 @@ class MoleculeTable:
     def __len__(self) -> int:
         return len(self.smiles)
 
+    def subset(self, indices: Sequence[int] | np.ndarray) -> MoleculeTable:
+        """The rows at ``indices`` (positions in this table), targets kept."""
+        idx = [int(i) for i in indices]
+        return MoleculeTable(
+            [self.smiles[i] for i in idx],
+            [self.input_smiles[i] for i in idx],
+            [self.rows[i] for i in idx],
+            self.targets[idx],
+            list(self.target_names),
+            path=self.path,
+            other_columns={name: [cells[i] for i in idx] for name, cells in self.other_columns.items()},
+        )
+
     def summary(self) -> str:
         where = self.path.name if self.path else "table"
         return (
@@ -89,6 +102,13 @@ def parse_smiles(smiles: str, fragments: FragmentPolicy = "keep", canonicalize: 
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def json_list(values: Sequence[Any]) -> str:
+    """``[a, b]`` as a command-line list value."""
+    import json
+
+    return json.dumps(list(values))
 
 
 def parse_label(value: str) -> float:
@@ -598,7 +618,8 @@ class MoleculeDataModule(DictDataModule):
     Batches: ``{"input": dict of tensors, "target": (B, T) float with NaN for missing,
     "meta": ["row N: SMILES", ...]}``. After ``setup()``: ``table``, ``split`` (indices
     into the table), ``target_names``, ``num_tasks``, ``target_mean``/``target_std``
-    (training split, NaN-aware)."""
+    (training split, NaN-aware). ``predict_path``: a CSV of new molecules for ``predict``
+    (default: the test split); ``polyfm.mol.predict.PredictionWriter`` writes the results."""
 
     def __init__(
         self,
@@ -628,6 +649,7 @@ class MoleculeDataModule(DictDataModule):
         num_workers: int = 0,
         label_fraction: float = 1.0,
         seed: int = 0,
+        predict_path: str | None = None,
     ) -> None:
         self.featuriser = make_featuriser(
             model,
@@ -656,6 +678,9 @@ class MoleculeDataModule(DictDataModule):
         self.canonicalize, self.skip_invalid, self.fragments, self.delimiter = canonicalize, skip_invalid, fragments, delimiter
         self.table: MoleculeTable | None = None
         self.split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.predict_path = predict_path
+        # what `predict` ran on (new molecules, or the test split), for PredictionWriter
+        self.predict_table: MoleculeTable | None = None
 
     def read(self) -> MoleculeTable:
         if self.table is None:
@@ -717,6 +742,56 @@ class MoleculeDataModule(DictDataModule):
                 f"{len(self.split[2])} of {len(table)}); use split='random' or 'scaffold_balanced', or more varied data."
             )
         return subset(self.split[0]), subset(self.split[1]), subset(self.split[2])
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.trainer is not None:
+            self.check_task(self.trainer.lightning_module)
+
+    def check_task(self, task: Any) -> None:
+        """A recipe's task names its targets and their statistics; fitting it to another CSV's
+        columns would train the head on the wrong scale (or fail with a bare shape error)."""
+        head = getattr(task, "head", None)
+        linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if isinstance(head, torch.nn.Module) else []
+        if not linears or getattr(task, "multilabel", True) is False:  # not one output per target column
+            return
+        outputs = linears[-1].out_features
+        names = getattr(task, "target_names", None) or getattr(task, "class_names", None)
+        wanted = self.target_names
+        if outputs == len(wanted) and (names is None or list(names) == wanted):
+            return
+        is_regression = hasattr(task, "target_mean")
+        fixes = [f"--model.init_args.{'num_targets' if is_regression else 'num_classes'}={len(wanted)}"]
+        if is_regression:
+            mean, std = self.target_statistics()
+            fixes += [
+                f"--model.init_args.target_names='{json_list(wanted)}'",
+                f"--model.init_args.target_mean='{json_list([round(m, 4) for m in mean])}'",
+                f"--model.init_args.target_std='{json_list([round(s, 4) for s in std])}'",
+            ]
+        elif names is not None:
+            fixes.append(f"--model.init_args.class_names='{json_list(wanted)}'")
+        raise ConfigError(
+            f"{self.table.path if self.table else self.csv_path}: the data has {len(wanted)} target columns {wanted}, but the "
+            f"model predicts {outputs} output(s){f' named {list(names)}' if names else ''}. Set the task for these columns "
+            f"(statistics from the training split): {' '.join(fixes)}"
+        )
+
+    def predict_dataloader(self) -> Any:
+        """The molecules of ``predict_path`` (a CSV of new molecules; every other column kept),
+        else the test split."""
+        if self.predict_path is None:
+            table = self.read()
+            assert self.split is not None
+            self.predict_table = table.subset(self.split[2])
+            return self.test_dataloader()
+        table = read_molecule_csv(
+            self.predict_path, self.smiles_column, [], self.canonicalize, self.skip_invalid, self.fragments, self.delimiter
+        )
+        featurise = self.featuriser.prepare(table.smiles, table.rows)
+        meta = [f"row {r}: {s}" for r, s in zip(table.rows, table.input_smiles, strict=True)]
+        self.predict_table = table
+        return self._loader(MoleculeDataset(table.smiles, table.targets, meta, featurise), False)
 
     def train_labels(self) -> list[Any] | None:
         table = self.read()

@@ -13,8 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
-from polyfm.mol.data import Featuriser, MoleculeDataset, parse_label, read_molecule_csv
+from polyfm.core.errors import ConfigError
+from polyfm.mol.data import Featuriser, MoleculeDataset, MoleculeTable, parse_label, read_molecule_csv
 
 
 @torch.no_grad()
@@ -55,22 +58,71 @@ def predict_csv(
     Columns that hold numbers (empty cells: NaN) come back as floats, the others (names,
     identifiers) as text. Invalid SMILES stop with their rows unless ``skip_invalid``
     (then they get no row)."""
-    import pandas as pd
-
     table = read_molecule_csv(csv_path, smiles_column, target_columns=[], skip_invalid=skip_invalid, delimiter=delimiter)
     predictions = predict_smiles(task, table.smiles, featuriser, rows=table.rows)
-    names = list(
-        target_names
-        or getattr(task, "target_names", None)
-        or getattr(task, "class_names", None)
-        or [f"y{i}" for i in range(predictions.shape[1])]
-    )
+    return prediction_frame(table, predictions, output_names(task, predictions.shape[1], target_names))
+
+
+def output_names(task: torch.nn.Module, count: int, fallback: Sequence[str] | None = None) -> list[str]:
+    """The task's target or class names, else ``fallback`` (e.g. the data's target columns)
+    when it has one per output, else ``y0, y1, ...``."""
+    for names in (getattr(task, "target_names", None), getattr(task, "class_names", None), fallback):
+        if names and len(names) == count:
+            return list(names)
+    return [f"y{i}" for i in range(count)]
+
+
+def prediction_frame(table: MoleculeTable, predictions: np.ndarray, names: Sequence[str]) -> Any:
+    """``row, smiles, canonical_smiles``, the table's targets and other columns as read, then
+    one ``pred_<name>`` column per output."""
+    import pandas as pd
+
+    if len(predictions) != len(table):
+        raise ValueError(f"{len(predictions)} predictions for {len(table)} molecules of {table.path}.")
     frame = pd.DataFrame({"row": table.rows, "smiles": table.input_smiles, "canonical_smiles": table.smiles})
+    for j, name in enumerate(table.target_names):
+        frame[name] = [float(str(v)) for v in table.targets[:, j]]  # -5.84, not float32's -5.840000152587891
     for name, cells in table.other_columns.items():
         frame[name] = _numbers_or_text(cells)
     for j in range(predictions.shape[1]):
-        frame[f"pred_{names[j] if j < len(names) else j}"] = predictions[:, j]
+        frame[f"pred_{names[j]}"] = predictions[:, j]
     return frame
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what ``polyfm predict`` (``trainer.predict``) returns on a ``MoleculeDataModule``
+    to a CSV: the molecules' rows, SMILES and other columns, then ``pred_<target>`` (Regression,
+    original units) or probabilities (Classification). Default file:
+    ``<default_root_dir>/predictions/<input file>.csv`` (``<input>_test.csv`` for the test split)."""
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+        self.written: Path | None = None
+
+    def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
+        if trainer.world_size > 1:  # each rank would hold its own shard of the rows
+            raise ConfigError("PredictionWriter writes from one process: run predict with --trainer.devices=1.")
+        data = trainer.datamodule
+        table = getattr(data, "predict_table", None)
+        if table is None:
+            raise ConfigError("PredictionWriter needs a polyfm.mol.data.MoleculeDataModule (its predict_table names the rows).")
+        outputs = [p.get("prediction", p.get("probabilities")) if isinstance(p, dict) else p for p in predictions]
+        if outputs and isinstance(outputs[0], list):  # several predict dataloaders: Lightning nests them
+            raise ConfigError("PredictionWriter expects one predict dataloader.")
+        values = torch.cat([o.float().cpu() for o in outputs]).numpy()
+        frame = prediction_frame(table, values, output_names(pl_module, values.shape[1], data.target_names))
+        if self.output is not None:
+            path = Path(self.output)
+        else:
+            source = Path(os.path.expandvars(str(data.predict_path or data.csv_path)))
+            path = Path(trainer.default_root_dir) / "predictions" / f"{source.stem}{'' if data.predict_path else '_test'}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        frame.to_csv(temporary, index=False)
+        temporary.replace(path)  # a reader never sees half a file
+        self.written = path
+        rank_zero_info(f"wrote {len(frame)} predictions to {path}")
 
 
 def _numbers_or_text(cells: Sequence[str]) -> Any:

@@ -307,11 +307,22 @@ def load_hub_tokenizer(folder: str | os.PathLike[str], model_max_length: int = 5
 def load_tokenizer(
     source: str | os.PathLike[str] | None, kind: str = "hub", model_max_length: int = 512
 ) -> SmilesTokenizer | HubTokenizer:
-    """``source``: a hub folder, a ``vocab.json``, or None for the built-in atom-wise vocabulary.
+    """``source``: a hub folder, a ``vocab.json``, a registered ChemBERTa weights name
+    (``chemberta-2-77m-mlm``: its cached folder), or None for the built-in atom-wise vocabulary.
     ``kind``: ``"hub"`` (the released tokenizer as is) or ``"smiles"`` (atom-wise over its vocab.json)."""
     if source is None:
         return SmilesTokenizer.builtin(model_max_length)
-    path = Path(source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        from polyfm.core.weights import fetch_weights, get_weights, list_weights
+
+        if str(source) not in {spec.name for spec in list_weights()}:
+            raise DataError(
+                "tokenizer not found: give a hub folder, a vocab.json, a registered ChemBERTa weights name "
+                "(`polyfm weights list`), or none for the built-in vocabulary.",
+                path=path,
+            )
+        path = fetch_weights(get_weights(str(source)))  # offline: the error names the file, its URL and the folder
     if path.is_file():
         return SmilesTokenizer.from_vocab_file(path, model_max_length)
     if kind == "smiles":

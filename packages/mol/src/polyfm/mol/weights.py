@@ -5,7 +5,13 @@ is needed (``converter=None``)."""
 
 from __future__ import annotations
 
-from polyfm.core.weights import WeightSpec
+import os
+from typing import Any
+
+import torch
+
+from polyfm.core.errors import CheckpointError
+from polyfm.core.weights import WeightSpec, load_checkpoint_file, unwrap_state_dict
 
 _HF = "https://huggingface.co/{repo}/resolve/main/{file}"
 
@@ -96,3 +102,30 @@ WEIGHTS: list[WeightSpec] = [
         description="Uni-Mol molecular pretraining without hydrogens.",
     ),
 ]
+
+
+def check_architecture(source: str, family: str, checkpoint: dict[str, Any], model: dict[str, Any]) -> None:
+    """Refuse to load ``source`` into a model whose shape-defining arguments differ, naming them
+    (``pretrained=`` in a recipe: the arguments are the YAML's, not the checkpoint's)."""
+    wrong = [k for k, v in checkpoint.items() if k in model and model[k] != v]
+    if wrong:
+        needed = ", ".join(f"{k}: {checkpoint[k]}" for k in wrong)
+        built = ", ".join(f"{k}: {model[k]}" for k in wrong)
+        raise CheckpointError(
+            f"{source} is a {family} with {needed}; this one has {built}. Set those encoder arguments "
+            "(init_args of the encoder in a recipe) to the checkpoint's values."
+        )
+
+
+def encoder_state_from_lightning(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The encoder's weights in a polyfm Lightning checkpoint: ``model.*`` of a ``Pretraining`` run
+    (``pretrain-*.yaml``), ``encoder.*`` of a fine-tuning task; so a recipe can start from either."""
+    state = unwrap_state_dict(load_checkpoint_file(path))
+    for prefix in ("model.", "encoder."):
+        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if inner:
+            return inner
+    raise CheckpointError(
+        f"{path} holds neither model.* (a Pretraining run) nor encoder.* (a fine-tuning task) weights; "
+        f"its keys start with {sorted({k.split('.')[0] for k in state})[:8]}."
+    )

@@ -31,6 +31,11 @@ _IGNORED_UNEXPECTED = (
     "norm_std",
 )
 _TIED = ("lm_head.decoder.weight", "lm_head.decoder.bias")
+# what a checkpoint's config.json must agree on with the model it is loaded into
+_ARCHITECTURE = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+    "layer_norm_eps", "pad_token_id", "type_vocab_size", "hidden_act",
+)  # fmt: skip
 
 
 class ChemBERTa(Encoder, PretrainedMixin):
@@ -40,7 +45,8 @@ class ChemBERTa(Encoder, PretrainedMixin):
     (the masked-LM logits and the trunk's output, as ``RobertaForMaskedLM`` computes them);
     ``forward_features({"input_ids", "attention_mask"})`` pools the last hidden state:
     ``pooling="cls"`` takes ``<s>`` (what ``RobertaForSequenceClassification`` reads),
-    ``"mean"`` averages the non-padding tokens.
+    ``"mean"`` averages the non-padding tokens. ``pretrained`` (a registered name or hub
+    folder) loads released weights into the model built from these arguments.
     """
 
     def __init__(
@@ -60,6 +66,7 @@ class ChemBERTa(Encoder, PretrainedMixin):
         type_vocab_size: int = 1,
         hidden_act: str = "gelu",
         pooling: str = "cls",
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -85,6 +92,25 @@ class ChemBERTa(Encoder, PretrainedMixin):
         self.roberta = RobertaModel(self.config, add_pooling_layer=False)
         self.lm_head = RobertaLMHead(self.config)
         self.tie_weights()
+        if pretrained:  # so a YAML recipe can start from a released checkpoint
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, name_or_path: str) -> ChemBERTa:
+        """Load a registered checkpoint (``chemberta-2-77m-mlm``) or hub folder into this model.
+        Its ``config.json`` must describe this architecture; dropouts and pooling stay this model's.
+        A ``.ckpt`` of ours (pretraining or fine-tuning) loads its encoder, of this architecture."""
+        from polyfm.mol.weights import check_architecture, encoder_state_from_lightning
+
+        if str(name_or_path).endswith(".ckpt"):
+            load_state_dict_checked(self, encoder_state_from_lightning(name_or_path), source=str(name_or_path))
+            self.tie_weights()
+            return self
+        source = type(self).from_pretrained(name_or_path)
+        shape = {k: getattr(source.config, k) for k in _ARCHITECTURE}
+        check_architecture(name_or_path, "ChemBERTa", shape, {k: getattr(self.config, k) for k in _ARCHITECTURE})
+        self.load_state_dict(source.state_dict())
+        self.tie_weights()
+        return self
 
     def tie_weights(self) -> None:
         self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight

@@ -387,7 +387,8 @@ class UniMol(Encoder, PretrainedMixin):
     molecule dictionary. ``pretraining_heads`` adds ``lm_head``, ``pair2coord_proj`` and
     ``dist_head`` (present in the released pretrained checkpoints). ``pooling="mean"``
     averages the atom representations instead of reading [CLS] (often better from scratch
-    on small data).
+    on small data). ``pretrained`` (a registered name or ``.pt`` path) loads released weights
+    into the model built from these arguments.
     """
 
     def __init__(
@@ -406,6 +407,7 @@ class UniMol(Encoder, PretrainedMixin):
         pretraining_heads: bool = True,
         final_head_layer_norm: bool = True,
         pooling: str = "cls",
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -447,6 +449,37 @@ class UniMol(Encoder, PretrainedMixin):
             self.dist_head = DistanceHead(attention_heads, activation_fn)
         self.apply(_init_bert)
         self.gbf.reset_parameters()
+        # what a checkpoint must agree on with this model (the .pt files do not record it)
+        self.architecture: dict[str, Any] = {
+            "encoder_layers": encoder_layers, "embed_dim": embed_dim, "ffn_embed_dim": ffn_embed_dim,
+            "attention_heads": attention_heads, "num_kernels": num_kernels, "activation_fn": activation_fn,
+        }  # fmt: skip
+        if pretrained:  # so a YAML recipe can start from a released checkpoint
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, name_or_path: str) -> UniMol:
+        """Load a registered checkpoint (``unimol-mol-no-h``) or a ``.pt`` file / folder into this
+        model. Pretraining heads and ``final_head_layer_norm`` this model does not build are left out."""
+        from polyfm.core.weights import get_weights
+        from polyfm.mol.weights import check_architecture, encoder_state_from_lightning
+
+        if str(name_or_path).endswith(".ckpt"):  # ours: a pretraining or fine-tuning run of this architecture
+            loaded = encoder_state_from_lightning(name_or_path)
+        else:
+            if not Path(name_or_path).expanduser().exists():  # a local .pt records no architecture; its keys are checked below
+                check_architecture(name_or_path, "Uni-Mol", dict(get_weights(name_or_path).config), self.architecture)
+            source = type(self).from_pretrained(name_or_path, **self.architecture)
+            if source.dictionary.symbols != self.dictionary.symbols:
+                raise CheckpointError(
+                    f"{name_or_path} comes with another atom dictionary ({len(source.dictionary)} symbols) than this model's "
+                    f"({len(self.dictionary)}); pass its dict.txt as dictionary=..."
+                )
+            loaded = source.state_dict()
+        own = self.state_dict()
+        heads = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.final_head_layer_norm.")
+        state = {k: v for k, v in loaded.items() if k in own or not k.startswith(heads)}
+        load_state_dict_checked(self, state, strict=True, source=str(name_or_path))
+        return self
 
     def block_names(self) -> list[str]:
         stem = ["embed_tokens", "gbf", "gbf_proj", "encoder.emb_layer_norm"]
