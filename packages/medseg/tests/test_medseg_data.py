@@ -350,3 +350,21 @@ def test_medseg_nnunet_v2_raw_dataset_reads_one_file_per_channel(tmp_path) -> No
     path.write_text(json.dumps(description))  # sparse annotations: nnU-Net's ignore label
     with pytest.raises(DataError, match=r"dataset.json: 'labels' declares nnU-Net's 'ignore' label \(id 2"):
         SegmentationDataModule(str(path), in_channels=2)
+
+
+def test_medseg_prediction_writer_reads_every_channel_file_of_a_case(tmp_path) -> None:
+    """predict on one-file-per-channel cases (nnU-Net v2): the writer re-reads both channels to invert, names by the first."""
+    import lightning as L
+
+    from polyfm.medseg.data import NiftiPredictionWriter
+    from polyfm.medseg.models import UNet
+    from polyfm.medseg.tasks import VolumeSegmentation
+
+    path = _nnunet_v2_dataset(tmp_path, ["prostate_001", "prostate_002"])
+    dm = SegmentationDataModule(str(path), roi_size=[16, 16, 8], in_channels=2, a_min=0.0, a_max=1000.0, val_fraction=0.5)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[NiftiPredictionWriter(str(tmp_path / "out"), postfix="")], default_root_dir=tmp_path)
+    task = VolumeSegmentation(UNet(in_channels=2, channels=[4, 8], strides=[2]), num_classes=2, roi_size=[16, 16, 8])
+    trainer.predict(task, datamodule=dm, return_predictions=False)
+    (written,) = (tmp_path / "out").glob("*.nii.gz")  # the validation case (no test list, no predict_files)
+    assert written.name.endswith("_0000.nii.gz") and nib.load(str(written)).shape == (20, 18, 10)
+    assert json.loads(written.with_name(written.name.replace(".nii.gz", ".json")).read_text())["labels"] == {"0": "background", "1": "lesion"}

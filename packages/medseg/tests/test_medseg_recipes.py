@@ -19,7 +19,7 @@ def phantoms(tmp_path_factory) -> Path:
 
 def test_medseg_recipes_are_all_listed() -> None:
     assert {p.name for p in RECIPES.glob("*.yaml")} == {
-        "pretrain-volume-fusion-unet.yaml", "pretrain-swin-ssl.yaml", "finetune-dynunet.yaml", "finetune-swin-unetr-lora.yaml",
+        "pretrain-volume-fusion-unet.yaml", "pretrain-swin-ssl.yaml", "finetune-unet.yaml", "finetune-dynunet.yaml", "finetune-swin-unetr-lora.yaml",
     }  # fmt: skip
 
 

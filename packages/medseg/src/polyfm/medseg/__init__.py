@@ -23,6 +23,7 @@ _LAZY = {
     "VolumeFolderDataModule": "polyfm.medseg.data",
     "read_decathlon": "polyfm.medseg.data",
     "predict_to_nifti": "polyfm.medseg.data",
+    "NiftiPredictionWriter": "polyfm.medseg.data",
     "save_overlay_png": "polyfm.medseg.data",
     "VolumeFusion": "polyfm.medseg.objectives",
     "MaskedVolumeInpainting": "polyfm.medseg.objectives",

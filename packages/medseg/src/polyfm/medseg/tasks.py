@@ -19,18 +19,23 @@
 
 from __future__ import annotations
 
+import csv
+import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.inferers import SliceInferer, SlidingWindowInferer
 from monai.losses import DiceCELoss
-from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
+from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric, compute_dice
 from torch import nn
 
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.errors import ConfigError
 from polyfm.core.tasks import OptimConfig, Segmentation
+
+log = logging.getLogger(__name__)
 
 
 class VolumeSegmentation(Segmentation):
@@ -55,9 +60,15 @@ class VolumeSegmentation(Segmentation):
         slice_axis: int | None = None,
         sw_device: str | None = None,
         output_device: str | None = None,
+        predict_probabilities: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         if hasattr(model, "reset_head"):
             model.reset_head(num_classes)
+        if pretrained:  # the recipe built the network; its weights come from here (a head of another shape stays fresh)
+            if not hasattr(model, "load_pretrained"):
+                raise ConfigError(f"pretrained={pretrained!r} needs a polyfm.medseg.models network, not {type(model).__name__}.")
+            model.load_pretrained(pretrained)
         adaptation = adaptation or Adaptation()
         heads = list(model.head_names()) if hasattr(model, "head_names") else []
         if adaptation.mode == "lora" and adaptation.lora_targets is None and heads:
@@ -88,9 +99,38 @@ class VolumeSegmentation(Segmentation):
             if any(name == h or name.startswith(h + ".") for h in heads) and "lora_" not in name:
                 param.requires_grad_(True)
         self.spacing, self.surface_tolerance = spacing, surface_tolerance
+        self.predict_probabilities = predict_probabilities
+        self._case_dice: list[torch.Tensor] = []
+        self._case_names: list[str] = []
         self.hd95 = HausdorffDistanceMetric(include_background=include_background, percentile=95.0, reduction="none")
         n_thresholds = num_classes if include_background else num_classes - 1
         self.surface_dice = SurfaceDiceMetric([surface_tolerance] * n_thresholds, include_background=include_background, reduction="none")
+
+    def setup(self, stage: str) -> None:
+        """Check the task against the datamodule before the first step: a class count that differs
+        fails later inside MONAI's one-hot ("index 2 is out of bounds"); the class names come from
+        the dataset when the task has none, so metrics read ``val/dice/liver``, not ``val/dice/1``."""
+        super().setup(stage)
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(data, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            source = getattr(data, "dataset_json", type(data).__name__)
+            raise ConfigError(
+                f"the task has num_classes={self.num_classes} but the data ({source}: its 'labels', or label_map / class_names) "
+                f"has {data_classes} classes, background included: set --model.num_classes={data_classes} "
+                f"(VolumeSegmentation(num_classes={data_classes})), or change the data's label_map."
+            )
+        if self.class_names is None and getattr(data, "class_names", None):
+            self.class_names = list(data.class_names)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Label maps ``(B, 1, *S)`` on the preprocessed grid and the case names; the softmax only with
+        ``predict_probabilities`` (a whole CT's probabilities are gigabytes, and the trainer keeps every output)."""
+        logits = self.infer(batch["input"])
+        out = {"labels": logits.argmax(1, keepdim=True), "meta": batch.get("meta")}
+        if self.predict_probabilities:
+            out["probabilities"] = logits.softmax(1)
+        return out
 
     def _infer_batch(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-volume inference, loss logged; (label map, target) on the target's device, where the
@@ -112,18 +152,43 @@ class VolumeSegmentation(Segmentation):
         kwargs = {"spacing": self.spacing} if self.spacing else {}
         self.hd95(one_hot_pred, one_hot_target, **kwargs)
         self.surface_dice(one_hot_pred, one_hot_target, **kwargs)
+        self._case_dice.append(compute_dice(one_hot_pred, one_hot_target, include_background=self.include_background).cpu())
+        meta = batch.get("meta")
+        self._case_names += [str(m) for m in meta] if isinstance(meta, list | tuple) else [str(meta)] * len(labels)
+
+    def on_test_epoch_start(self) -> None:
+        self._case_dice, self._case_names = [], []
 
     def on_test_epoch_end(self) -> None:
         self._log_dice("test")
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         names = names if self.include_background else names[1:]
+        per_case_columns = {"dice": torch.cat(self._case_dice) if self._case_dice else None}
         for metric, label in ((self.hd95, "hd95"), (self.surface_dice, "surface_dice")):
             per_case = metric.aggregate()  # (cases, classes); NaN where a class is absent
             metric.reset()
+            per_case_columns[label] = per_case
             per_class = torch.nanmean(per_case.float(), dim=0)
             for name, value in zip(names, per_class, strict=False):
                 self.log(f"test/{label}/{name}", value)
             self.log(f"test/{label}", torch.nanmean(per_class))
+        self._write_per_case(per_case_columns, names)
+
+    def _write_per_case(self, columns: dict[str, torch.Tensor | None], names: list[str]) -> None:
+        """``test_per_case.csv`` in the run's log folder: one row per case (its file), Dice / HD95 / surface
+        Dice per class (MONAI's ``MetricsSaver`` layout, what papers report per case); NaN where a class is absent."""
+        if columns["dice"] is None or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        header = ["case", *(f"{metric}/{name}" for metric in columns for name in names)]
+        with (folder / "test_per_case.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for row, case in enumerate(self._case_names):
+                values = [float(columns[metric][row, i]) for metric in columns for i in range(len(names))]  # type: ignore[index]
+                writer.writerow([case, *(f"{v:.6g}" for v in values)])
+        log.info("per-case test metrics: %s", folder / "test_per_case.csv")
 
 
 def _lora_outside_heads(model: nn.Module, adaptation: Adaptation, heads: list[str]) -> Adaptation:

@@ -35,6 +35,8 @@ from polyfm.core.weights import (
     PretrainedMixin,
     WeightSpec,
     cache_dir,
+    fetch_weights,
+    get_weights,
     load_checkpoint_file,
     load_state_dict_checked,
     unwrap_state_dict,
@@ -146,14 +148,42 @@ class MedSegNet(Encoder, PretrainedMixin):
             model = cls(**merged)
         except TypeError as exc:
             raise CheckpointError(f"{path}: cannot build {cls.__name__} from the configuration {merged}: {exc}") from exc
-        raw = _network_of_task(model, unwrap_state_dict(raw), file)
-        state = spec.converter(raw) if spec is not None and spec.converter is not None else cls.convert_state_dict(raw)
-        state = model.fit_checkpoint(state, str(file))
-        ignore_missing, ignore_unexpected = cls.checkpoint_ignores(state)
+        model._load_state(raw, file, spec)
+        return model
+
+    def load_pretrained(self, name_or_path: str | Path) -> None:
+        """Load a checkpoint (a registered name, a file, a bundle folder or zip, a ``polyfm fit`` .ckpt,
+        pretraining's included) into this network *as it is built*: the path of ``polyfm fit`` recipes,
+        where the YAML builds the network and ``VolumeSegmentation(pretrained=...)`` loads it.
+
+        The output layers are task-specific: where the checkpoint's head differs in shape (a 5-class
+        Volume Fusion head, a 14-organ BTCV head) it is left out and keeps its fresh initialisation."""
+        path, spec = Path(name_or_path).expanduser(), None
+        if not path.exists():
+            spec = get_weights(str(name_or_path))
+            folder = fetch_weights(spec)
+            path = folder if len(spec.files) > 1 else folder / spec.primary_file
+        file, _ = resolve_checkpoint(path, self.monai_name())
+        _, raw = self.foreign_checkpoint(load_checkpoint_file(file), file)
+        self._load_state(raw, file, spec, task_head=True)
+
+    def _load_state(self, raw: dict[str, Any], file: Path, spec: WeightSpec | None, task_head: bool = False) -> None:
+        raw = _network_of_task(self, unwrap_state_dict(raw), file)
+        state = spec.converter(raw) if spec is not None and spec.converter is not None else self.convert_state_dict(raw)
+        state = self.fit_checkpoint(state, str(file))
+        ignore_missing, ignore_unexpected = self.checkpoint_ignores(state)
+        if task_head:  # a head of another class count: leave it out, it is rebuilt for the task anyway
+            heads = tuple(f"{h}." for h in self.head_names())
+            own = self.state_dict()
+            other = sorted(k for k, v in state.items() if k.startswith(heads) and k in own and own[k].shape != v.shape)
+            if other:
+                log.info("%s: the output layers (%s) have another shape here; they keep their fresh initialisation.", file, ", ".join(other))
+            state = {k: v for k, v in state.items() if k not in other}
+            ignore_missing = (*ignore_missing, *heads)
         try:
-            load_state_dict_checked(model, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=str(file))
+            load_state_dict_checked(self, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=str(file))
         except CheckpointError as exc:
-            hint = cls.checkpoint_hint(state)
+            hint = self.checkpoint_hint(state)
             if any(".lora_A." in k for k in state):
                 hint += (
                     "\nThe checkpoint holds LoRA adapters (lora_A/lora_B around base_layer): fold them in first, "
@@ -161,10 +191,9 @@ class MedSegNet(Encoder, PretrainedMixin):
                 )
             raise CheckpointError(f"{exc}\n{hint.strip()}" if hint.strip() else str(exc)) from exc
         # top-level modules, or Swin-ViT stages (a v2 model's layers{i}c are new to v1 SSL weights)
-        fresh = sorted({".".join(k.split(".")[: 2 if k.startswith("swinViT.") else 1]) for k in model.state_dict() if k not in state})
+        fresh = sorted({".".join(k.split(".")[: 2 if k.startswith("swinViT.") else 1]) for k in self.state_dict() if k not in state})
         if fresh:  # allowed by checkpoint_ignores (a decoder new to encoder-only weights): say so
             log.info("%s: %s not in the checkpoint; they keep their fresh initialisation.", file, ", ".join(fresh))
-        return model
 
     @classmethod
     def checkpoint_hint(cls, state_dict: Mapping[str, torch.Tensor]) -> str:
