@@ -160,3 +160,44 @@ def test_ts_model_and_data_channels_or_horizon_mismatch_is_refused(tmp_path) -> 
     with pytest.raises(ConfigError, match=r"forecasts 8 steps but the data's horizon is 16.*prediction_filter_length=16"):
         rolling_evaluate(_small(64, 16, prediction_filter_length=8, **dm.model_config()), dm, "test")
     assert rolling_evaluate(_small(64, 16, **dm.model_config()), dm, "test")["windows"] > 0
+
+
+def test_ts_window_forecasts_long_format_keeps_ids_and_units() -> None:
+    """Per-window predictions become rows per series id, timestamp and step, unscaled with each series' own scaler."""
+    from torch.utils.data import DataLoader
+
+    from polyfm.ts.forecast import window_forecasts
+
+    parts = []
+    for station, offset in (("B", 1000.0), ("A", 0.0)):
+        series = synthetic_series(400, channels=2, seed=3)
+        parts.append(series.assign(station=station, x0=series["x0"] + offset))
+    long = pd.concat(parts, ignore_index=True)
+    dm = ForecastDataModule.from_frame(long, name="plants", context_length=32, horizon=8, split=[0.7, 0.1, 0.2],
+                                       eval_stride=8, id_columns=["station"], target_columns=["x0"])
+    # the true scaled future as the "prediction": unscaled, it must give back the file's values
+    batches = [{"prediction": b["future_values"], "meta": b["meta"]} for b in DataLoader(dm.dataset("test"), batch_size=5)]
+    out = window_forecasts(dm, batches)
+    assert list(out.columns) == ["station", "origin", "step", "date", "x0", "x0_true"]
+    assert out["station"].tolist()[0] == "A" and set(out["station"]) == {"A", "B"}
+    np.testing.assert_allclose(out["x0"], out["x0_true"], rtol=1e-5)
+    expected = long.set_index(["station", "date"]).loc[list(zip(out["station"], out["date"])), "x0"]
+    np.testing.assert_allclose(out["x0_true"], expected.to_numpy(), rtol=1e-6)
+    assert out.loc[out["station"] == "B", "x0"].mean() > 900  # B's own scaler
+    scaled = window_forecasts(dm, batches, units="scaled")
+    np.testing.assert_allclose(scaled["x0"], scaled["x0_true"], atol=1e-5)
+    assert abs(scaled["x0"].mean()) < 5
+
+
+def test_ts_window_forecasts_without_timestamps_uses_row_numbers() -> None:
+    from torch.utils.data import DataLoader
+
+    from polyfm.ts.forecast import window_forecasts
+
+    frame = synthetic_series(300, channels=2, seed=4).drop(columns=["date"])
+    dm = ForecastDataModule.from_frame(frame, context_length=32, horizon=8, split=[0.7, 0.1, 0.2], eval_stride=8, timestamp_column=None)
+    batches = [{"prediction": b["future_values"], "meta": b["meta"]} for b in DataLoader(dm.dataset("test"), batch_size=4)]
+    out = window_forecasts(dm, batches)
+    assert list(out.columns[:3]) == ["origin", "step", "row"] and out["row"].iloc[0] == out["origin"].iloc[0] == 241
+    np.testing.assert_allclose(out["x1_true"], frame["x1"].to_numpy()[out["row"] - 1], rtol=1e-6)
+    np.testing.assert_allclose(out["x1"], out["x1_true"], rtol=1e-5)

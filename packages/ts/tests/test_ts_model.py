@@ -247,3 +247,18 @@ def test_ts_wrapped_state_dicts_load(tmp_path, caplog) -> None:
             loaded = TTM.from_pretrained(folder)
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in own.items()), name
     assert "keys carry a 'model.' prefix" in caplog.text and "leaving out 1 other keys (['loss_weight'])" in caplog.text
+
+
+def test_ts_pretrained_argument_takes_a_lightning_checkpoint_file(tmp_path) -> None:
+    """`pretrained:` in a recipe may name the .ckpt of an earlier run (no config.json beside it): the explicit
+    architecture is its config, the task's `model.` prefix is unwrapped, and another architecture is a key diff."""
+    from polyfm.core.tasks import Forecasting
+
+    arch = dict(context_length=64, prediction_length=16, patch_length=8, d_model=16, decoder_d_model=8, adaptive_patching_levels=1)
+    task = Forecasting(TTM(**arch))
+    torch.save({"state_dict": task.state_dict(), "global_step": 3}, tmp_path / "last.ckpt")
+    loaded = TTM(**arch, pretrained=str(tmp_path / "last.ckpt"))
+    for key, value in task.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        TTM(**{**arch, "d_model": 32}, pretrained=str(tmp_path / "last.ckpt"))

@@ -605,6 +605,7 @@ class ForecastDataModule(DictDataModule):
         self.parts: list[SeriesPart] = []  # every series: one, or one per id with id_columns
         self.scalers: dict[str, StandardScaler] = {}  # by series source (the part of ``meta`` before '@')
         self.frame: pd.DataFrame | None = None
+        self.series_ids: dict[str, dict[str, Any]] = {}  # series source -> its id values (with id_columns)
         self._prepared = False
 
     @classmethod
@@ -691,6 +692,7 @@ class ForecastDataModule(DictDataModule):
         for key, group in frame.groupby(self.id_columns, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             name = f"{label}[{', '.join(f'{c}={v}' for c, v in zip(self.id_columns, key))}]"
+            self.series_ids[name] = dict(zip(self.id_columns, key))
             series.append(self._read(group.drop(columns=self.id_columns).reset_index(drop=True), name))
         return series
 
@@ -743,7 +745,18 @@ class ForecastDataModule(DictDataModule):
     def build(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
         return self.dataset("train"), self.dataset("val"), self.dataset("test")
 
+    def _check_model(self) -> None:
+        """Under a Trainer (recipes), refuse a TTM built for other channels or another horizon before the first
+        batch, with the settings to change, instead of a shape error deep in the forward pass."""
+        from polyfm.ts.forecast import check_model_fits_data  # forecast imports this module
+
+        trainer = getattr(self, "trainer", None)
+        model = getattr(getattr(trainer, "lightning_module", None), "model", None)
+        if model is not None:
+            check_model_fits_data(model, self)
+
     def setup(self, stage: str | None = None) -> None:
+        self._check_model()
         if self.train_set is not None:
             return
         train, self.val_set, self.test_set = self.build()

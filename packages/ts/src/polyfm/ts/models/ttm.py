@@ -841,14 +841,17 @@ class TTM(Encoder, PretrainedMixin):
         prediction_filter_length: int | None = None,
         pretrained: str | None = None,
     ):
-        """``pretrained`` (a registry name, hub id or folder) loads released weights into this
-        architecture, strictly: the arguments must describe the checkpoint's (see its config.json)."""
+        """``pretrained`` (a registry name, hub id, folder, or a weights/Lightning checkpoint file) loads its weights
+        into this architecture, strictly: the arguments must describe the checkpoint's (see its config.json)."""
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__", "pretrained")}
         self.config = TTMConfig(patch_stride=patch_length, **arguments)
         self._build()
         if pretrained:
-            source = TTM.from_pretrained(pretrained)
+            # a bare weights file without config.json beside it (a Lightning .ckpt of the pretraining or fine-tuning
+            # recipe, a safetensors file): these arguments are its architecture
+            bare = Path(pretrained).is_file() and not (Path(pretrained).parent / "config.json").exists()
+            source = TTM.from_pretrained(pretrained, **({**arguments, "patch_stride": patch_length} if bare else {}))
             load_state_dict_checked(self, source.state_dict(), strict=True, source=str(pretrained))
 
     @classmethod
