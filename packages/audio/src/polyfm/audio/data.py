@@ -548,6 +548,23 @@ def read_folder(
     return paths, None, []
 
 
+def read_predict_source(source: str | Path, audio_root: str | Path | None = None, file_column: str = "file") -> list[Path]:
+    """The files to predict on, unlabelled: one audio file, a folder (every audio file
+    under it, sub-folders included, sorted), or a CSV manifest with a ``file_column``
+    (other columns, labels included, are ignored)."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() in AUDIO_EXTENSIONS:
+        return [source]
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+        if not paths:
+            raise DataError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in it or its sub-folders.", path=source)
+        return paths
+    if source.suffix.lower() in (".csv", ".tsv") or source.is_file():
+        return read_manifest_csv(source, audio_root, file_column=file_column, label_column=None, check_files=True)[0]
+    raise DataError(f"not found: give an audio file, a folder of them or a CSV manifest with a {file_column!r} column.", path=source)
+
+
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 
 
@@ -574,16 +591,35 @@ def read_fsdd(root: str | Path, split: Literal["train", "test", "all"], indices:
 # ----------------------------------------------------------------------------- DataModules
 
 
-class AudioDataModule(DictDataModule):
+class OptionalValidation:
+    """No validation split (``val: null``, ``val_fraction: 0``): no validation loop, instead of
+    DictDataModule's "has no evaluation split" error at the first epoch's end."""
+
+    val_set: Dataset[Any] | None
+
+    def val_dataloader(self) -> Any:
+        return super().val_dataloader() if self.val_set is not None else []  # type: ignore[misc]
+
+
+class AudioDataModule(OptionalValidation, DictDataModule):
     """Shared by the audio DataModules: class-balanced sampling of the training split
     (PANNs' balanced sampler: each clip drawn with probability inversely proportional
     to its classes' frequencies, with replacement) and a few properties tasks need."""
 
-    def __init__(self, balanced: bool = False, batch_size: int = 32, num_workers: int = 0, label_fraction: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        balanced: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        label_fraction: float = 1.0,
+        seed: int = 0,
+        predict: str | None = None,
+    ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
-        self.balanced = balanced
+        self.balanced, self.predict = balanced, predict
         self.class_names: list[str] = []
         self._pending_train: Dataset[Any] | None = None
+        self.predict_set: AudioClipDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -601,6 +637,11 @@ class AudioDataModule(DictDataModule):
         return list(labels)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.predict is not None and self.predict_set is None:
+            # clip length and rate as in evaluation; clips cropped from the start, never at random
+            sample_rate, clip_seconds = getattr(self, "sample_rate", 32000), getattr(self, "clip_seconds", 10.0)
+            root = getattr(self, "audio_root", None)
+            self.predict_set = AudioClipDataset(read_predict_source(self.predict, root), None, sample_rate=sample_rate, clip_seconds=clip_seconds)
         if self.train_set is not None:
             return
         train, self.val_set, self.test_set = self.build()
@@ -623,6 +664,10 @@ class AudioDataModule(DictDataModule):
         as_lists = [label if isinstance(label, list) else [label] for label in labels]
         counts = Counter(c for label in as_lists for c in label)
         return [float(np.mean([1.0 / counts[c] for c in label])) if label else 0.0 for label in as_lists]
+
+    def predict_dataloader(self) -> DataLoader[Any]:
+        """``predict`` (files without labels) when given, else the test split (else validation)."""
+        return self._loader(self.predict_set, False) if self.predict_set is not None else super().predict_dataloader()
 
     def train_dataloader(self) -> DataLoader[Any]:
         if not self.balanced:
@@ -649,7 +694,10 @@ class AudioClipsDataModule(AudioDataModule):
         pick the evaluation folds and the rest train;
       * ``folder``: ``train``/``val``/``test`` are folders with one sub-folder per class.
 
-    Multi-label when any clip has several labels (or ``format="audioset"``).
+    Multi-label when any clip has several labels (or ``format="audioset"``). Without ``val``
+    there is no validation loop. ``predict`` (every audio DataModule): the files ``predict``
+    runs on, without labels (one file, a folder, or a manifest's ``file`` column, see
+    :func:`read_predict_source`); else it runs on the test split, else validation.
     """
 
     def __init__(
@@ -657,6 +705,7 @@ class AudioClipsDataModule(AudioDataModule):
         train: str,
         val: str | None = None,
         test: str | None = None,
+        predict: str | None = None,
         format: Literal["csv", "audioset", "folds", "folder"] = "csv",
         audio_root: str | None = None,
         class_labels_csv: str | None = None,
@@ -674,7 +723,7 @@ class AudioClipsDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(balanced=balanced, batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict)
         self.train, self.val, self.test, self.format = train, val, test, format
         self.audio_root, self.class_labels_csv = audio_root, class_labels_csv
         self.val_folds, self.test_folds, self.label_separator = val_folds, test_folds, label_separator
@@ -740,6 +789,7 @@ class FSDDDataModule(AudioDataModule):
         sample_rate: int = 32000,
         clip_seconds: float = 1.0,
         val_indices: list[int] | None = None,
+        predict: str | None = None,
         max_train_clips: int | None = None,
         random_crop: bool = True,
         cache: bool = False,
@@ -749,7 +799,7 @@ class FSDDDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(balanced=balanced, batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict)
         self.root, self.sample_rate, self.clip_seconds = root, sample_rate, clip_seconds
         self.val_indices = list(range(5, 10)) if val_indices is None else val_indices
         self.max_train_clips, self.random_crop, self.cache = max_train_clips, random_crop, cache
@@ -784,7 +834,7 @@ class FSDDDataModule(AudioDataModule):
         return make(paths, labels, True), make(val_paths, val_labels, False), make(test_paths, test_labels, False)
 
 
-class UnlabelledAudioDataModule(DictDataModule):
+class UnlabelledAudioDataModule(OptionalValidation, DictDataModule):
     """Self-supervised pretraining on a folder (or CSV manifest) of unlabelled clips:
     batches of two views (``view1``, ``view2``) for :class:`~polyfm.audio.objectives.ContrastiveAudio`.
     Labels, if the source has them, are ignored. ``val_fraction`` of the clips (seeded)
@@ -906,6 +956,7 @@ class SoundEventDataModule(AudioDataModule):
         train: str,
         val: str | None = None,
         test: str | None = None,
+        predict: str | None = None,
         audio_root: str | None = None,
         sample_rate: int = 32000,
         hop_size: int = 320,
@@ -916,7 +967,7 @@ class SoundEventDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
+        super().__init__(False, batch_size, num_workers, label_fraction, seed, predict)
         self.train, self.val, self.test, self.audio_root = train, val, test, audio_root
         self.sample_rate, self.hop_size, self.clip_seconds, self.on_error = sample_rate, hop_size, clip_seconds, on_error
 

@@ -66,12 +66,13 @@ class SoundEventDetection(EncoderTask):
             }
         )
 
-    def _base(self) -> nn.Module:
+    def encoder_base(self) -> Any:
+        """The PANNs model itself (under PEFT's wrapper with LoRA): sample rate, hop, frames."""
         return getattr(self.encoder, "base_model", self.encoder)
 
     def forward(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
         """``framewise_logits`` ``(B, frames, C)`` and ``clip_logits`` ``(B, C)``."""
-        base = self._base()
+        base = self.encoder_base()
         out = self.encoder(waveform)
         if "segment_embedding" not in out:
             raise TypeError(f"{type(base).__name__} has no segment output; SED needs a decision-level model such as Cnn14_DecisionLevelMax.")

@@ -27,6 +27,8 @@ HEAD_KEYS = ("fc_audioset.weight", "fc_audioset.bias")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: PANNs' finetune_template.py wraps the AudioSet model as ``base`` and adds ``fc_transfer``
 TRANSFER_PREFIX, TRANSFER_HEAD = "base.", "fc_transfer."
+#: where the PANNs model sits in polyfm's Lightning checkpoints: Pretraining(model=...), fine-tuning tasks' encoder
+LIGHTNING_PREFIXES = ("model.", "encoder.")
 
 
 def init_layer(layer: nn.Module) -> None:
@@ -227,7 +229,10 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     gives its ``base`` and a warning that ``fc_transfer`` (the new task's head) is not loaded."""
     from polyfm.audio.weights import read_panns_checkpoint
 
-    state = unwrap_state_dict(read_panns_checkpoint(path))
+    raw = read_panns_checkpoint(path)
+    state = unwrap_state_dict(raw)
+    if "pytorch-lightning_version" in raw:
+        state = _lightning_model_state(state, path)
     for prefix in WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
@@ -240,4 +245,18 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
                 "put it into your task's head if you need it).", path, shapes,
             )  # fmt: skip
         state = {k[len(TRANSFER_PREFIX) :]: v for k, v in state.items() if k.startswith(TRANSFER_PREFIX)}
+    return state
+
+
+def _lightning_model_state(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The PANNs model inside a ``.ckpt`` written by ``polyfm fit`` (a pretraining recipe's
+    ``model.*`` or a fine-tuning task's ``encoder.*``), so ``pretrained=`` continues from it;
+    the rest (the objective's projection head, the task's head) is named and left out. Such
+    files hold no front-end tensors: build the model with the run's sample rate and mel settings."""
+    for prefix in LIGHTNING_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            left = sorted({k.split(".")[0] for k in state if not k.startswith(prefix)})
+            if left:
+                log.warning("%s: loading the %r weights of this Lightning checkpoint; not loaded: %s (pretraining or task heads)", path, prefix[:-1], left)
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
