@@ -28,6 +28,7 @@ __all__ = [
     "chip_loader",
     "GeoSegmentation",
     "GeoClassification",
+    "GeoPredictionWriter",
 ]
 
 _WHERE = {
@@ -50,6 +51,7 @@ _WHERE = {
     "chip_loader": "polyfm.geo.data",
     "GeoSegmentation": "polyfm.geo.tasks",
     "GeoClassification": "polyfm.geo.tasks",
+    "GeoPredictionWriter": "polyfm.geo.predict",
 }
 
 

@@ -348,8 +348,9 @@ class GeoTiffClassification(Dataset[dict[str, Any]]):
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
             x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
-        target = torch.tensor(label, dtype=torch.float32) if self.multilabel else torch.tensor(label, dtype=torch.long)
-        sample = {"input": x.contiguous(), "target": target, "meta": str(path)}
+        sample: dict[str, Any] = {"input": x.contiguous(), "meta": str(path)}
+        if label is not None:  # None: an unlabelled file to predict on
+            sample["target"] = torch.tensor(label, dtype=torch.float32) if self.multilabel else torch.tensor(label, dtype=torch.long)
         if valid is not None:
             sample["input"], sample["valid"] = x[:-1].contiguous(), x[-1] > 0.999
         return sample
@@ -360,7 +361,7 @@ class GeoTiffSegmentation(Dataset[dict[str, Any]]):
 
     def __init__(
         self,
-        pairs: Sequence[tuple[Path, Path]],
+        pairs: Sequence[tuple[Path, Path | None]],
         bands: Sequence[str],
         normalization: Normalization | None = None,
         band_indices: Sequence[int] | None = None,
@@ -378,13 +379,15 @@ class GeoTiffSegmentation(Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_path = self.pairs[index]
-        mask, _ = read_raster(mask_path, expected_bands=1)
-        if self.num_classes is not None and (mask.max() >= self.num_classes or mask.min() < 0):
-            raise DataError(f"mask holds class ids {int(mask.min())}..{int(mask.max())}, outside 0..{self.num_classes - 1}", path=mask_path)
         x, valid = load_image(image_path, self.bands, self.band_indices, self.normalization, self.scale, self.nodata)
-        if mask.shape[-2:] != tuple(x.shape[-2:]):
-            raise DataError(f"mask is {mask.shape[-2:]} but its image {image_path.name} is {tuple(x.shape[-2:])}", path=mask_path)
-        sample = {"input": x, "target": torch.from_numpy(mask.astype(np.int64)), "meta": str(image_path)}
+        sample: dict[str, Any] = {"input": x, "meta": str(image_path)}
+        if mask_path is not None:  # None: an unlabelled image to predict on
+            mask, _ = read_raster(mask_path, expected_bands=1)
+            if self.num_classes is not None and (mask.max() >= self.num_classes or mask.min() < 0):
+                raise DataError(f"mask holds class ids {int(mask.min())}..{int(mask.max())}, outside 0..{self.num_classes - 1}", path=mask_path)
+            if mask.shape[-2:] != tuple(x.shape[-2:]):
+                raise DataError(f"mask is {mask.shape[-2:]} but its image {image_path.name} is {tuple(x.shape[-2:])}", path=mask_path)
+            sample["target"] = torch.from_numpy(mask.astype(np.int64))
         if valid is not None:
             sample["valid"] = valid
         return sample
@@ -415,7 +418,8 @@ class GeoTiffDataModule(DictDataModule):
     for those bands: a registered weight name (its statistics are picked by band name),
     or ``model.input_normalization()`` after ``model.adapt_bands(bands)``.
     Train/val/test come from ``val_csv``/``test_csv`` when given, else from a seeded,
-    stratified split of the one source.
+    stratified split of the one source. ``predict_paths`` (GeoTIFF files or folders of them,
+    unlabelled) are what ``predict`` reads; without them it reads the test split.
     """
 
     def __init__(
@@ -437,6 +441,7 @@ class GeoTiffDataModule(DictDataModule):
         augment: bool = False,
         scale: float = 1.0,
         nodata: NodataPolicy = "error",
+        predict_paths: list[str] | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -444,7 +449,7 @@ class GeoTiffDataModule(DictDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         check_nodata_policy(nodata)
-        self.scale, self.nodata = scale, nodata
+        self.scale, self.nodata, self.predict_paths = scale, nodata, predict_paths
         if (root is None) == (csv_path is None):
             raise ConfigError("give exactly one of root (class-per-folder) or csv_path")
         self.bands, self.root, self.csv_path, self.val_csv, self.test_csv = bands, root, csv_path, val_csv, test_csv
@@ -485,13 +490,22 @@ class GeoTiffDataModule(DictDataModule):
     def train_labels(self) -> Sequence[Any] | None:
         return None if self.multilabel else self._train_labels
 
+    def predict_dataloader(self) -> DataLoader[Any]:
+        """Unlabelled GeoTIFFs from ``predict_paths`` (files or folders), else the test split."""
+        if not self.predict_paths:
+            return super().predict_dataloader()
+        from polyfm.geo.predict import raster_files
+
+        return self._loader(self._dataset([(p, None) for p in raster_files(self.predict_paths)], False), False)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
 class GeoTiffSegmentationDataModule(DictDataModule):
-    """Segmentation from a CSV with ``image`` and ``mask`` columns (paths relative to the CSV)."""
+    """Segmentation from a CSV with ``image`` and ``mask`` columns (paths relative to the CSV);
+    ``predict_paths`` (files or folders) are the unlabelled images ``predict`` reads."""
 
     def __init__(
         self,
@@ -504,6 +518,8 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         test_fraction: float = 0.2,
         scale: float = 1.0,
         nodata: NodataPolicy = "error",
+        predict_paths: list[str] | None = None,
+        class_names: list[str] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -511,8 +527,11 @@ class GeoTiffSegmentationDataModule(DictDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         check_nodata_policy(nodata)
-        self.scale, self.nodata = scale, nodata
+        self.scale, self.nodata, self.predict_paths = scale, nodata, predict_paths
         self.csv_path, self.bands, self.num_classes = Path(csv_path), bands, num_classes
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(f"class_names has {len(class_names)} names {class_names} for num_classes={num_classes}")
+        self.class_names = list(class_names or [])  # written into prediction GeoTIFFs' tags
         self.normalization = resolve_normalization(normalization, bands if band_indices is None else [bands[i] for i in band_indices])
         self.band_indices, self.val_fraction, self.test_fraction = band_indices, val_fraction, test_fraction
 
@@ -529,12 +548,30 @@ class GeoTiffSegmentationDataModule(DictDataModule):
                         raise DataError(f"{p.name} does not exist", path=self.csv_path, row=number)
                 pairs.append((image, mask))
         tr, va, te = _split(len(pairs), self.val_fraction, self.test_fraction, self.seed)
+        train, val, test = ([pairs[i] for i in ix] for ix in (tr, va, te))
+        return self._dataset(train), self._dataset(val) if val else None, self._dataset(test) if test else None
 
-        def make(ix: list[int]) -> GeoTiffSegmentation:
-            return GeoTiffSegmentation([pairs[i] for i in ix], self.bands, self.normalization, self.band_indices, self.num_classes,
-                                       self.scale, self.nodata)
+    def _dataset(self, pairs: Sequence[tuple[Path, Path | None]]) -> GeoTiffSegmentation:
+        return GeoTiffSegmentation(pairs, self.bands, self.normalization, self.band_indices, self.num_classes, self.scale, self.nodata)
 
-        return make(tr), make(va) if va else None, make(te) if te else None
+    def predict_dataloader(self) -> DataLoader[Any]:
+        """Unlabelled images from ``predict_paths`` (files or folders; whole files, one class-id
+        GeoTIFF each with :class:`polyfm.geo.predict.GeoPredictionWriter`), else the test split."""
+        if not self.predict_paths:
+            return super().predict_dataloader()
+        import rasterio
+
+        from polyfm.geo.predict import raster_files
+
+        files = raster_files(self.predict_paths)
+        dataset = self._dataset([(p, None) for p in files])
+        sizes = set()
+        for path in files:
+            with rasterio.open(path) as src:  # header only
+                sizes.add((src.height, src.width))
+        if len(sizes) > 1:  # whole files of different sizes cannot share a batch
+            return DataLoader(dataset, batch_size=1, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return self._loader(dataset, False)
 
 
 # ----------------------------------------------------------------------------- torchgeo datasets
@@ -556,7 +593,9 @@ class TorchGeoClassification(Dataset[dict[str, Any]]):
             x = self.normalization(x)
         label = sample["label"]
         target = label.float() if self.multilabel else label.long()
-        return {"input": _fit_size(x, self.chip_size), "target": target, "meta": index}
+        samples = getattr(self.dataset, "samples", None)  # ImageFolder-based datasets (EuroSAT) know each file
+        meta = str(samples[index][0]) if isinstance(samples, list) and index < len(samples) else index
+        return {"input": _fit_size(x, self.chip_size), "target": target, "meta": meta}
 
 
 def torchgeo_bands(dataset: Any) -> list[str]:

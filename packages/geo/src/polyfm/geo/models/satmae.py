@@ -292,6 +292,12 @@ class SatMAE(Encoder, PretrainedMixin):
         self.active_groups: list[int] = list(range(len(groups)))
         self.band_plan: BandPlan | None = None
 
+        # each token's code is [2-D position (width - channel code), group code]: both widths must stay positive
+        for width, code, names in ((embed_dim, channel_embed, "embed_dim/channel_embed"),
+                                   (decoder_embed_dim, decoder_channel_embed, "decoder_embed_dim/decoder_channel_embed")):
+            if (names.startswith("embed") or decoder_depth > 0) and not 0 < code < width:
+                raise ConfigError(f"{names} = {width}/{code}: the group code must be narrower than the token width (it is concatenated "
+                                  f"with a 2-D position code of width {width} - {code}); set a smaller {names.split('/')[1]}")
         grid = img_size // patch_size
         num_groups = len(groups)
         self.patch_embed = nn.ModuleList(PatchEmbed(len(g), embed_dim, patch_size) for g in groups)
@@ -328,8 +334,8 @@ class SatMAE(Encoder, PretrainedMixin):
             self.up_block2 = UpsampleBlock(width, len(bands))
         self._init_weights()
         # For YAML recipes: load weights into this configuration, then map the data's bands.
-        if pretrained is not None:
-            self.load_pretrained(pretrained)
+        if wants_checkpoint(pretrained):
+            self.load_pretrained(pretrained)  # type: ignore[arg-type]
         if input_bands is not None:
             self.adapt_bands(input_bands, missing_bands)
 
@@ -605,6 +611,12 @@ class SatMAE(Encoder, PretrainedMixin):
         load_state_dict_checked(self, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=source)
 
 
+def wants_checkpoint(pretrained: str | Path | None) -> bool:
+    """False for no weights. jsonargparse turns ``--model.init_args.encoder.init_args.pretrained=null``
+    (a model nested in a task) into the string ``"None"``: that means no weights too, not a file."""
+    return pretrained is not None and str(pretrained).strip().lower() not in ("", "none", "null")
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, WeightSpec | None]:
     """A local file, or a registered weight fetched into the cache (clear error offline)."""
     path = Path(name_or_path).expanduser()
@@ -627,8 +639,29 @@ def read_official_checkpoint(path: Path) -> dict[str, Any]:
         return load_checkpoint_file(path)
 
 
+_OWN_KEYS = ("patch_embed", "cls_token", "pos_embed", "blocks.", "conv1.", "layer1.")
+
+
+def encoder_state(state: Mapping[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """The encoder's weights from a polyfm Lightning checkpoint (``polyfm fit`` output): a task
+    keeps the encoder under ``encoder.``, ``Pretraining`` under ``model.``; the head, decoder
+    heads and objective are left out. Official layouts pass through unchanged."""
+    if any(k.startswith(_OWN_KEYS) for k in state):
+        return dict(state)
+    prefix = max(("encoder.", "model."), key=lambda p: sum(k.startswith(p) for k in state))
+    inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not inner:
+        return dict(state)
+    if any(".lora_A." in k for k in inner):
+        raise CheckpointError(
+            f"{source} holds LoRA adapters (lora_A/lora_B around base_layer), not plain encoder weights. Predict or test with it "
+            "through the task (polyfm predict/test --ckpt_path ...), or fine-tune again from the checkpoint the LoRA run started from"
+        )
+    return inner
+
+
 def _read_state(path: Path, spec: WeightSpec | None) -> dict[str, torch.Tensor]:
-    state = strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module.")
+    state = encoder_state(strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module."), path)
     if spec is not None and spec.converter is not None:
         state = spec.converter(state)
     return state

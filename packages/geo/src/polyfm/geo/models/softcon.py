@@ -51,7 +51,7 @@ from polyfm.geo.bands import (
     remap_in_channels,
     wavelength,
 )
-from polyfm.geo.models.satmae import read_official_checkpoint, resolve_checkpoint
+from polyfm.geo.models.satmae import encoder_state, read_official_checkpoint, resolve_checkpoint, wants_checkpoint
 
 RGB_ORDER = ["B4", "B3", "B2"]  # ImageNet / DINOv2 kernels read R, G, B
 
@@ -130,8 +130,8 @@ class _BandAware:
 
     def _finish_init(self, pretrained: str | None, input_bands: Sequence[str] | None, missing_bands: MissingBands) -> None:
         # For YAML recipes: load weights into this configuration, then map the data's bands.
-        if pretrained is not None:
-            path, spec = resolve_checkpoint(pretrained)
+        if wants_checkpoint(pretrained):
+            path, spec = resolve_checkpoint(pretrained)  # type: ignore[arg-type]
             if spec is not None and "normalization" in spec.meta:
                 self.normalization = Normalization.from_meta(spec.meta["normalization"])
             self.load_state(_read_softcon_state(path), source=str(path))
@@ -378,7 +378,7 @@ def _meta_kwargs(spec: WeightSpec | None, keys: Sequence[str]) -> dict[str, Any]
 
 
 def _read_softcon_state(path: Path) -> dict[str, torch.Tensor]:
-    return strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module.")
+    return encoder_state(strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module."), path)
 
 
 def dinov2_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], offset: float = 0.1) -> torch.Tensor:
