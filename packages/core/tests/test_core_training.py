@@ -218,3 +218,45 @@ def test_forecast_shape_mismatch_is_refused_not_broadcast():
         task.training_step(batch, 0)
     one_channel_batch = {**batch, "future_values": batch["future_values"][..., :1]}
     assert torch.isfinite(task.training_step(one_channel_batch, 0))
+
+
+class _StopAt(L.Callback):
+    """Ends the process's run mid-epoch, after a step checkpoint, as a kill would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("stopped")
+
+
+def _step_checkpointed_fit(root: Path, stop_at: int | None = None, resume: bool = False, seen: list | None = None):
+    L.seed_everything(7)
+    task = Classification(ToyEncoder(dropout=0.2), 3, optim=OptimConfig(lr=1e-2, warmup_steps=3), head_dropout=0.1)
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if seen is not None:
+                seen.append((trainer.current_epoch, batch["input"][:, 0].tolist()))
+
+    callbacks = [Record()] + ([_StopAt(stop_at)] if stop_at else [])
+    trainer = build_trainer(max_epochs=2, default_root_dir=str(root), enable_progress_bar=False, loggers=(), deterministic=True,
+                            checkpoint_every_n_steps=2, callbacks=callbacks)  # fmt: skip
+    last = root / "checkpoints" / "last.ckpt"
+    trainer.fit(task, ToyDataModule(n_train=96, n_val=16, batch_size=16), ckpt_path=str(last) if resume else None)
+    return task
+
+
+def test_resume_from_a_mid_epoch_step_checkpoint_sees_the_remaining_batches_and_ends_equal(tmp_path):
+    """6 batches an epoch, a checkpoint every 2 steps, stopped after step 9 (mid epoch 2, last
+    checkpoint at step 8): the resumed run must train on batches 3..6 of epoch 2, not restart it."""
+    reference_seen: list = []
+    expected = _step_checkpointed_fit(tmp_path / "reference", seen=reference_seen).state_dict()
+    with pytest.raises(RuntimeError, match="stopped"):
+        _step_checkpointed_fit(tmp_path / "stopped", stop_at=9)
+    resumed_seen: list = []
+    resumed = _step_checkpointed_fit(tmp_path / "stopped", resume=True, seen=resumed_seen).state_dict()
+    assert resumed_seen == reference_seen[8:], "the resumed run must see exactly the batches the uninterrupted one saw after step 8"
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), f"{key} differs after a mid-epoch resume"

@@ -83,15 +83,69 @@ class EpochSeededSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip_once(self, count: int) -> None:
+        """Leave out the first ``count`` indices of the next pass (a mid-epoch resume)."""
+        self._skip = count
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        skip, self._skip = getattr(self, "_skip", 0), 0
         with expected_host_sync():  # the order is drawn on the host, never on the device
             if self.weights is not None:  # balanced sampling (e.g. AudioSet tags): with replacement
-                return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist())
-            return iter(torch.randperm(self.length, generator=generator).tolist())
+                order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+            else:
+                order = torch.randperm(self.length, generator=generator).tolist()
+        return iter(order[skip:])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableDataLoader(DataLoader[Any]):
+    """A training DataLoader that Lightning resumes mid-epoch (its ``state_dict`` /
+    ``load_state_dict`` interface): the state is the epoch and how many batches of it were
+    handed out. The epoch's order is fixed by (seed, epoch), so leaving those batches out
+    gives exactly the batches an uninterrupted run would see next. Without this, a run
+    resumed from a step checkpoint restarts the epoch's order: it repeats the first
+    batches and never sees the last ones."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # its own generator: starting an iterator draws the workers' base seed from it, and a
+        # draw from the global RNG would shift a resumed run's dropout masks by one
+        kwargs["generator"] = kwargs.get("generator") or torch.Generator()
+        super().__init__(*args, **kwargs)
+        self._served, self._resume_at = 0, None
+
+    def _epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch(), "batches_served": self._served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_at = (state.get("epoch"), int(state.get("batches_served", 0)))
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        # a generator: this body runs at the first batch, after Lightning has set the epoch
+        skip = 0
+        if self._resume_at is not None:
+            epoch, served = self._resume_at
+            self._resume_at = None
+            if epoch == self._epoch() and 0 < served < len(self):  # saved mid-epoch, resumed in that epoch
+                skip = served
+        self._served = skip
+        if isinstance(self.sampler, EpochSeededSampler) and self.generator is not None:  # worker seeds: a function of (seed, epoch)
+            self.generator.manual_seed(self.sampler.seed * 100_003 + self.sampler.epoch + 1)
+        if skip and isinstance(self.sampler, EpochSeededSampler) and self.batch_size is not None:
+            self.sampler.skip_once(skip * self.batch_size)  # leave the indices out: nothing is loaded for them
+            batches = super().__iter__()
+        else:
+            batches = super().__iter__()
+            for _ in range(skip):  # a sampler we cannot tell (e.g. DDP's wrapper): load and drop them
+                next(batches)
+        for batch in batches:
+            self._served += 1
+            yield batch
 
 
 class DictDataModule(L.LightningDataModule):
@@ -142,7 +196,7 @@ class DictDataModule(L.LightningDataModule):
         if dataset is None:
             raise ConfigError(f"{type(self).__name__} has no {'train' if train else 'evaluation'} split.")
         sampler = EpochSeededSampler(len(dataset), self.seed) if train else None  # type: ignore[arg-type]
-        return DataLoader(
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

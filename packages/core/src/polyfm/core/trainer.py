@@ -72,14 +72,27 @@ class PolyfmProgressBar(RichProgressBar):
         return metrics
 
 
+class RestoreLoaderState(Callback):
+    """Hands a resumed run's saved train-loader state (``ResumableDataLoader``: where in the
+    epoch it stopped) to the loader. Lightning 2.6 drops it when the train loader was built
+    early, as it is when ``configure_optimizers`` asks ``trainer.estimated_stepping_batches``
+    for the LR schedule (polyfm's tasks do): its own restore then finds the loader set up
+    and returns. The loader's iterator only starts at the first batch, after this hook."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None) and hasattr(fit_loop, "_load_combined_loader_states"):
+            fit_loop._load_combined_loader_states()
+
+
 def default_callbacks(existing: list[Any], enable_progress_bar: bool = True) -> list[Callback]:
-    """What every polyfm run gets unless it brings its own: the GPU path, the
-    utilisation monitor (``perf/*`` metrics) and the sync-light progress bar."""
+    """What every polyfm run gets unless it brings its own: the exact mid-epoch resume, the
+    GPU path, the utilisation monitor (``perf/*`` metrics) and the sync-light progress bar."""
     from lightning.pytorch.callbacks import ProgressBar
 
     from polyfm.core.performance import GpuPath, UtilisationMonitor
 
-    added: list[Callback] = []
+    added: list[Callback] = [] if any(isinstance(c, RestoreLoaderState) for c in existing) else [RestoreLoaderState()]
     if not any(isinstance(c, GpuPath) for c in existing):
         added.append(GpuPath())
     if not any(isinstance(c, UtilisationMonitor) for c in existing):
