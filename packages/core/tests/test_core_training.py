@@ -260,3 +260,43 @@ def test_resume_from_a_mid_epoch_step_checkpoint_sees_the_remaining_batches_and_
     assert resumed_seen == reference_seen[8:], "the resumed run must see exactly the batches the uninterrupted one saw after step 8"
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), f"{key} differs after a mid-epoch resume"
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    recipe = Path(__import__("polyfm.core", fromlist=["x"]).__file__).parent / "recipes" / "finetune-toy.yaml"
+    return subprocess.run(
+        [sys.executable, "-m", "polyfm.core.cli", args[0], "--config", str(recipe), "--trainer.enable_progress_bar=false", *args[1:]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def test_cli_ckpt_path_last_finds_the_fit_checkpoint_in_a_new_process_or_says_where_it_looked(tmp_path):
+    missing = _cli(tmp_path, "test", "--ckpt_path", "last")
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert "--ckpt_path last: no last.ckpt in" in missing.stderr and "runs/toy" in missing.stderr and "Traceback" not in missing.stderr
+    fit = _cli(tmp_path, "fit", "--trainer.max_epochs=1")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert "args parameter" not in fit.stderr  # no LightningCLI warning about args and sys.argv both set
+    tested = _cli(tmp_path, "test", "--ckpt_path", "last")
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert "--ckpt_path last ->" in tested.stderr and "last.ckpt" in tested.stderr
+    assert "Restoring states from the checkpoint" in tested.stderr or "Loaded model weights from the checkpoint" in tested.stderr
+
+
+def test_cli_error_message_is_dug_out_of_jsonargparse_wrapping():
+    from polyfm.core.cli import polyfm_error_message
+
+    wrapped = ValueError(
+        "Does not validate against any of the Union subtypes\nSubtypes: [<class 'LightningModule'>, <class 'NoneType'>]\nErrors:\n"
+        "  - Weights 'panns-cnn6' need the file 'Cnn6.pth', which is not in the cache. Put it at /cache/Cnn6.pth.\n"
+        "  - Expected a <class 'NoneType'>\nGiven value type: <class 'Namespace'>\nGiven value: Namespace(... the whole config ...)"
+    )
+    assert polyfm_error_message(wrapped) == "Weights 'panns-cnn6' need the file 'Cnn6.pth', which is not in the cache. Put it at /cache/Cnn6.pth."
+    try:
+        try:
+            raise ConfigError("bad recipe key 'x': use 'y'")
+        except ConfigError as inner:
+            raise RuntimeError("while instantiating") from inner
+    except RuntimeError as outer:
+        assert polyfm_error_message(outer) == "bad recipe key 'x': use 'y'"
+    assert polyfm_error_message(TypeError("a bug")) is None  # anything else keeps its traceback

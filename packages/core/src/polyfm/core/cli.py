@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -37,15 +38,77 @@ def lightning_main(argv: list[str]) -> None:
             config["callbacks"] = callbacks + default_callbacks(callbacks, config.get("enable_progress_bar") is not False)
             return super().instantiate_trainer(**kwargs)
 
-    PolyfmCLI(
-        model_class=None,
-        datamodule_class=None,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+        def _resolve_last(self) -> None:
+            # Lightning finds "last" only inside the process that ran fit; in a new
+            # validate/test/predict process it warns and runs the untrained model
+            assert self.subcommand is not None
+            if self.config_init[self.subcommand].get("ckpt_path") == "last":
+                self.config_init[self.subcommand]["ckpt_path"] = str(find_last_checkpoint(self.trainer))
+
+        before_validate = before_test = before_predict = _resolve_last
+
+    saved_argv = sys.argv
+    sys.argv = saved_argv[:1]  # the arguments travel in args=argv; both set makes LightningCLI warn on every run
+    try:
+        PolyfmCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except Exception as exc:
+        message = polyfm_error_message(exc)
+        if message is None or os.environ.get("POLYFM_TRACEBACK"):
+            raise
+        print(f"polyfm {argv[0]}: error: {message}\n(set POLYFM_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        sys.argv = saved_argv
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> Path:
+    """``last.ckpt`` of this recipe's checkpoint folders, else the newest one under
+    ``default_root_dir`` (where Lightning puts it when the callback names no folder)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from polyfm.core.errors import ConfigError
+
+    folders = [Path(cb.dirpath) for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]  # type: ignore[attr-defined]
+    for folder in folders:
+        if (folder / "last.ckpt").is_file():
+            return folder / "last.ckpt"
+    root = Path(trainer.default_root_dir)
+    found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        looked = ", ".join(str(f) for f in [*folders, root])
+        raise ConfigError(
+            f"--ckpt_path last: no last.ckpt in {looked}. Run `polyfm fit` with this recipe first (its ModelCheckpoint "
+            "needs save_last: true), or pass the checkpoint file's path."
+        )
+    print(f"polyfm: --ckpt_path last -> {found[-1]}", file=sys.stderr)
+    return found[-1]
+
+
+def polyfm_error_message(exc: BaseException) -> str | None:
+    """Our error's message when ``exc`` is one, or wraps one: jsonargparse re-raises an
+    error from a class it builds as a ValueError that lists each Union member's error
+    and dumps the whole config; the user needs the member's message only."""
+    from polyfm.core.errors import PolyfmError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, PolyfmError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "Does not validate against any of the Union subtypes" in text and "\nErrors:\n" in text:
+        errors = text.split("\nErrors:\n", 1)[1].split("\nGiven value type:", 1)[0]
+        kept = [line[4:] for line in errors.splitlines() if line.startswith("  - ") and not line.startswith("  - Expected a <class 'NoneType'>")]
+        return "\n".join(kept) or None
+    return None
 
 
 def cmd_models(_: argparse.Namespace) -> None:
