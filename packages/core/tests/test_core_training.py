@@ -300,3 +300,17 @@ def test_cli_error_message_is_dug_out_of_jsonargparse_wrapping():
     except RuntimeError as outer:
         assert polyfm_error_message(outer) == "bad recipe key 'x': use 'y'"
     assert polyfm_error_message(TypeError("a bug")) is None  # anything else keeps its traceback
+
+
+def test_a_datamodule_without_validation_split_trains_without_validation(tmp_path):
+    from polyfm.core.toy import ToyDataModule
+
+    class TrainOnly(ToyDataModule):
+        def build(self):
+            train, _, test = super().build()
+            return train, None, test
+
+    task = Classification(ToyEncoder(), 3, optim=OptimConfig(lr=1e-2))
+    trainer = build_trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=(), enable_checkpointing=False)
+    trainer.fit(task, TrainOnly(n_train=64, n_val=16, batch_size=16))
+    assert trainer.global_step == 8 and not any(k.startswith("val/") for k in trainer.callback_metrics)

@@ -114,7 +114,8 @@ class ResumableDataLoader(DataLoader[Any]):
         # draw from the global RNG would shift a resumed run's dropout masks by one
         kwargs["generator"] = kwargs.get("generator") or torch.Generator()
         super().__init__(*args, **kwargs)
-        self._served, self._resume_at = 0, None
+        self._served = 0
+        self._resume_at: tuple[int | None, int] | None = None
 
     def _epoch(self) -> int | None:
         return getattr(self.sampler, "epoch", None)
@@ -194,7 +195,10 @@ class DictDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset[Any] | None, train: bool) -> DataLoader[Any]:
         if dataset is None:
-            raise ConfigError(f"{type(self).__name__} has no {'train' if train else 'evaluation'} split.")
+            raise ConfigError(
+                f"{type(self).__name__} has no {'train' if train else 'evaluation'} split: give it "
+                + ("training data." if train else "a test or validation split (more data, or a val_fraction above 0).")
+            )
         sampler = EpochSeededSampler(len(dataset), self.seed) if train else None  # type: ignore[arg-type]
         return (ResumableDataLoader if train else DataLoader)(
             dataset,
@@ -210,7 +214,12 @@ class DictDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader(self.train_set, True)
 
-    def val_dataloader(self) -> DataLoader[Any]:
+    def val_dataloader(self) -> DataLoader[Any] | list[Any]:
+        if self.val_set is None:  # e.g. val_fraction=0: Lightning runs no validation loop for []
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"{type(self).__name__}: no validation split; training runs without validation.")
+            return []
         return self._loader(self.val_set, False)
 
     def test_dataloader(self) -> DataLoader[Any]:

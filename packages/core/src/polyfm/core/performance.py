@@ -39,9 +39,9 @@ def prepare_for_device(module: nn.Module, on_cuda: bool, channels_last: bool | s
         torch.backends.cudnn.benchmark = True
     if channels_last is True or (channels_last == "auto" and on_cuda):
         if has_convolutions(module, 3):
-            module.to(memory_format=torch.channels_last_3d)
+            module.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # (torch's stubs lack it)
         elif has_convolutions(module, 2):
-            module.to(memory_format=torch.channels_last)
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 class GpuPath(Callback):
