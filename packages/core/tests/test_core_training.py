@@ -314,3 +314,27 @@ def test_a_datamodule_without_validation_split_trains_without_validation(tmp_pat
     trainer = build_trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=(), enable_checkpointing=False)
     trainer.fit(task, TrainOnly(n_train=64, n_val=16, batch_size=16))
     assert trainer.global_step == 8 and not any(k.startswith("val/") for k in trainer.callback_metrics)
+
+
+def test_last_checkpoint_holds_the_final_step_when_max_steps_ends_between_step_checkpoints(tmp_path):
+    task = Classification(ToyEncoder(), 3, optim=OptimConfig(lr=1e-2))
+    trainer = build_trainer(max_epochs=-1, max_steps=5, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=(),
+                            checkpoint_every_n_steps=2)  # fmt: skip
+    trainer.fit(task, ToyDataModule(n_train=64, n_val=16, batch_size=16))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in task.state_dict().items())
+
+
+def test_pretraining_can_be_tested_on_held_out_data(tmp_path):
+    from polyfm.core.toy import toy_kit
+
+    kit = toy_kit()
+    encoder = kit.make_encoder()
+    task = kit.make_pretraining(encoder)
+    trainer = build_trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False, loggers=(), enable_checkpointing=False)
+    data = kit.make_pretrain_data()
+    before = trainer.test(task, data, verbose=False)[0]["test/loss"]
+    trainer.fit(task, data)
+    after = trainer.test(task, data, verbose=False)[0]["test/loss"]
+    assert after < 0.8 * before

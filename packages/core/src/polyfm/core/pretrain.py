@@ -58,12 +58,18 @@ class Pretraining(EngineModule):
                 self.log(f"train/{key}", value, batch_size=size)
         return out["loss"]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def _evaluate(self, batch: Any, stage: str) -> None:
         out = self._run(batch)
         size = self._batch_size(batch)
         for key, value in out.items():
             if isinstance(value, torch.Tensor) and value.numel() == 1:
-                self.log(f"val/{key}", value, batch_size=size, sync_dist=True)
+                self.log(f"{stage}/{key}", value, batch_size=size, sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # `polyfm test` on a pretraining recipe: held-out objective
+        self._evaluate(batch, "test")
 
 
 def _l2_normalise(x: torch.Tensor) -> torch.Tensor:

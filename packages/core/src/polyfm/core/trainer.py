@@ -85,6 +85,18 @@ class RestoreLoaderState(Callback):
             fit_loop._load_combined_loader_states()
 
 
+class SaveLastOnTrainEnd(Callback):
+    """When ``max_steps`` ends a run between step checkpoints, ``last.ckpt`` would hold an
+    older step: write it once more at the end, so ``last`` always means the trained model."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.dirpath:
+                continue
+            if getattr(callback, "_last_global_step_saved", None) != trainer.global_step:
+                trainer.save_checkpoint(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+
+
 def default_callbacks(existing: list[Any], enable_progress_bar: bool = True) -> list[Callback]:
     """What every polyfm run gets unless it brings its own: the exact mid-epoch resume, the
     GPU path, the utilisation monitor (``perf/*`` metrics) and the sync-light progress bar."""
@@ -92,7 +104,7 @@ def default_callbacks(existing: list[Any], enable_progress_bar: bool = True) -> 
 
     from polyfm.core.performance import GpuPath, UtilisationMonitor
 
-    added: list[Callback] = [] if any(isinstance(c, RestoreLoaderState) for c in existing) else [RestoreLoaderState()]
+    added: list[Callback] = [cls() for cls in (RestoreLoaderState, SaveLastOnTrainEnd) if not any(isinstance(c, cls) for c in existing)]
     if not any(isinstance(c, GpuPath) for c in existing):
         added.append(GpuPath())
     if not any(isinstance(c, UtilisationMonitor) for c in existing):
