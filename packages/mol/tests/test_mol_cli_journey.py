@@ -89,6 +89,7 @@ def _tiny_encoder() -> torch.nn.Module:
 def test_mol_cli_recipe_task_must_match_the_csv_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The recipe's ESOL head (name, mean, std) on another CSV's column: refused with the overrides to pass."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLYFM_TRACEBACK", "1")  # the error itself, not the CLI's one-line print and exit 2
     train, _ = write_data(tmp_path)
     with pytest.raises(ConfigError) as caught:
         main(["fit", "--config", str(RECIPES / "finetune-chemberta-esol.yaml"), *TINY_CHEMBERTA, *QUIET,

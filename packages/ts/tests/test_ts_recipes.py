@@ -58,6 +58,7 @@ def test_ts_recipe_wrong_channel_count_names_the_override(tmp_path: Path, monkey
 
     synthetic_series(600, channels=3, seed=1).to_csv(tmp_path / "plant.csv", index=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLYFM_TRACEBACK", "1")  # the error itself, not the CLI's one-line print and exit 2
     with pytest.raises(ConfigError, match=r"num_input_channels: model 7, data 3.*--model\.init_args\.model\.init_args\.num_input_channels=3"):
         main(["fit", *_csv_recipe_args(), "--trainer.fast_dev_run=true"])
     with pytest.raises(ConfigError, match=r"forecasts 16 steps but the data's horizon is 12.*--data\.init_args\.horizon=16"):

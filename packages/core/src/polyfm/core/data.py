@@ -137,11 +137,13 @@ class ResumableDataLoader(DataLoader[Any]):
         self._served = skip
         if isinstance(self.sampler, EpochSeededSampler) and self.generator is not None:  # worker seeds: a function of (seed, epoch)
             self.generator.manual_seed(self.sampler.seed * 100_003 + self.sampler.epoch + 1)
-        if skip and isinstance(self.sampler, EpochSeededSampler) and self.batch_size is not None:
-            self.sampler.skip_once(skip * self.batch_size)  # leave the indices out: nothing is loaded for them
+        sampler = self.sampler if isinstance(self.sampler, EpochSeededSampler) and self.batch_size is not None else None
+        by_indices = sampler is not None
+        if skip and sampler is not None:
+            sampler.skip_once(skip * (self.batch_size or 1))  # leave the indices out: nothing is loaded for them
+        with expected_host_sync():  # the workers' base seed is read on the host, from a CPU generator
             batches = super().__iter__()
-        else:
-            batches = super().__iter__()
+        if skip and not by_indices:
             for _ in range(skip):  # a sampler we cannot tell (e.g. DDP's wrapper): load and drop them
                 next(batches)
         for batch in batches:
