@@ -171,7 +171,7 @@ def test_predict_paths_that_do_not_exist_are_named(tmp_path):
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a raster")
-    with pytest.raises(DataError, match=r"nowhere\.tif.*does not exist"):
+    with pytest.raises(DataError, match=r"nowhere\.tif.*not found"):
         raster_files([str(tmp_path / "nowhere.tif")])
     with pytest.raises(DataError, match=r"empty.*no \.tif"):
         raster_files(tmp_path / "empty")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from polyfm.core.errors import ConfigError
+from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.performance import expected_host_sync
 
 
@@ -69,6 +69,27 @@ def _is_categorical(labels: Sequence[Any] | np.ndarray[Any, Any]) -> bool:
     if array.dtype.kind in "iub" or array.dtype.kind in "US" or array.dtype == object:
         return True
     return False
+
+
+def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], suffixes: Sequence[str], what: str) -> list[Path]:
+    """Files as given and, for folders, the files inside them (recursively, sorted) whose
+    suffix is one of ``suffixes``. A missing path, or a folder with none of them, is an
+    error naming it; ``what`` says what the paths should be (for the message)."""
+    entries = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    wanted = {x.lower() for x in suffixes}
+    files: list[Path] = []
+    for entry in entries:
+        path = Path(os.path.expandvars(str(entry))).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
+            if not found:
+                raise DataError(f"folder holds no {'/'.join(sorted(wanted))} file ({what}).", path=path)
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"file or folder not found ({what}).", path=path)
+    return files
 
 
 class EpochSeededSampler(Sampler[int]):

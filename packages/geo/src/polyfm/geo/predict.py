@@ -173,19 +173,7 @@ class GeoPredictionWriter(BasePredictionWriter):
 
 def raster_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     """The GeoTIFFs named by ``paths``: files as given, folders searched recursively (sorted)."""
+    from polyfm.core.data import expand_paths
     from polyfm.geo.data import RASTER_SUFFIXES
 
-    entries = [paths] if isinstance(paths, str | Path) else list(paths)
-    files: list[Path] = []
-    for entry in entries:
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES and p.is_file())
-            if not found:
-                raise DataError("holds no .tif/.tiff file to predict on", path=path)
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError("does not exist (predict_paths lists GeoTIFF files or folders of them)", path=path)
-    return files
+    return expand_paths(paths, RASTER_SUFFIXES, "predict_paths lists GeoTIFF files or folders of them")

@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from polyfm.core.data import DictDataModule
+from polyfm.core.data import DictDataModule, expand_paths
 from polyfm.core.errors import ConfigError, DataError
 
 log = logging.getLogger("polyfm.ts")
@@ -799,19 +799,7 @@ def fewshot_indices(origins: np.ndarray, train_rows: int, context_length: int, f
 
 def expand_sources(paths: Sequence[str | Path]) -> list[Path]:
     """Files as given, and the CSV/Parquet files inside folders (sorted)."""
-    files: list[Path] = []
-    for entry in paths:
-        entry = Path(os.path.expandvars(str(entry))).expanduser()
-        if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.suffix.lower() in (".csv", ".parquet", ".pq"))
-            if not found:
-                raise DataError("folder holds no .csv or .parquet file.", path=entry)
-            files += found
-        elif entry.exists():
-            files.append(entry)
-        else:
-            raise DataError("file or folder not found.", path=entry)
-    return files
+    return expand_paths(paths, (".csv", ".parquet", ".pq"), "series files or folders of them")
 
 
 def downsample(values: np.ndarray, factor: int) -> np.ndarray:
