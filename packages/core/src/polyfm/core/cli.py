@@ -45,7 +45,17 @@ def lightning_main(argv: list[str]) -> None:
             if self.config_init[self.subcommand].get("ckpt_path") == "last":
                 self.config_init[self.subcommand]["ckpt_path"] = str(find_last_checkpoint(self.trainer))
 
-        before_validate = before_test = before_predict = _resolve_last
+        def before_predict(self) -> None:
+            # several checkpoints (k-fold models, seeds): predict with their average and spread
+            ckpt_path = self.config_init["predict"].get("ckpt_path")
+            if isinstance(ckpt_path, str) and "," in ckpt_path:
+                from polyfm.core.predict import Ensemble
+
+                self.model = Ensemble(self.model, [p.strip() for p in ckpt_path.split(",") if p.strip()])
+                self.config_init["predict"]["ckpt_path"] = None
+            self._resolve_last()
+
+        before_validate = before_test = _resolve_last
 
     saved_argv = sys.argv
     sys.argv = saved_argv[:1]  # the arguments travel in args=argv; both set makes LightningCLI warn on every run
