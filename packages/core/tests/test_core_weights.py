@@ -48,6 +48,18 @@ def test_checksum_mismatch_is_refused(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_the_checksums_publishers_give_are_checked_by_their_algorithm(tmp_path):
+    # Zenodo lists md5, the MONAI model zoo sha1: both are checked as such, and a wrong one is named
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"released weights")
+    verify_file(path, "md5:" + hashlib.md5(b"released weights").hexdigest().upper())
+    verify_file(path, "sha1:" + hashlib.sha1(b"released weights").hexdigest())
+    with pytest.raises(CheckpointError, match=r"expected sha1 0{40}"):
+        verify_file(path, "sha1:" + "0" * 40)
+    with pytest.raises(CheckpointError, match="unknown algorithm 'crc32'"):
+        verify_file(path, "crc32:1234")
+
+
 def test_wrong_architecture_shows_the_key_diff(tmp_path):
     path = tmp_path / "deeper.pth"
     torch.save({"model": ToyEncoder(depth=4, in_features=6).state_dict()}, path)

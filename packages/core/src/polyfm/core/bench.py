@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from polyfm.core.files import atomic_path
+
 Step = Callable[[], object]
 
 
@@ -313,10 +315,8 @@ def run_all(
 
 def _write_json(output: Path, result: dict[str, Any]) -> None:
     """Atomically: a reader (or a run killed at its time limit) sees the last whole file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, output)
+    with atomic_path(output) as temporary:
+        temporary.write_text(json.dumps(result, indent=2))
 
 
 def format_utilisation(run: dict[str, Any]) -> str:

@@ -9,19 +9,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from polyfm.core.files import atomic_path
+
 GROUP = ["domain", "target", "metric_name", "source", "adaptation", "label_fraction"]
 
 
 def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        write(temporary)
 
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:

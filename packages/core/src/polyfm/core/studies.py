@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from polyfm.core.errors import ConfigError
+from polyfm.core.files import atomic_path
 
 SOURCE_KINDS = ("scratch", "pretrained", "checkpoint:", "weights:")
 
@@ -145,13 +146,8 @@ def run_key(config: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=1, default=str))
 
 
 # ----------------------------------------------------------------------------- one run

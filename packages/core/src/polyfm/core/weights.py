@@ -14,7 +14,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import tempfile
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from polyfm.core.errors import CheckpointError
+from polyfm.core.files import atomic_path
 
 StateDict = dict[str, torch.Tensor]
 
@@ -35,9 +35,10 @@ StateDict = dict[str, torch.Tensor]
 class WeightSpec:
     """One released checkpoint.
 
-    ``files`` maps a file name (as stored in the cache folder) to ``(url, sha256)``;
-    a sha256 of ``None`` means the publisher gives none and the file is recorded as
-    unverified. ``converter`` turns the official key layout into ours (identity when
+    ``files`` maps a file name (as stored in the cache folder) to ``(url, checksum)``:
+    a sha256 in hex, or ``"<algorithm>:<hex>"`` for what publishers give instead
+    (``md5:`` on Zenodo, ``sha1:`` in the MONAI model zoo); ``None`` means the publisher
+    gives none and the file is recorded as unverified. ``converter`` turns the official key layout into ours (identity when
     they are the same). ``meta`` carries what a user must not get wrong: bands and
     normalisation, sample rate, tokenizer, context length.
     """
@@ -108,21 +109,35 @@ def weights_dir(spec: WeightSpec) -> Path:
     return cache_dir() / "weights" / spec.name
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+#: Checksum algorithms publishers give (``"md5:<hex>"``); a bare hex digest is sha256.
+CHECKSUM_ALGORITHMS = ("sha256", "sha1", "md5", "sha512")
+
+
+def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False) if algorithm in ("md5", "sha1") else hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
+def parse_checksum(expected: str) -> tuple[str, str]:
+    """``"sha1:ab12..."`` -> ``("sha1", "ab12...")``; a bare digest is sha256."""
+    algorithm, _, digest = expected.rpartition(":")
+    algorithm = algorithm.lower() or "sha256"
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise CheckpointError(f"checksum {expected!r}: unknown algorithm {algorithm!r}; write '<algorithm>:<hex>' with one of {CHECKSUM_ALGORITHMS}")
+    return algorithm, digest.lower()
+
+
 def verify_file(path: Path, expected: str | None) -> None:
     if expected is None:
         return
-    actual = sha256_of(path)
-    if actual != expected:
+    algorithm, digest = parse_checksum(expected)
+    actual = file_digest(path, algorithm)
+    if actual != digest:
         raise CheckpointError(
-            f"Checksum mismatch for {path}: expected sha256 {expected}, got {actual}. "
+            f"Checksum mismatch for {path}: expected {algorithm} {digest}, got {actual}. "
             "The file is corrupt or not the released one; delete it and fetch again."
         )
 
@@ -157,16 +172,10 @@ def _offline_message(spec: WeightSpec, filename: str, url: str, target: Path) ->
 
 def download(url: str, target: Path, sha256: str | None, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``target`` through a temporary file; verify before the rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+    with atomic_path(target) as temporary:
+        with open(temporary, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
             shutil.copyfileobj(response, out)
-        verify_file(Path(tmp_name), sha256)
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        verify_file(temporary, sha256)
     return target
 
 
@@ -243,11 +252,9 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # clone: tied weights (e.g. RoBERTa's decoder and word embeddings) share storage, which safetensors refuses
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        # clone: tied weights (e.g. RoBERTa's decoder and word embeddings) share storage, which safetensors refuses
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}, str(temporary), metadata=metadata)
     return path
 
 
