@@ -18,9 +18,9 @@ from polyfm.medseg.data import (
     VolumeFolderDataModule,
     find_volumes,
     label_names,
-    predict_to_nifti,
     read_decathlon,
 )
+from polyfm.medseg.predict import predict_to_nifti
 
 AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -1.5, 0, 20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])  # LPS-ish, as scanners write
 
@@ -356,8 +356,8 @@ def test_medseg_prediction_writer_reads_every_channel_file_of_a_case(tmp_path) -
     """predict on one-file-per-channel cases (nnU-Net v2): the writer re-reads both channels to invert, names by the first."""
     import lightning as L
 
-    from polyfm.medseg.data import NiftiPredictionWriter
     from polyfm.medseg.models import UNet
+    from polyfm.medseg.predict import NiftiPredictionWriter
     from polyfm.medseg.tasks import VolumeSegmentation
 
     path = _nnunet_v2_dataset(tmp_path, ["prostate_001", "prostate_002"])

@@ -14,8 +14,9 @@ from polyfm.core.adaptation import Adaptation
 from polyfm.core.errors import ConfigError
 from polyfm.core.tasks import OptimConfig
 from polyfm.core.trainer import build_trainer
-from polyfm.medseg.data import SegmentationDataModule, predict_to_nifti
+from polyfm.medseg.data import SegmentationDataModule
 from polyfm.medseg.models import DynUNet, SwinUNETR, UNet
+from polyfm.medseg.predict import predict_to_nifti
 from polyfm.medseg.samples import ORGANS, organ_label_map, write_slab_dataset
 from polyfm.medseg.tasks import VolumeSegmentation
 

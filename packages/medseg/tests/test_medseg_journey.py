@@ -156,8 +156,9 @@ def test_medseg_test_writes_per_case_metrics_named_by_file(phantoms, tmp_path) -
 def test_medseg_prediction_files_named_alike_are_refused_not_overwritten(phantoms, tmp_path) -> None:
     import lightning as L
 
-    from polyfm.medseg.data import NiftiPredictionWriter, SegmentationDataModule, prediction_name
+    from polyfm.medseg.data import SegmentationDataModule
     from polyfm.medseg.models import UNet
+    from polyfm.medseg.predict import NiftiPredictionWriter, prediction_name
     from polyfm.medseg.tasks import VolumeSegmentation
 
     assert prediction_name("/d/case_7.nii.gz") == "case_7_seg.nii.gz" and prediction_name("a/CT1", "") == "CT1.nii.gz"
@@ -167,7 +168,7 @@ def test_medseg_prediction_files_named_alike_are_refused_not_overwritten(phantom
     copy.parent.mkdir()
     copy.write_bytes(image.read_bytes())
     data = SegmentationDataModule(str(phantoms), roi_size=[32, 32, 16], predict_files=[str(image), str(copy.parent)])
-    writer = NiftiPredictionWriter(output_dir=str(tmp_path / "out"))
+    writer = NiftiPredictionWriter(output=str(tmp_path / "out"))
     trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[writer], default_root_dir=tmp_path)
     task = VolumeSegmentation(UNet(channels=[4, 8], strides=[2]), num_classes=3, roi_size=[32, 32, 16])
     with pytest.raises(DataError, match=r"both give the prediction file .*phantom_003_seg.nii.gz"):
@@ -192,3 +193,28 @@ def test_medseg_docs_quick_start_runs(tmp_path, monkeypatch) -> None:
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     sidecar = json.loads((tmp_path / "medseg-quickstart" / "example_ct_seg.json").read_text())
     assert sidecar["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
+
+
+def test_medseg_cli_predicts_with_a_checkpoint_ensemble_tta_and_probabilities(phantoms, finetuned, tmp_path) -> None:
+    """`polyfm predict --ckpt_path a.ckpt,b.ckpt` (core's Ensemble) through the recipe's writer, mirrored, with
+    probability and uncertainty maps. Both checkpoints hold the same one-step weights: the spread is zero."""
+    from polyfm.core.cli import main
+
+    run = finetuned / "lightning_logs" / "version_0"
+    checkpoints = sorted(str(p) for p in (run / "checkpoints").glob("*.ckpt"))
+    assert len(checkpoints) == 2  # last.ckpt and the best by val/dice
+    main([
+        "predict", "--config", str(run / "config.yaml"), "--ckpt_path", ",".join(checkpoints), "--model.predict_probabilities=true",
+        "--model.tta_flip_axes=[0,1]", "--trainer.callbacks.init_args.write_probabilities=true",
+        "--trainer.callbacks.init_args.probability_dtype=uint8", f"--trainer.callbacks.init_args.output={tmp_path / 'out'}",
+        "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    image = phantoms.parent / json.loads(phantoms.read_text())["test"][0]["image"]
+    source = nib.load(str(image))
+    stem = tmp_path / "out" / image.name.removesuffix(".nii.gz")
+    probabilities, spread = nib.load(f"{stem}_prob.nii.gz"), nib.load(f"{stem}_std.nii.gz")
+    assert probabilities.shape == spread.shape == (*source.shape, 3) and np.array_equal(spread.affine, source.affine)
+    assert probabilities.get_data_dtype() == np.uint8 and float(spread.get_fdata().max()) == 0.0
+    labels = np.asarray(nib.load(f"{stem}_seg.nii.gz").dataobj)
+    assert (labels == probabilities.get_fdata().argmax(-1)).mean() > 0.99  # one grid, no resampling; uint8 rounding may tie two classes
+    assert json.loads(Path(f"{stem}_seg.json").read_text())["members"] == 2

@@ -3,7 +3,7 @@ contract, self-supervised pretraining (Volume Fusion, SwinUNETR's SSL recipe, ma
 inpainting) and 3D segmentation fine-tuning on Decathlon-style datasets.
 
 Importing this module is cheap; the submodules (``models``, ``data``, ``objectives``,
-``tasks``, ``weights``) import MONAI when used."""
+``tasks``, ``predict``, ``weights``) import MONAI when used."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ _LAZY = {
     "SegmentationDataModule": "polyfm.medseg.data",
     "VolumeFolderDataModule": "polyfm.medseg.data",
     "read_decathlon": "polyfm.medseg.data",
-    "predict_to_nifti": "polyfm.medseg.data",
-    "NiftiPredictionWriter": "polyfm.medseg.data",
+    "predict_to_nifti": "polyfm.medseg.predict",
+    "NiftiPredictionWriter": "polyfm.medseg.predict",
+    "postprocess_labels": "polyfm.medseg.predict",
     "save_overlay_png": "polyfm.medseg.data",
     "VolumeFusion": "polyfm.medseg.objectives",
     "MaskedVolumeInpainting": "polyfm.medseg.objectives",

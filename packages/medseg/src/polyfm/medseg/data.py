@@ -14,8 +14,8 @@
   and yields ``{"input", "target", "meta"}`` batches for polyfm's ``Segmentation`` task.
 * :class:`VolumeFolderDataModule` reads unlabelled NIfTI files and DICOM series for
   self-supervised pretraining (random crops, ``{"input", "meta"}`` batches).
-* :func:`predict_to_nifti` segments a volume and writes the label map on the input's
-  own grid and affine (the preprocessing is inverted), with the label names beside it.
+* Predictions to NIfTI on the input's grid (``predict_to_nifti``, ``NiftiPredictionWriter``) are
+  in :mod:`polyfm.medseg.predict`; :func:`save_overlay_png` draws slices with masks over them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from monai import transforms as mt
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from monai.data.meta_tensor import MetaTensor
@@ -731,128 +730,7 @@ class VolumeFolderDataModule(DictDataModule):
         return []  # self-supervised: the training loss is the signal; no held-out split by default
 
 
-# ----------------------------------------------------------------------------- prediction output
-
-
-def predict_to_nifti(
-    model: torch.nn.Module,
-    image_path: str | Path,
-    output_path: str | Path,
-    inferer: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor] | None = None,
-    class_names: Sequence[str] | None = None,
-    modality: str = "CT",
-    a_min: float = -175.0,
-    a_max: float = 250.0,
-    pixdim: Sequence[float] | None = None,
-    orientation: str | None = "RAS",
-    in_channels: int = 1,
-    device: str | torch.device = "cpu",
-) -> Path:
-    """Segment ``image_path`` and write the label map as NIfTI on the input's own grid and affine.
-
-    The preprocessing (orientation, spacing) is inverted with MONAI's ``Invertd`` before
-    writing, so the output overlays the input voxel for voxel in any viewer. Label names
-    go to ``<output>.json`` (``{"labels": {"0": "background", ...}}``) and to the header's
-    description field."""
-    pre = mt.Compose(preprocessing(["image"], in_channels, None, modality, a_min, a_max, pixdim, orientation, None))
-    with _data_errors_as_themselves():
-        data = pre({"image": str(image_path)})
-    model = model.to(device).eval()
-    with torch.no_grad():
-        x = torch.as_tensor(data["image"]).unsqueeze(0).float().to(device)
-        logits = inferer(x, model) if inferer is not None else model(x)
-        logits = logits[0] if isinstance(logits, list | tuple) else logits
-    names = list(class_names) if class_names else [str(i) for i in range(int(logits.shape[1]))]
-    return _save_on_input_grid(logits.argmax(1), data, pre, image_path, output_path, names)
-
-
-def write_label_map(labels: torch.Tensor, image: str | Path | list[str], output_path: str | Path, preprocess: mt.Compose, class_names: Sequence[str]) -> Path:
-    """Write ``labels`` (``(1, *S)`` or ``(*S)`` class ids on the grid ``preprocess`` made of
-    ``image``: a file, a DICOM series, or one file per channel) as NIfTI on the input's own grid, as
-    :func:`predict_to_nifti` does; the preprocessing is run again on the input to know what to invert."""
-    with _data_errors_as_themselves():
-        data = preprocess({"image": [str(f) for f in image] if isinstance(image, list) else str(image)})
-    reference = image[0] if isinstance(image, list) else image  # channel files share one grid
-    return _save_on_input_grid(labels.reshape(1, *labels.shape[-(data["image"].ndim - 1) :]), data, preprocess, reference, output_path, list(class_names))
-
-
-def _save_on_input_grid(labels: torch.Tensor, data: dict[Hashable, Any], pre: mt.Compose, image_path: str | Path, output_path: str | Path, names: list[str]) -> Path:
-    """``labels`` ``(1, *S)`` on the preprocessed grid of ``data["image"]`` -> a NIfTI on the input's grid."""
-    import nibabel as nib
-
-    image = data["image"]
-    if tuple(labels.shape[1:]) != tuple(image.shape[1:]):
-        raise DataError(
-            f"the prediction's grid {tuple(labels.shape[1:])} is not the preprocessed image's {tuple(image.shape[1:])}: the "
-            "prediction was made with other preprocessing (pixdim, orientation) than the one used to write it.",
-            path=image_path,
-        )
-    data = dict(data)
-    data["pred"] = MetaTensor(labels.detach().cpu().to(torch.float32), meta=dict(image.meta), applied_operations=list(image.applied_operations))
-    inverted = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
-    labels_np = np.asarray(inverted[0]).round().astype(np.uint8 if len(names) < 256 else np.uint16)
-    if str(image_path).lower().endswith(NIFTI_SUFFIXES):  # keep the input's header: qform, sform, units, codes
-        source = nib.load(str(image_path))
-        if labels_np.shape != source.shape[:3]:
-            raise DataError(f"internal: inverted prediction {labels_np.shape} does not match the input grid {source.shape[:3]}.", path=image_path)
-        header = source.header.copy()
-        header.set_data_dtype(labels_np.dtype)
-        out = nib.Nifti1Image(labels_np, source.affine, header)
-        out.set_qform(source.get_qform(), int(source.header["qform_code"]))
-        out.set_sform(source.get_sform(), int(source.header["sform_code"]))
-    else:  # a DICOM series: MONAI's reader gives the original affine in RAS world coordinates, as NIfTI wants
-        out = nib.Nifti1Image(labels_np, np.asarray(inverted.affine, dtype=np.float64))
-        out.set_qform(out.affine, 1)
-        out.set_sform(out.affine, 1)
-    out.header.set_intent("label", name="labels")
-    out.header["descrip"] = ("labels: " + ",".join(names))[:79].encode()
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(out, str(output_path))
-    sidecar = output_path.with_name(output_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
-    sidecar.write_text(json.dumps({"labels": dict(enumerate(names)), "source": str(image_path)}, indent=2))
-    return output_path
-
-
-def prediction_name(image_path: str | Path, postfix: str = "seg") -> str:
-    """``case_7.nii.gz`` -> ``case_7_seg.nii.gz`` (``.nii`` stays ``.nii``; a DICOM series folder ``CT1`` -> ``CT1_seg.nii.gz``)."""
-    name = Path(str(image_path)).name
-    suffix = ".nii" if name.lower().endswith(".nii") else ".nii.gz"
-    for ending in NIFTI_SUFFIXES:
-        if name.lower().endswith(ending):
-            name = name[: -len(ending)]
-    return f"{name}_{postfix}{suffix}" if postfix else f"{name}{suffix}"
-
-
-class NiftiPredictionWriter(BasePredictionWriter):
-    """Writes ``polyfm predict``'s label maps as NIfTI files named by their input (``<case>_seg.nii.gz``,
-    MONAI's ``SaveImage`` naming), on the input's own grid and header, with the label-name sidecar.
-
-    ``output_dir`` defaults to ``<default_root_dir>/predictions``. The datamodule must say how it
-    preprocessed the inputs (``SegmentationDataModule.predict_preprocessing``), so that it can be inverted."""
-
-    def __init__(self, output_dir: str | None = None, postfix: str = "seg") -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir, self.postfix = output_dir, postfix
-        self.written: dict[Path, str] = {}
-
-    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        self.written = {}
-
-    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        data = trainer.datamodule
-        if not hasattr(data, "predict_preprocessing"):
-            raise ConfigError(f"NiftiPredictionWriter needs a polyfm.medseg datamodule (SegmentationDataModule), not {type(data).__name__}: it inverts that module's preprocessing.")
-        folder = Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "predictions"
-        names = pl_module.class_names or [str(i) for i in range(pl_module.num_classes)]
-        sources = prediction["meta"] if isinstance(prediction["meta"], list | tuple) else [prediction["meta"]]
-        for labels, source in zip(prediction["labels"], sources, strict=True):
-            output = folder / prediction_name(source, self.postfix)
-            if output in self.written:  # two inputs with one name (case.nii.gz in two folders) must not overwrite each other
-                raise DataError(f"{source} and {self.written[output]} both give the prediction file {output}: rename one input, or predict them in separate runs.", path=source)
-            self.written[output] = str(source)
-            image = getattr(data, "predict_images", {}).get(str(source), source)  # all channel files, not only the first
-            write_label_map(labels, image, output, data.predict_preprocessing(), names)
+# ----------------------------------------------------------------------------- pictures
 
 
 def save_overlay_png(

@@ -13,6 +13,8 @@
   a 2D network runs slice by slice over 3D volumes (MONAI ``SliceInferer``); ``sw_device`` /
   ``output_device`` are MONAI's ``sw_device`` / ``device`` (windows on the GPU, the stitched
   logits of a large volume on the host), and the metrics follow;
+* mirroring test-time augmentation (``tta_flip_axes``, nnU-Net's default): in test and predict the
+  softmax is averaged over every combination of flips of those axes, window by window;
 * test metrics beyond Dice: HD95 and surface Dice per class (MONAI metrics, in voxels
   unless ``spacing`` is given), logged as ``test/hd95``, ``test/surface_dice`` and per class.
 """
@@ -33,6 +35,7 @@ from torch import nn
 
 from polyfm.core.adaptation import Adaptation
 from polyfm.core.errors import ConfigError
+from polyfm.core.files import atomic_path
 from polyfm.core.tasks import OptimConfig, Segmentation
 
 log = logging.getLogger(__name__)
@@ -61,8 +64,17 @@ class VolumeSegmentation(Segmentation):
         sw_device: str | None = None,
         output_device: str | None = None,
         predict_probabilities: bool = False,
+        tta_flip_axes: list[int] | None = None,
         pretrained: str | None = None,
     ) -> None:
+        spatial_dims = len(roi_size) if roi_size else 3
+        if tta_flip_axes is not None:
+            axes = [int(a) for a in tta_flip_axes]
+            if not axes or len(set(axes)) != len(axes) or any(not 0 <= a < spatial_dims for a in axes):
+                raise ConfigError(
+                    f"tta_flip_axes={tta_flip_axes}: give distinct spatial axes of the network's input, 0..{spatial_dims - 1} "
+                    "(nnU-Net's mirroring is [0, 1, 2]; a 2D network run slice by slice has axes 0 and 1), or leave it unset."
+                )
         if hasattr(model, "reset_head"):
             model.reset_head(num_classes)
         if pretrained:  # the recipe built the network; its weights come from here (a head of another shape stays fresh)
@@ -100,6 +112,7 @@ class VolumeSegmentation(Segmentation):
                 param.requires_grad_(True)
         self.spacing, self.surface_tolerance = spacing, surface_tolerance
         self.predict_probabilities = predict_probabilities
+        self.tta_flip_axes = [int(a) for a in tta_flip_axes] if tta_flip_axes else None
         self._case_dice: list[torch.Tensor] = []
         self._case_names: list[str] = []
         self.hd95 = HausdorffDistanceMetric(include_background=include_background, percentile=95.0, reduction="none")
@@ -122,6 +135,17 @@ class VolumeSegmentation(Segmentation):
             )
         if self.class_names is None and getattr(data, "class_names", None):
             self.class_names = list(data.class_names)
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole-volume logits; with ``tta_flip_axes``, in test and predict, each window is run on
+        every combination of flips of those axes and the softmax is averaged (nnU-Net's mirroring):
+        the result is then the log of that mean, so softmax and argmax give the averaged prediction.
+        Validation during fit stays unmirrored (2^k times the cost at every epoch)."""
+        network: nn.Module = self.model
+        if self.tta_flip_axes and not (self._trainer is not None and (self.trainer.validating or self.trainer.sanity_checking)):
+            network = MirroredSoftmax(self.model, self.tta_flip_axes)
+        output = self.inferer(x, network) if self.inferer is not None else network(x)
+        return output[0] if isinstance(output, list | tuple) else output
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Label maps ``(B, 1, *S)`` on the preprocessed grid and the case names; the softmax only with
@@ -182,13 +206,42 @@ class VolumeSegmentation(Segmentation):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         header = ["case", *(f"{metric}/{name}" for metric in columns for name in names)]
-        with (folder / "test_per_case.csv").open("w", newline="") as handle:
+        with atomic_path(folder / "test_per_case.csv") as temporary, temporary.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
             for row, case in enumerate(self._case_names):
                 values = [float(columns[metric][row, i]) for metric in columns for i in range(len(names))]  # type: ignore[index]
                 writer.writerow([case, *(f"{v:.6g}" for v in values)])
         log.info("per-case test metrics: %s", folder / "test_per_case.csv")
+
+
+class MirroredSoftmax(nn.Module):
+    """``log(mean over flips f of f^-1(softmax(model(f(x)))))`` over every subset of ``axes`` (spatial
+    axes of ``x``, 0 = the first after the channels; the identity included, 2^k passes). Runs inside the
+    sliding window, one window at a time, so no second whole-volume buffer is needed."""
+
+    def __init__(self, model: nn.Module, axes: list[int]) -> None:
+        super().__init__()
+        self.model, self.axes = model, list(axes)
+
+    def flips(self) -> list[tuple[int, ...]]:
+        from itertools import combinations
+
+        return [combo for k in range(len(self.axes) + 1) for combo in combinations(self.axes, k)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        flips = self.flips()
+        for axes in flips:
+            dims = [a + 2 for a in axes]
+            output = self.model(torch.flip(x, dims) if dims else x)
+            output = output[0] if isinstance(output, list | tuple) else output
+            probabilities = output.float().softmax(1)
+            probabilities = torch.flip(probabilities, dims) if dims else probabilities
+            total = probabilities if total is None else total + probabilities
+        assert total is not None
+        # the log keeps the task's contract (logits in, softmax/argmax/loss out); the floor keeps log finite
+        return (total / len(flips)).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def _lora_outside_heads(model: nn.Module, adaptation: Adaptation, heads: list[str]) -> Adaptation:
