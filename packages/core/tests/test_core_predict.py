@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyfm.core.cli import lightning_main
+from polyfm.core.cli import checkpoint_list, lightning_main
 from polyfm.core.errors import ConfigError
 from polyfm.core.files import atomic_path
 from polyfm.core.predict import Ensemble, PredictionFileWriter, load_task_checkpoint
@@ -108,6 +108,13 @@ def test_polyfm_predict_with_comma_separated_checkpoints_runs_the_ensemble(tmp_p
     checkpoints = [next((tmp_path / f"fit{seed}").rglob("last.ckpt")) for seed in (0, 1)]
     out = tmp_path / "predict"
     lightning_main(["predict", *common, f"--trainer.default_root_dir={out}", f"--ckpt_path={checkpoints[0]},{checkpoints[1]}"])
+    assert checkpoint_list(f"{tmp_path}/fit*/**/last.ckpt") == [str(c) for c in checkpoints]
+    assert checkpoint_list(f"{checkpoints[1]}, {checkpoints[0]}") == [str(checkpoints[1]), str(checkpoints[0])]
+    assert checkpoint_list("last") == ["last"]
+    lightning_main(["predict", *common, f"--trainer.default_root_dir={out}", f"--ckpt_path={tmp_path}/fit*/**/last.ckpt"])
+    with pytest.raises(SystemExit):
+        lightning_main(["predict", *common, f"--trainer.default_root_dir={out}", f"--ckpt_path={tmp_path}/fold*/last.ckpt"])
+    assert "matches no file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         lightning_main(["predict", *common, f"--trainer.default_root_dir={out}", f"--ckpt_path={checkpoints[0]},{tmp_path / 'nope.ckpt'}"])
     assert "nope.ckpt does not exist" in capsys.readouterr().err

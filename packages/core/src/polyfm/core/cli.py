@@ -48,11 +48,14 @@ def lightning_main(argv: list[str]) -> None:
         def before_predict(self) -> None:
             # several checkpoints (k-fold models, seeds): predict with their average and spread
             ckpt_path = self.config_init["predict"].get("ckpt_path")
-            if isinstance(ckpt_path, str) and "," in ckpt_path:
+            paths = checkpoint_list(ckpt_path) if isinstance(ckpt_path, str) else []
+            if len(paths) > 1:
                 from polyfm.core.predict import Ensemble
 
-                self.model = Ensemble(self.model, [p.strip() for p in ckpt_path.split(",") if p.strip()])
+                self.model = Ensemble(self.model, paths)
                 self.config_init["predict"]["ckpt_path"] = None
+            elif len(paths) == 1:
+                self.config_init["predict"]["ckpt_path"] = paths[0]
             self._resolve_last()
 
         before_validate = before_test = _resolve_last
@@ -77,6 +80,27 @@ def lightning_main(argv: list[str]) -> None:
         raise SystemExit(2) from None
     finally:
         sys.argv = saved_argv
+
+
+def checkpoint_list(ckpt_path: str) -> list[str]:
+    """``--ckpt_path`` as a list: comma-separated paths and glob patterns (``folds/*/last.ckpt``,
+    sorted), or the one path as given (``last`` included). A pattern that matches nothing is an error."""
+    import glob
+
+    from polyfm.core.errors import ConfigError
+
+    paths: list[str] = []
+    for part in (p.strip() for p in ckpt_path.split(",")):
+        if not part:
+            continue
+        if glob.has_magic(part):
+            matches = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+            if not matches:
+                raise ConfigError(f"--ckpt_path {part!r} matches no file: give the .ckpt files of the fit runs (e.g. 'runs/fold*/checkpoints/last.ckpt')")
+            paths.extend(matches)
+        else:
+            paths.append(part)
+    return paths
 
 
 def find_last_checkpoint(trainer: L.Trainer) -> Path:
