@@ -232,6 +232,7 @@ def test_medseg_weights_registry() -> None:
     assert {"swin_unetr_ssl", "spleen_ct_segmentation", "swin_unetr_btcv_segmentation"} <= names
     spec = get_weights("swin_unetr_ssl")
     assert spec.files["model_swinvit.pt"][0].startswith("https://github.com/Project-MONAI/")
+    assert spec.files["model_swinvit.pt"][1] == "md5:c8d9deb6cbbd66839bc8dced6010103f"  # checked on fetch
     assert spec.meta["intensity"]["a_min"] == -1000.0
 
 

@@ -9,8 +9,8 @@
   ``configs/inference.json`` declaring the network): ``spleen_ct_segmentation`` (UNet) and
   ``swin_unetr_btcv_segmentation`` (SwinUNETR, 13 abdominal organs).
 
-The publishers give no sha256 for these files (research-contributions quotes an MD5 for
-``model_swinvit.pt``), so they are recorded unverified. ``meta`` holds the preprocessing
+research-contributions quotes an MD5 for ``model_swinvit.pt``, which is checked; the model zoo
+lists no checksum for its zips, so they are recorded unverified. ``meta`` holds the preprocessing
 the weights were trained with: use the same intensity window and spacing when fine-tuning.
 """
 
@@ -62,12 +62,11 @@ WEIGHTS: list[WeightSpec] = [
     WeightSpec(
         name="swin_unetr_ssl",
         family="swin_unetr",
-        files={"model_swinvit.pt": (f"{EXTRA_DATA}/model_swinvit.pt", None)},
+        files={"model_swinvit.pt": (f"{EXTRA_DATA}/model_swinvit.pt", "md5:c8d9deb6cbbd66839bc8dced6010103f")},  # the MD5 research-contributions quotes
         license="apache-2.0",
         meta=_ct_meta(
             -1000.0,
             1000.0,
-            md5="c8d9deb6cbbd66839bc8dced6010103f",
             pretraining="rotation (4 classes) + contrastive (512-d, tau 0.5) + L1 inpainting, 5,050 CT volumes",
             part="Swin-ViT encoder only (decoder and head start from scratch)",
         ),
