@@ -56,8 +56,11 @@ def read_raster(path: str | Path, expected_bands: int | None = None) -> tuple[np
     return array, descriptions
 
 
-def read_raster_nodata(path: str | Path, expected_bands: int | None = None) -> tuple[np.ndarray, list[str | None], list[float | None]]:
-    """As :func:`read_raster`, plus each band's declared nodata value (``None``: none declared)."""
+def read_raster_nodata(
+    path: str | Path, expected_bands: int | None = None, window: Any = None,
+) -> tuple[np.ndarray, list[str | None], list[float | None]]:
+    """As :func:`read_raster`, plus each band's declared nodata value (``None``: none declared).
+    ``window`` (a ``rasterio.windows.Window`` inside the raster) reads only that part."""
     import rasterio
     from rasterio.errors import RasterioIOError
 
@@ -66,7 +69,7 @@ def read_raster_nodata(path: str | Path, expected_bands: int | None = None) -> t
         raise DataError("file does not exist", path=path)
     try:
         with rasterio.open(path) as src:
-            array = src.read()
+            array = src.read(window=window)
             descriptions = list(src.descriptions)
             nodata = [None if v is None else float(v) for v in src.nodatavals]
     except RasterioIOError as exc:
@@ -170,11 +173,13 @@ def load_image(
     normalization: Normalization | None,
     scale: float = 1.0,
     nodata: NodataPolicy = "error",
+    window: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read, order (by band descriptions), scale, check and normalise one GeoTIFF.
+    """Read, order (by band descriptions), scale, check and normalise one GeoTIFF (or the
+    ``window`` of it that a tiled prediction reads).
 
     Returns the normalised ``(C, H, W)`` and, with ``nodata="fill"``, the valid-pixel mask."""
-    array, descriptions, nodata_values = read_raster_nodata(path, expected_bands=len(bands))
+    array, descriptions, nodata_values = read_raster_nodata(path, expected_bands=len(bands), window=window)
     order = order_by_descriptions(descriptions, bands, path)
     if order is not None and order != list(range(len(order))):
         array, nodata_values = array[order], [nodata_values[i] for i in order]
@@ -393,6 +398,91 @@ class GeoTiffSegmentation(Dataset[dict[str, Any]]):
         return sample
 
 
+def chip_starts(length: int, size: int, stride: int) -> list[int]:
+    """Chip origins along one axis, as torchgeo's ``GridGeoSampler`` places them:
+    ``ceil((length - size) / stride) + 1`` chips from 0, the last one overhanging the raster
+    when ``length - size`` is not a multiple of ``stride`` (one chip when the raster is smaller)."""
+    return [i * stride for i in range(max(math.ceil((length - size) / stride), 0) + 1)]
+
+
+def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad ``(C, h, w)`` at the bottom and right to ``size`` x ``size``: mirrored where the chip
+    is wide enough (so the model sees plausible texture at the edge), else repeated."""
+    bottom, right = size - x.shape[-2], size - x.shape[-1]
+    if not bottom and not right:
+        return x
+    mode = "reflect" if bottom < x.shape[-2] and right < x.shape[-1] else "replicate"
+    return F.pad(x[None], (0, right, 0, bottom), mode=mode)[0]
+
+
+class GeoTiffChips(Dataset[dict[str, Any]]):
+    """Overlapping chips of whole GeoTIFFs, for predicting scenes too large for one pass.
+
+    Each file is cut on a grid of ``chip_size`` chips every ``stride`` pixels
+    (:func:`chip_starts`, torchgeo's ``GridGeoSampler`` rule); only each chip's window is read
+    (rasterio windows), so a 10980 x 10980 Sentinel-2 scene is never loaded whole. Chips that
+    overhang the raster are padded (mirrored) to the full size; the prediction writer crops them
+    back. Samples: ``input`` ``(C, chip_size, chip_size)``, ``meta`` (the file), ``chip``
+    (``[top, left, scene_height, scene_width, chip_number, chips_in_scene]``, what
+    :class:`polyfm.geo.predict.GeoPredictionWriter` needs to stitch the scene), and with
+    ``nodata="fill"`` a ``valid`` mask (false on padding too). Chips of one file come in a row."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        bands: Sequence[str],
+        chip_size: int,
+        stride: int | None = None,
+        normalization: Normalization | None = None,
+        band_indices: Sequence[int] | None = None,
+        scale: float = 1.0,
+        nodata: NodataPolicy = "error",
+    ) -> None:
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        check_nodata_policy(nodata)
+        stride = chip_size - chip_size // 4 if stride is None else stride
+        if chip_size < 1 or not 1 <= stride <= chip_size:
+            raise ConfigError(f"predict chips need chip_size >= 1 and 1 <= stride <= chip_size (a larger stride leaves pixels unpredicted), "
+                              f"got chip_size={chip_size}, stride={stride}")
+        self.files, self.bands = [Path(f) for f in files], [canonical_band(b) for b in bands]
+        self.chip_size, self.stride = chip_size, stride
+        self.normalization, self.band_indices, self.scale, self.nodata = normalization, band_indices, scale, nodata
+        self.shapes: list[tuple[int, int]] = []
+        self.chips: list[tuple[int, int, int, int, int]] = []  # file index, top, left, number in its scene, chips in it
+        for index, path in enumerate(self.files):
+            try:
+                with rasterio.open(path) as src:  # header only
+                    height, width = src.height, src.width
+            except RasterioIOError as exc:
+                raise DataError(f"not a readable raster (truncated or not a GeoTIFF?): {exc}", path=path) from exc
+            self.shapes.append((height, width))
+            corners = [(top, left) for top in chip_starts(height, chip_size, stride) for left in chip_starts(width, chip_size, stride)]
+            self.chips += [(index, top, left, number, len(corners)) for number, (top, left) in enumerate(corners)]
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from rasterio.windows import Window
+
+        file_index, top, left, number, count = self.chips[index]
+        path, (height, width) = self.files[file_index], self.shapes[file_index]
+        window = Window(left, top, min(self.chip_size, width - left), min(self.chip_size, height - top))
+        try:
+            x, valid = load_image(path, self.bands, self.band_indices, self.normalization, self.scale, self.nodata, window=window)
+        except DataError as exc:  # say where in the scene, not only which scene
+            raise DataError(f"{exc} (in the chip at rows {top}..{top + window.height}, columns {left}..{left + window.width})") from exc
+        sample: dict[str, Any] = {"input": _pad_to(x, self.chip_size).contiguous(), "meta": str(path),
+                                  "chip": torch.tensor([top, left, height, width, number, count])}
+        if valid is not None:
+            padded = torch.zeros(self.chip_size, self.chip_size, dtype=torch.bool)
+            padded[: valid.shape[0], : valid.shape[1]] = valid
+            sample["valid"] = padded
+        return sample
+
+
 def _split(n: int, val_fraction: float, test_fraction: float, seed: int, labels: Sequence[Any] | None = None) -> tuple[list[int], list[int], list[int]]:
     """A seeded split, stratified by class for single-label data."""
     rng = np.random.default_rng(seed)
@@ -419,7 +509,9 @@ class GeoTiffDataModule(DictDataModule):
     or ``model.input_normalization()`` after ``model.adapt_bands(bands)``.
     Train/val/test come from ``val_csv``/``test_csv`` when given, else from a seeded,
     stratified split of the one source. ``predict_paths`` (GeoTIFF files or folders of them,
-    unlabelled) are what ``predict`` reads; without them it reads the test split.
+    unlabelled) are what ``predict`` reads; without them it reads the test split. With
+    ``predict_chip_size`` each of them is cut into chips (every ``predict_stride`` pixels,
+    :class:`GeoTiffChips`) and every chip is classified (one CSV row per chip, with its bounds).
     """
 
     def __init__(
@@ -442,6 +534,8 @@ class GeoTiffDataModule(DictDataModule):
         scale: float = 1.0,
         nodata: NodataPolicy = "error",
         predict_paths: list[str] | None = None,
+        predict_chip_size: int | None = None,
+        predict_stride: int | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -450,6 +544,7 @@ class GeoTiffDataModule(DictDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         check_nodata_policy(nodata)
         self.scale, self.nodata, self.predict_paths = scale, nodata, predict_paths
+        self.predict_chip_size, self.predict_stride = predict_chip_size, predict_stride
         if (root is None) == (csv_path is None):
             raise ConfigError("give exactly one of root (class-per-folder) or csv_path")
         self.bands, self.root, self.csv_path, self.val_csv, self.test_csv = bands, root, csv_path, val_csv, test_csv
@@ -496,7 +591,11 @@ class GeoTiffDataModule(DictDataModule):
             return super().predict_dataloader()
         from polyfm.geo.predict import raster_files
 
-        return self._loader(self._dataset([(p, None) for p in raster_files(self.predict_paths)], False), False)
+        files = raster_files(self.predict_paths)
+        if self.predict_chip_size:
+            return self._loader(GeoTiffChips(files, self.bands, self.predict_chip_size, self.predict_stride, self.normalization,
+                                             self.band_indices, self.scale, self.nodata), False)
+        return self._loader(self._dataset([(p, None) for p in files], False), False)
 
     @property
     def num_classes(self) -> int:
@@ -505,7 +604,10 @@ class GeoTiffDataModule(DictDataModule):
 
 class GeoTiffSegmentationDataModule(DictDataModule):
     """Segmentation from a CSV with ``image`` and ``mask`` columns (paths relative to the CSV);
-    ``predict_paths`` (files or folders) are the unlabelled images ``predict`` reads."""
+    ``predict_paths`` (files or folders) are the unlabelled images ``predict`` reads: whole, or,
+    with ``predict_chip_size``, as overlapping chips every ``predict_stride`` pixels (default:
+    a quarter of the chip overlaps) that :class:`polyfm.geo.predict.GeoPredictionWriter`
+    stitches back into one class map per file (:class:`GeoTiffChips`)."""
 
     def __init__(
         self,
@@ -519,6 +621,8 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         scale: float = 1.0,
         nodata: NodataPolicy = "error",
         predict_paths: list[str] | None = None,
+        predict_chip_size: int | None = None,
+        predict_stride: int | None = None,
         class_names: list[str] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -528,6 +632,7 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         check_nodata_policy(nodata)
         self.scale, self.nodata, self.predict_paths = scale, nodata, predict_paths
+        self.predict_chip_size, self.predict_stride = predict_chip_size, predict_stride
         self.csv_path, self.bands, self.num_classes = Path(csv_path), bands, num_classes
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"class_names has {len(class_names)} names {class_names} for num_classes={num_classes}")
@@ -555,8 +660,9 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         return GeoTiffSegmentation(pairs, self.bands, self.normalization, self.band_indices, self.num_classes, self.scale, self.nodata)
 
     def predict_dataloader(self) -> DataLoader[Any]:
-        """Unlabelled images from ``predict_paths`` (files or folders; whole files, one class-id
-        GeoTIFF each with :class:`polyfm.geo.predict.GeoPredictionWriter`), else the test split."""
+        """Unlabelled images from ``predict_paths`` (files or folders; whole files or chips, one
+        class-id GeoTIFF each with :class:`polyfm.geo.predict.GeoPredictionWriter`), else the
+        test split."""
         if not self.predict_paths:
             return super().predict_dataloader()
         import rasterio
@@ -564,6 +670,9 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         from polyfm.geo.predict import raster_files
 
         files = raster_files(self.predict_paths)
+        if self.predict_chip_size:  # chips of one size batch together, whatever the scenes' sizes
+            return self._loader(GeoTiffChips(files, self.bands, self.predict_chip_size, self.predict_stride, self.normalization,
+                                             self.band_indices, self.scale, self.nodata), False)
         dataset = self._dataset([(p, None) for p in files])
         sizes = set()
         for path in files:
