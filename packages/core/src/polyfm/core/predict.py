@@ -134,18 +134,40 @@ class Ensemble(L.LightningModule):
         self.keep_probabilities = bool(getattr(member, "predict_probabilities", True))
         if hasattr(member, "predict_probabilities"):
             setattr(member, "predict_probabilities", True)  # noqa: B010 - an attribute of some tasks only
-        self.members: Any = torch.nn.ModuleList(load_task_checkpoint(copy.deepcopy(member), path) for path in self.checkpoints)
+        checkpoints_read = [read_task_checkpoint(path) for path in self.checkpoints]
+        self.members: Any = torch.nn.ModuleList(load_task_checkpoint(copy.deepcopy(member), path, state)
+                                                for path, state in zip(self.checkpoints, checkpoints_read, strict=True))
+        # what else the checkpoints hold that is small (a datamodule's state, e.g. ts scalers), for setup
+        self._checkpoint_extras = [{k: v for k, v in state.items() if k not in _BULKY_CHECKPOINT_KEYS} for state in checkpoints_read]
         for name in ("class_names", "target_names", "multilabel", "threshold", "num_classes"):  # what writers read from the task
             if hasattr(member, name):
                 setattr(self, name, getattr(member, name))
 
     def setup(self, stage: str) -> None:
+        self._restore_datamodule_state()
         for member in self.members:  # members sit in a ModuleList, which Lightning does not attach
             member.trainer = self.trainer
             member.setup(stage)
         for name in ("class_names", "target_names"):  # a member may take its names from the data in setup
             if getattr(self.members[0], name, None) is not None:
                 setattr(self, name, getattr(self.members[0], name))
+
+    def _restore_datamodule_state(self) -> None:
+        """What Lightning does for one ``ckpt_path``: the datamodule gets the state its checkpoint saved (the
+        scaling its targets were trained in). The members' states must agree, as their outputs are averaged."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        key = type(datamodule).__qualname__  # where Lightning saves LightningDataModule.state_dict()
+        states = [extras.get(key) for extras in self._checkpoint_extras]
+        if all(state is None for state in states):
+            return
+        for path, state in zip(self.checkpoints[1:], states[1:], strict=True):
+            if not _same_state(state, states[0]):
+                raise ConfigError(f"the ensemble's checkpoints hold different {key} states ({path} differs from {self.checkpoints[0]}), "
+                                  "e.g. scalings fitted on other data, so their outputs cannot be averaged: ensemble checkpoints "
+                                  "trained on the same data (folds of one split scheme, seeds), or predict them one at a time")
+        datamodule.load_state_dict(states[0])
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -176,14 +198,37 @@ class Ensemble(L.LightningModule):
         return combined
 
 
-def load_task_checkpoint(task: L.LightningModule, path: str | Path) -> L.LightningModule:
-    """``task`` with the weights of a Lightning checkpoint (its ``state_dict``), read with
-    ``weights_only=True``; keys that do not fit are named, with what to do."""
+#: Checkpoint entries an ensemble does not keep (weights go into the members; the rest is for training).
+_BULKY_CHECKPOINT_KEYS = frozenset({"state_dict", "optimizer_states", "lr_schedulers", "callbacks", "loops"})
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def read_task_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint, read with ``weights_only=True``; a missing file is named."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: give the .ckpt files a fit run wrote (its checkpoints folder)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a checkpoint: give a Lightning .ckpt written by polyfm fit")
+    return state
+
+
+def load_task_checkpoint(task: L.LightningModule, path: str | Path, checkpoint: dict[str, Any] | None = None) -> L.LightningModule:
+    """``task`` with the weights of a Lightning checkpoint (its ``state_dict``; ``checkpoint`` when
+    already read), read with ``weights_only=True``; keys that do not fit are named, with what to do."""
+    path = Path(path)
+    state = checkpoint if checkpoint is not None else read_task_checkpoint(path)
+    weights = state.get("state_dict", state)
     if not isinstance(weights, dict):
         raise ConfigError(f"{path} holds no state_dict: give a Lightning .ckpt written by polyfm fit")
     own = task.state_dict()
@@ -199,4 +244,4 @@ def load_task_checkpoint(task: L.LightningModule, path: str | Path) -> L.Lightni
     return task
 
 
-__all__ = ["PredictionFileWriter", "Ensemble", "AVERAGED_KEYS", "load_task_checkpoint"]
+__all__ = ["PredictionFileWriter", "Ensemble", "AVERAGED_KEYS", "load_task_checkpoint", "read_task_checkpoint"]
