@@ -166,7 +166,7 @@ def test_ts_window_forecasts_long_format_keeps_ids_and_units() -> None:
     """Per-window predictions become rows per series id, timestamp and step, unscaled with each series' own scaler."""
     from torch.utils.data import DataLoader
 
-    from polyfm.ts.forecast import window_forecasts
+    from polyfm.ts.predict import window_forecasts
 
     parts = []
     for station, offset in (("B", 1000.0), ("A", 0.0)):
@@ -192,7 +192,7 @@ def test_ts_window_forecasts_long_format_keeps_ids_and_units() -> None:
 def test_ts_window_forecasts_without_timestamps_uses_row_numbers() -> None:
     from torch.utils.data import DataLoader
 
-    from polyfm.ts.forecast import window_forecasts
+    from polyfm.ts.predict import window_forecasts
 
     frame = synthetic_series(300, channels=2, seed=4).drop(columns=["date"])
     dm = ForecastDataModule.from_frame(frame, context_length=32, horizon=8, split=[0.7, 0.1, 0.2], eval_stride=8, timestamp_column=None)

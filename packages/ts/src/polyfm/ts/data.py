@@ -22,8 +22,11 @@ sense it can be asked for, and is then counted and logged (logger ``polyfm.ts``)
 Timestamps: pandas infers the format; a day-first file (``13/07/2016``) is read day-first
 (logged), numeric timestamps need ``timestamp_format`` (epoch unit or strftime format), UTC
 offsets become naive UTC, and complete calendar-step series (months, business days) are regular.
+``freq`` (a pandas frequency) sets the step instead of inferring it: a calendar series with gaps is then
+regular with ``on_gap="nan"``.
 
-Scaling is a per-channel standard scaler fitted on the train split only (observed points).
+Scaling is a per-channel standard scaler fitted on the train split only (observed points); it is saved
+in checkpoints and reused when predicting from one (``ForecastDataModule.state_dict``).
 Batches are dicts: ``past_values (B, L, C)``, ``future_values (B, H, C_target)``, and when
 relevant ``past_observed_mask``, ``freq_token (B,)``, ``future_known_values (B, H, C)``
 (exogenous channels' known future; the target channels are zeroed), plus ``meta``
@@ -43,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from polyfm.core.data import DictDataModule, expand_paths
 from polyfm.core.errors import ConfigError, DataError
@@ -175,14 +178,18 @@ def read_series(
     sort: bool = False,
     name: str | None = None,
     timestamp_format: str | None = None,
+    freq: str | None = None,
 ) -> Series:
     """Read and check a series from a file or a DataFrame (see the module doc for the checks).
 
     ``columns`` selects the channels (default: every column but the timestamp). With
     ``timestamp_column=None`` the rows are taken as equally spaced steps. ``timestamp_format``
     is a strftime format (``"%d.%m.%Y %H:%M"``, ``"%Y%m%d"``) or, for numeric timestamps, the
-    epoch unit (``"s"``, ``"ms"``, ``"us"``, ``"ns"``); by default pandas infers it.
+    epoch unit (``"s"``, ``"ms"``, ``"us"``, ``"ns"``); by default pandas infers it. ``freq`` (a pandas
+    frequency: ``"h"``, ``"15min"``, ``"MS"``, ``"B"``) is the sampling step the timestamps must follow (gaps in
+    it handled by ``on_gap``); by default the step is inferred from the timestamps.
     """
+    offset = parse_freq(freq)
     if isinstance(source, pd.DataFrame):
         frame, label = source.copy(), name or "<DataFrame>"
     else:
@@ -236,7 +243,7 @@ def read_series(
 
     step: Step = None
     if timestamps is None and timestamp_column is not None:
-        data, step, report = _check_time_axis(data, label, on_duplicate, on_gap, sort, report)
+        data, step, report = _check_time_axis(data, label, on_duplicate, on_gap, sort, report, offset)
         timestamps = pd.DatetimeIndex(data.index)
 
     values = data.to_numpy(dtype=np.float64, copy=True)
@@ -339,8 +346,53 @@ def _calendar_step(index: pd.DatetimeIndex) -> pd.DateOffset | None:
     return None if isinstance(offset, Tick) else offset
 
 
+def parse_freq(freq: str | None) -> pd.DateOffset | None:
+    """A pandas frequency alias as an offset, or a ConfigError saying what is accepted."""
+    if freq is None:
+        return None
+    from pandas.tseries.frequencies import to_offset
+
+    try:
+        return to_offset(freq)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"freq={freq!r} is not a pandas frequency: use an alias such as 'h', '15min', 'D', 'W', 'MS' "
+                          f"(month start), 'ME' (month end) or 'B' (business day) ({exc}).") from exc
+
+
+def _step_of(offset: pd.DateOffset) -> Step:
+    """Fixed steps (hours, minutes, days) as a Timedelta, as inferred steps are; calendar ones stay offsets."""
+    from pandas.tseries.offsets import Tick
+
+    return pd.Timedelta(offset) if isinstance(offset, Tick) else offset
+
+
+def _check_on_grid(
+    data: pd.DataFrame, label: str, offset: pd.DateOffset, on_gap: OnGap, report: dict[str, int]
+) -> tuple[pd.DataFrame, Step, dict[str, int]]:
+    """The timestamps against a given frequency: every one on its grid, gaps handled by ``on_gap``."""
+    grid = pd.date_range(data.index[0], data.index[-1], freq=offset).as_unit("ns")
+    off_grid = np.flatnonzero(~data.index.isin(grid))
+    if len(off_grid):
+        i = int(off_grid[0])
+        raise DataError(f"{_row_text(label, i)}: timestamp {data.index[i]} is not on the {offset.freqstr!r} grid that freq asks for "
+                        f"({len(off_grid)} such rows; the grid from the first timestamp {data.index[0]}). Give the series' own "
+                        "frequency, or leave freq unset to infer it.", path=label)
+    missing = len(grid) - len(data)
+    if missing:
+        i = int(np.flatnonzero(grid[: len(data)] != data.index)[0])
+        if on_gap == "error":
+            raise DataError(f"{_row_text(label, i)}: {data.index[i - 1]} is followed by {data.index[i]}, a gap in the "
+                            f"{offset.freqstr!r} steps ({missing} missing timestamps in the file). Fill them, or pass on_gap='nan' "
+                            "to insert empty rows.", path=label)
+        data = data.reindex(grid)
+        report["inserted_rows"] = missing
+        log.warning("%s: inserted %d missing timestamps as empty rows", label, missing)
+    return data, _step_of(offset), report
+
+
 def _check_time_axis(
-    data: pd.DataFrame, label: str, on_duplicate: OnDuplicate, on_gap: OnGap, sort: bool, report: dict[str, int]
+    data: pd.DataFrame, label: str, on_duplicate: OnDuplicate, on_gap: OnGap, sort: bool, report: dict[str, int],
+    offset: pd.DateOffset | None = None,
 ) -> tuple[pd.DataFrame, Step, dict[str, int]]:
     data.index = pd.DatetimeIndex(data.index).as_unit("ns")  # pandas may parse to s/us units
     index = data.index
@@ -371,6 +423,8 @@ def _check_time_axis(
             data = data[~data.index.duplicated(keep=on_duplicate)]
         report["duplicate_rows"] = int(duplicated.sum())
         log.warning("%s: %d duplicated timestamps resolved with '%s'", label, int(duplicated.sum()), on_duplicate)
+    if offset is not None and len(data):
+        return _check_on_grid(data, label, offset, on_gap, report)
     if len(data) < 2:
         return data, None, report
     deltas = np.diff(data.index.asi8)
@@ -385,7 +439,9 @@ def _check_time_axis(
         i = int(irregular[0]) + 1
         raise DataError(
             f"{_row_text(label, i)}: timestamp {data.index[i]} is off the regular {step} grid of the series "
-            f"({len(irregular)} such steps). Resample the series to a fixed step (e.g. pandas DataFrame.resample).",
+            f"({len(irregular)} such steps; the steps around it: {', '.join(str(pd.Timedelta(int(d), unit='ns')) for d in deltas[i - 1:i + 2])}). "
+            "Resample the series to a fixed step (e.g. pandas DataFrame.resample), or, if the rows follow a calendar "
+            "frequency with gaps (months, business days), pass it as freq (e.g. freq='MS') with on_gap='nan'.",
             path=label,
         )
     gaps = np.flatnonzero(deltas > step_ns)
@@ -560,6 +616,12 @@ class ForecastDataModule(DictDataModule):
     inputs. ``id_columns`` reads a long-format file of several series: each is split, scaled and
     few-shot-selected on its own, and the windows are concatenated in id order (granite-tsfm's
     ``id_columns``).
+
+    The fitted scalers are the DataModule's ``state_dict``, which Lightning keeps in every checkpoint:
+    predicting or testing from a checkpoint (``ckpt_path``) scales new data as the training data was,
+    instead of refitting on the new file (see ``load_state_dict``). ``predict_mode="test"`` predicts every
+    test window; ``"future"`` one window per series, its last ``context_length`` rows, for the ``horizon``
+    steps after the data (timestamps continued at ``freq``, by default the step inferred from the data).
     """
 
     def __init__(
@@ -586,9 +648,17 @@ class ForecastDataModule(DictDataModule):
         seed: int = 0,
         timestamp_format: str | None = None,
         id_columns: list[str] | None = None,
+        freq: str | None = None,
+        predict_mode: Literal["test", "future"] = "test",
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         self.timestamp_format, self.id_columns = timestamp_format, list(id_columns or [])
+        parse_freq(freq)  # a wrong alias fails here, before any file is read
+        if predict_mode not in ("test", "future"):
+            raise ConfigError(f"predict_mode={predict_mode!r}: use 'test' (every test window, with the truth) or 'future' "
+                              "(the horizon after the end of each series).")
+        self.freq, self.predict_mode = freq, predict_mode
+        self.saved_scaling: dict[str, Any] | None = None  # a checkpoint's scalers (load_state_dict), used instead of fitting
         if context_length < 1 or horizon < 1 or train_stride < 1 or eval_stride < 1:
             raise ConfigError("context_length, horizon and strides must be positive.")
         if fewshot_location not in ("last", "uniform"):
@@ -627,9 +697,17 @@ class ForecastDataModule(DictDataModule):
             all_series = self._read_grouped(source, name or str(source))
         else:
             all_series = [self._read(source, name)]
-        borders = [split_borders(len(series), series.step, self.split) for series in all_series]
         columns = all_series[0].columns
-        constant = {c for series, b in zip(all_series, borders) for c in constant_channels(series.values[: b[0]], series.columns)}
+        saved = self.saved_scaling
+        if saved is not None:
+            all_series = self._with_saved_columns(all_series, saved["columns"])
+            columns = all_series[0].columns
+        if saved is not None and self.predict_mode == "future":
+            # the checkpoint's scaling and only the last window: no split, so a file of recent rows will do
+            borders = [(len(series),) * 3 for series in all_series]
+        else:
+            borders = [split_borders(len(series), series.step, self.split) for series in all_series]
+        constant = set() if saved is not None else {c for series, b in zip(all_series, borders) for c in constant_channels(series.values[: b[0]], series.columns)}
         if constant and self.on_constant == "drop":  # dropped from every series, so all keep the same channels
             keep = [i for i, c in enumerate(columns) if c not in constant]
             if not keep:
@@ -657,10 +735,15 @@ class ForecastDataModule(DictDataModule):
         needed = self.context_length + self.horizon
         self.parts = []
         for series, b in zip(all_series, borders):
+            if saved is not None:
+                self.parts.append(SeriesPart(series, b, self._saved_scaler(series, saved)))
+                continue
             if b[0] < needed:
                 raise DataError(
                     f"the train split has {b[0]} rows, fewer than context_length + horizon = {needed}. "
-                    "Use a shorter context or horizon, or a longer series.",
+                    "Use a shorter context or horizon, or a longer series"
+                    + (" (to forecast from a file of recent rows only, predict from a checkpoint: it holds the scaling)."
+                       if self.predict_mode == "future" else "."),
                     path=series.source,
                 )
             # one scaler per series, fitted on its own train split (granite-tsfm scales by id_columns too)
@@ -673,7 +756,96 @@ class ForecastDataModule(DictDataModule):
 
     def _read(self, source: str | pd.DataFrame, name: str | None) -> Series:
         return read_series(source, self.timestamp_column, self.columns, self.on_missing, self.on_duplicate, self.on_gap,
-                           name=name, timestamp_format=self.timestamp_format)
+                           name=name, timestamp_format=self.timestamp_format, freq=self.freq)
+
+    # --- the scaling a checkpoint carries
+
+    def _series_key(self, source: str) -> str:
+        """A series' name in the saved scaling: its id values (``station=A``), or "" for a file of one series, so
+        that the same series in another file (recent rows only) finds its scaler."""
+        return ", ".join(f"{c}={v}" for c, v in self.series_ids.get(source, {}).items())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted scalers as plain lists (checkpoints are read with ``weights_only=True``):
+        ``{"scaling": {"columns": [...], "series": {<id values or "">: {"mean": [...], "std": [...]}}}}``."""
+        if not self._prepared:
+            return {"scaling": self.saved_scaling} if self.saved_scaling is not None else {}
+        return {"scaling": {
+            "columns": list(self.parts[0].series.columns),
+            "series": {self._series_key(part.series.source): {"mean": [float(v) for v in part.scaler.mean],
+                                                              "std": [float(v) for v in part.scaler.std]} for part in self.parts},
+        }}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Use a checkpoint's scalers from now on (Lightning calls this for ``ckpt_path``, after ``setup``):
+        windows built with scalers fitted on this data are rebuilt, unless those are the same."""
+        scaling = state_dict.get("scaling")
+        if scaling is None:
+            return
+        columns, series = scaling.get("columns"), scaling.get("series")
+        if not isinstance(columns, list) or not isinstance(series, dict) or not series or any(
+                len(entry.get("mean", ())) != len(columns) or len(entry.get("std", ())) != len(columns) for entry in series.values()):
+            raise ConfigError(f"the checkpoint's ForecastDataModule state is not a scaling of {columns} per series: "
+                              "give a checkpoint written by polyfm fit with a ForecastDataModule.")
+        if self._prepared and self.state_dict()["scaling"] == scaling:
+            self.saved_scaling = scaling
+            return  # resuming a fit on the same data: nothing changes
+        self.saved_scaling = scaling
+        self._prepared = False
+        self.train_set = self.val_set = self.test_set = None
+
+    def _with_saved_columns(self, all_series: list[Series], saved_columns: list[str]) -> list[Series]:
+        """The series with the checkpoint's channels, or an error naming the difference."""
+        columns = all_series[0].columns
+        if columns == saved_columns:
+            return all_series
+        missing = [c for c in saved_columns if c not in columns]
+        if not missing and self.on_constant == "drop":  # channels dropped as constant when the checkpoint was fitted
+            keep = [columns.index(c) for c in saved_columns]
+            return [Series(s.values[:, keep], list(saved_columns), s.timestamps, s.step, s.source, s.report) for s in all_series]
+        extra = [c for c in columns if c not in saved_columns]
+        raise DataError(
+            f"the channels {columns} differ from those the checkpoint was trained and scaled with, {saved_columns} "
+            f"(missing {missing}, extra {extra}{', other order' if not missing and not extra else ''}). "
+            "Select and order them with columns=[...] (in a recipe: --data.init_args.columns=[...]).",
+            path=all_series[0].source,
+        )
+
+    def _saved_scaler(self, series: Series, saved: dict[str, Any]) -> StandardScaler:
+        key = self._series_key(series.source)
+        entry = saved["series"].get(key)
+        if entry is None:
+            known = [k or "<the one series>" for k in saved["series"]]
+            raise DataError(
+                f"series {key or '<the one series>'} has no scaler in the checkpoint, which was fitted on {known[:6]}"
+                f"{f' and {len(known) - 6} more' if len(known) > 6 else ''}. Predict the series it was trained on "
+                "(with the same id_columns), or fine-tune on this one.",
+                path=series.source,
+            )
+        return StandardScaler(np.asarray(entry["mean"], dtype=np.float32), np.asarray(entry["std"], dtype=np.float32),
+                              list(series.columns))
+
+    # --- forecasting past the end
+
+    def future_dataset(self) -> FutureWindows:
+        """One window per series: its last ``context_length`` rows, scaled (``predict_mode="future"``)."""
+        self.prepare()
+        if self.exogenous_indices:
+            names = [self.parts[0].series.columns[i] for i in self.exogenous_indices]
+            raise ConfigError(f"predict_mode='future' cannot know the future of the exogenous channels {names}: forecast with "
+                              "polyfm.ts.forecast.forecast(model, history, scaler=dm.scaler, future_exogenous=...) instead.")
+        for part in self.parts:
+            if len(part.series) < self.context_length:
+                raise DataError(f"has {len(part.series)} rows; forecasting past the end needs the last context_length = "
+                                f"{self.context_length} rows.", path=part.series.source)
+        token = (lambda part: frequency_token(part.series.step)) if self.use_freq_token else (lambda part: None)
+        return FutureWindows([(part.series.source, part.scaler.transform(part.series.values[-self.context_length:]), token(part))
+                              for part in self.parts], with_mask=self.on_missing == "mask")
+
+    def future_timestamps(self, part: SeriesPart) -> pd.DatetimeIndex | np.ndarray:
+        """The ``horizon`` timestamps after a series' last row, at its step (``freq``, or inferred when read);
+        row numbers for a series without timestamps."""
+        return part.series.future_timestamps(len(part.series) - 1, self.horizon)
 
     def _read_grouped(self, source: str | pd.DataFrame, label: str) -> list[Series]:
         """One checked series per value of ``id_columns`` (long format), in sorted id order as granite-tsfm;
@@ -756,6 +928,8 @@ class ForecastDataModule(DictDataModule):
             check_model_fits_data(model, self)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return  # predict_dataloader builds the windows: after Lightning has loaded the checkpoint's scaling
         self._check_model()
         if self.train_set is not None:
             return
@@ -770,6 +944,50 @@ class ForecastDataModule(DictDataModule):
                 offset += len(windows)
             train = Subset(train, np.concatenate(chosen).tolist())
         self.train_set = train
+
+
+    def _built(self) -> None:
+        if self.train_set is None:  # not set up yet, or a checkpoint's scaling arrived after setup
+            self.setup("fit")
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        self._built()
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader[Any] | list[Any]:
+        self._built()
+        return super().val_dataloader()
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        self._built()
+        return super().test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader[Any]:
+        """The test windows (``predict_mode="test"``), or each series' last window (``"future"``)."""
+        self._check_model()
+        if self.predict_mode == "future":
+            return self._loader(self.future_dataset(), False)
+        return self.test_dataloader()
+
+
+class FutureWindows(Dataset[dict[str, Any]]):
+    """The last context of each series, for forecasting past the end: no ``future_values``;
+    ``meta`` is ``<series>@future``."""
+
+    def __init__(self, contexts: list[tuple[str, np.ndarray, int | None]], with_mask: bool = False):
+        self.contexts, self.with_mask = contexts, with_mask
+
+    def __len__(self) -> int:
+        return len(self.contexts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, scaled, token = self.contexts[index]
+        item: dict[str, Any] = {"past_values": torch.from_numpy(np.nan_to_num(scaled, nan=0.0)), "meta": f"{source}@future"}
+        if self.with_mask:
+            item["past_observed_mask"] = torch.from_numpy(~np.isnan(scaled)).float()
+        if token is not None:
+            item["freq_token"] = torch.tensor(token, dtype=torch.long)
+        return item
 
 
 def fewshot_indices(origins: np.ndarray, train_rows: int, context_length: int, fraction: float, location: str = "last",

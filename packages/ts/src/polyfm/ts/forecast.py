@@ -7,9 +7,9 @@
     fine_tune(model, dm, mode="head")                                     # few-shot, head-only (or "full")
     scores = rolling_evaluate(model, dm, "test")                          # MSE/MAE scaled and in original units
     baselines(dm, "test", season=24)                                      # repeat-last-value, seasonal naive
-    window_forecasts(dm, trainer.predict(task, dm))                       # every test window's forecast, a long table
 
-``ForecastWriter`` is the ``polyfm predict`` callback of the recipes: that table as ``<input name>-forecast.csv``.
+Forecast tables from ``trainer.predict`` (every test window, or past the end) and the ``polyfm predict``
+callback ``ForecastWriter`` are in ``polyfm.ts.predict``.
 
 Metrics are computed on the target channels over every test window (rolling origin with
 ``eval_stride``); "scaled" means in the units of the train-fitted standard scaler, as the
@@ -19,7 +19,6 @@ TTM and Informer papers report them, "original" in the file's units.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,13 +26,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from polyfm.core.errors import ConfigError, DataError
-from polyfm.ts.data import ForecastDataModule, Series, StandardScaler, frequency_token, read_series
+from polyfm.ts.data import ForecastDataModule, StandardScaler, frequency_token, read_series
 
 log = logging.getLogger("polyfm.ts")
 
@@ -265,94 +262,6 @@ def forecast(
     out = pd.DataFrame(prediction, columns=[series.columns[i] for i in targets])
     out.insert(0, timestamp_column or "step", series.future_timestamps(len(series) - 1, horizon))
     return out
-
-
-def _origin_rows(series: Series, labels: Sequence[str]) -> np.ndarray:
-    """Rows of the windows' first forecast steps, from their ``meta`` labels (``source@timestamp`` or ``source@row<n>``)."""
-    where = [label.rsplit("@", 1)[1] for label in labels]
-    if series.timestamps is None:
-        return np.array([int(w.removeprefix("row")) - 1 for w in where], dtype=np.int64)
-    rows = series.timestamps.get_indexer(pd.DatetimeIndex(pd.to_datetime(where)))
-    if (rows < 0).any():
-        raise DataError(f"window {labels[int(np.argmax(rows < 0))]!r} is not in the series: predictions from other data?",
-                        path=series.source)
-    return rows
-
-
-def window_forecasts(dm: ForecastDataModule, predictions: Sequence[dict[str, Any]],
-                     units: Literal["original", "scaled"] = "original") -> pd.DataFrame:
-    """The batches of ``trainer.predict(task, dm)`` (``{"prediction": (B, H, C), "meta": [...]}``) as one long
-    DataFrame: the id columns (with ``id_columns``), ``origin`` (first forecast step, as in ``rolling_evaluate``),
-    ``step`` (1..H), the forecast timestamp (the data's timestamp column; the row number without timestamps),
-    one column per target channel (in the file's units unless ``units="scaled"``) and ``<channel>_true``."""
-    if units not in ("original", "scaled"):
-        raise ConfigError(f"units={units!r}: use 'original' or 'scaled'.")
-    dm.prepare()
-    batches = [b for b in predictions if len(b["meta"])]
-    if not batches:
-        raise DataError("no prediction to write: the predict split yielded no window.", path=dm.path)
-    pred = np.concatenate([b["prediction"].detach().float().cpu().numpy() for b in batches])
-    labels = [label for b in batches for label in b["meta"]]
-    targets, horizon = dm.target_indices, dm.horizon
-    if pred.shape[1:] != (horizon, len(targets)):
-        raise ConfigError(f"forecasts of shape {pred.shape[1:]} are not (horizon {horizon}, {len(targets)} target channels).")
-    sources = np.array([label.rsplit("@", 1)[0] for label in labels])
-    parts = {part.series.source: part for part in dm.parts}
-    blocks = []
-    for source in dict.fromkeys(sources):  # series in prediction order (id order with id_columns)
-        part, chosen = parts[source], np.flatnonzero(sources == source)
-        names = [part.series.columns[i] for i in targets]
-        rows = _origin_rows(part.series, [labels[i] for i in chosen])[:, None] + np.arange(horizon)  # (windows, H)
-        truth, window = part.series.values[rows][..., targets], pred[chosen]
-        if units == "original":
-            window = part.scaler.inverse(window, targets)
-        else:
-            truth = part.scaler.transform(part.series.values[rows])[..., targets]
-        when = part.series.timestamps[rows.ravel()] if part.series.timestamps is not None else rows.ravel() + 1
-        block = pd.DataFrame({**dm.series_ids.get(source, {}), "origin": np.repeat(when[::horizon], horizon),
-                              "step": np.tile(np.arange(1, horizon + 1), len(chosen)), dm.timestamp_column or "row": when})
-        block[names] = window.reshape(-1, len(names))
-        block[[f"{n}_true" for n in names]] = truth.reshape(-1, len(names))
-        blocks.append(block)
-    return pd.concat(blocks, ignore_index=True)
-
-
-def _input_name(dm: ForecastDataModule) -> str:
-    """The input file's name without its data suffixes (``ETTh1.csv.gz`` -> ``ETTh1``), or the DataFrame's name, file-safe."""
-    name = Path(os.path.expandvars(dm.path)).name
-    for suffix in (".gz", ".csv", ".txt", ".parquet", ".pq"):
-        name = name.removesuffix(suffix)
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_.") or "data"
-
-
-class ForecastWriter(BasePredictionWriter):
-    """``polyfm predict`` callback: the forecasts of every predicted window (the test split, origins
-    ``eval_stride`` apart) written to ``<output_dir>/<input name>-forecast.csv`` by ``window_forecasts``:
-    original units, the input's timestamps, channel names and id columns. In a recipe:
-    ``trainer.callbacks: [{class_path: polyfm.ts.forecast.ForecastWriter, init_args: {output_dir: predictions}}]``."""
-
-    def __init__(self, output_dir: str = "predictions", units: Literal["original", "scaled"] = "original") -> None:
-        super().__init__(write_interval="epoch")
-        if units not in ("original", "scaled"):
-            raise ConfigError(f"ForecastWriter units={units!r}: use 'original' or 'scaled'.")
-        self.output_dir, self.units = output_dir, units
-        self.written: list[Path] = []
-
-    def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
-        dm = trainer.datamodule
-        if not isinstance(dm, ForecastDataModule):
-            raise ConfigError(f"ForecastWriter writes the windows of a ForecastDataModule; the data is {type(dm).__name__}.")
-        # one list per predict dataloader when there are several
-        batches = [b for group in predictions for b in (group if isinstance(group, list) else [group])]
-        frame = window_forecasts(dm, batches, self.units)
-        folder = Path(self.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{_input_name(dm)}-forecast.csv"
-        tmp = path.with_name(path.name + ".tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)  # a reader never sees half a file
-        self.written.append(path)
-        rank_zero_info(f"wrote the forecasts of {len(frame) // dm.horizon} windows x {dm.horizon} steps to {path}")
 
 
 def plot_forecast(
