@@ -75,8 +75,19 @@ def test_mol_cli_fit_predict_to_csv_and_resume(tmp_path: Path, monkeypatch: pyte
     assert first[3] == written[first[1]]
 
     main(["fit", *recipe, *own_data, "--trainer.max_steps=4", "--trainer.limit_val_batches=1", f"--ckpt_path={last}"])
-    resumed = torch.load(tmp_path / "runs/mol-chemberta-esol/logs/version_3/checkpoints/last.ckpt", weights_only=True)
+    resumed_path = tmp_path / "runs/mol-chemberta-esol/logs/version_3/checkpoints/last.ckpt"
+    resumed = torch.load(resumed_path, weights_only=True)
     assert resumed["global_step"] == 4
+
+    # two checkpoints: an ensemble, with the spread across them beside each mean
+    main(["predict", *recipe, *own_data, f"--ckpt_path={last},{resumed_path}", f"--data.init_args.predict_path={new}"])
+    ensemble = pd.read_csv(out, keep_default_na=False)
+    assert list(ensemble.columns) == ["row", "smiles", "canonical_smiles", "compound_id", "supplier", "pred_pIC50", "pred_pIC50_std"]
+    later = Regression.load_from_checkpoint(resumed_path, encoder=_tiny_encoder(), weights_only=True).eval()
+    with torch.no_grad():
+        both = [direct, later(ChemBERTaFeaturiser(tokenizer=None, max_length=128).tokenizer(["CCO"]))[0, 0].item()]
+    assert ensemble["pred_pIC50"][0] == pytest.approx(sum(both) / 2, abs=1e-4)
+    assert ensemble["pred_pIC50_std"][0] == pytest.approx(abs(both[0] - both[1]) / 2**0.5, abs=1e-4)
 
 
 def _tiny_encoder() -> torch.nn.Module:

@@ -15,6 +15,9 @@ __all__ = [
     "SmilesTokenizer",
     "MoleculeDataModule",
     "read_molecule_csv",
+    "read_molecule_sdf",
+    "read_molecules",
+    "MoleculePredictionWriter",
     "scaffold_split",
     "generate_conformers",
 ]
@@ -26,6 +29,9 @@ _WHERE = {
     "SmilesTokenizer": "polyfm.mol.tokenizers",
     "MoleculeDataModule": "polyfm.mol.data",
     "read_molecule_csv": "polyfm.mol.data",
+    "read_molecule_sdf": "polyfm.mol.data",
+    "read_molecules": "polyfm.mol.data",
+    "MoleculePredictionWriter": "polyfm.mol.predict",
     "scaffold_split": "polyfm.mol.data",
     "generate_conformers": "polyfm.mol.conformers",
 }

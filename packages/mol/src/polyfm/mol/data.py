@@ -1,4 +1,4 @@
-"""Molecule tables (the MoleculeNet CSV layout), splits, datasets and DataModules.
+"""Molecule tables (the MoleculeNet CSV layout, or SD files), splits, datasets and DataModules.
 
 A CSV has a SMILES column and one or more target columns; an empty cell is a missing
 label (NaN, masked out of losses and metrics by the tasks). Every SMILES is parsed and
@@ -8,7 +8,10 @@ Salts and mixtures are kept whole by default (counted), or reduced to their larg
 fragment (``fragments="largest"``), or refused (``fragments="error"``).
 
 Rows are numbered as data rows, from 1 (the header is not a row); the error messages also
-give the line of the file.
+give the line of the file. SD files (``.sdf``, ``.sdf.gz``) are read with RDKit: each record's
+properties are the columns, its SMILES comes from the record's structure, records are numbered
+from 1 and named by their title line, and the record's own coordinates are kept (Uni-Mol's
+``conformers="from_file"``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SplitKind = Literal["scaffold", "scaffold_balanced", "random", "stratified"]
 FragmentPolicy = Literal["keep", "largest", "error"]
+ConformerSource = Literal["etkdg", "from_file"]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -53,9 +57,23 @@ class MoleculeTable:
     fragments_stripped: int = 0
     # the file's other columns (neither SMILES nor targets), as written, for the kept rows
     other_columns: dict[str, list[str]] = field(default_factory=dict)
+    # SD files only: each record's title line, and its own coordinates (polyfm.mol.conformers.Conformer)
+    titles: list[str] | None = None
+    conformers: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.smiles)
+
+    @property
+    def from_sdf(self) -> bool:
+        return self.titles is not None
+
+    def meta(self) -> list[str]:
+        """What a batch says about each molecule (named in NaN-loss errors): ``row N: SMILES``,
+        or for an SD file ``record N 'title': SMILES``."""
+        if self.titles is not None:
+            return [f"record {r} {t!r}: {s}" for r, t, s in zip(self.rows, self.titles, self.input_smiles, strict=True)]
+        return [f"row {r}: {s}" for r, s in zip(self.rows, self.input_smiles, strict=True)]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> MoleculeTable:
         """The rows at ``indices`` (positions in this table), targets kept."""
@@ -68,13 +86,15 @@ class MoleculeTable:
             list(self.target_names),
             path=self.path,
             other_columns={name: [cells[i] for i in idx] for name, cells in self.other_columns.items()},
+            titles=None if self.titles is None else [self.titles[i] for i in idx],
+            conformers=None if self.conformers is None else [self.conformers[i] for i in idx],
         )
 
     def summary(self) -> str:
         where = self.path.name if self.path else "table"
         return (
             f"{where}: {len(self)} molecules, {len(self.target_names)} targets, {int(np.isnan(self.targets).sum())} missing labels, "
-            f"{len(self.skipped)} invalid SMILES skipped, {self.mixtures} salts/mixtures ({self.fragments_stripped} reduced to the largest fragment)"
+            f"{len(self.skipped)} invalid {'records' if self.from_sdf else 'SMILES'} skipped, {self.mixtures} salts/mixtures ({self.fragments_stripped} reduced to the largest fragment)"
         )
 
 
@@ -140,6 +160,45 @@ def _did_you_mean(name: str, columns: Sequence[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    path = Path(os.path.expandvars(os.fspath(path))).expanduser()  # recipes write $POLYFM_DATA_DIR/...
+    if "$" in str(path):
+        raise DataError("the path names an environment variable that is not set (e.g. POLYFM_DATA_DIR).", path=path)
+    if not path.exists():
+        raise DataError("file not found.", path=path)
+    return path
+
+
+def is_sd_file(path: str | os.PathLike[str]) -> bool:
+    """``.sdf`` / ``.sdf.gz`` (also ``.sd``): read as SD files, everything else as CSV."""
+    name = os.fspath(path).lower()
+    return name.endswith((".sdf", ".sdf.gz", ".sd", ".sd.gz"))
+
+
+def input_stem(path: str | os.PathLike[str]) -> str:
+    """The file's name without its data suffixes (``screen.sdf.gz`` -> ``screen``), to name outputs after it."""
+    name = Path(os.path.expandvars(os.fspath(path))).name
+    for suffix in (".sdf.gz", ".sd.gz", ".csv.gz", ".tsv.gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def read_molecules(
+    path: str | os.PathLike[str],
+    smiles_column: str = "smiles",
+    target_columns: Sequence[str] | None = None,
+    canonicalize: bool = True,
+    skip_invalid: bool = False,
+    fragments: FragmentPolicy = "keep",
+    delimiter: str | None = None,
+) -> MoleculeTable:
+    """An SD file (by its suffix, :func:`read_molecule_sdf`) or a CSV (:func:`read_molecule_csv`)."""
+    if is_sd_file(path):
+        return read_molecule_sdf(path, target_columns, canonicalize, skip_invalid, fragments, smiles_column)
+    return read_molecule_csv(path, smiles_column, target_columns, canonicalize, skip_invalid, fragments, delimiter)
+
+
 def read_molecule_csv(
     path: str | os.PathLike[str],
     smiles_column: str = "smiles",
@@ -153,11 +212,7 @@ def read_molecule_csv(
     ``delimiter=None`` tells it from the header (comma, tab, semicolon or ``|``)."""
     import pandas as pd
 
-    path = Path(os.path.expandvars(os.fspath(path))).expanduser()  # recipes write $POLYFM_DATA_DIR/...
-    if "$" in str(path):
-        raise DataError("the path names an environment variable that is not set (e.g. POLYFM_DATA_DIR).", path=path)
-    if not path.exists():
-        raise DataError("file not found.", path=path)
+    path = _existing_file(path)
     delimiter, header = _header(path, delimiter)
     repeated = sorted({c for c in header if header.count(c) > 1})
     if repeated:  # pandas would rename them silently (y, y.1)
@@ -237,6 +292,157 @@ def read_molecule_csv(
             "largest fragment kept" if fragments == "largest" else "kept whole",
         )
     return table
+
+
+def read_molecule_sdf(
+    path: str | os.PathLike[str],
+    target_columns: Sequence[str] | None = None,
+    canonicalize: bool = True,
+    skip_invalid: bool = False,
+    fragments: FragmentPolicy = "keep",
+    smiles_column: str = "smiles",
+) -> MoleculeTable:
+    """Read an SD file (``.sdf``, or gzipped ``.sdf.gz``) with RDKit's ``SDMolSupplier``.
+
+    Each record's SMILES is RDKit's SMILES of its structure (hydrogens implicit), then treated
+    as a CSV's SMILES (``fragments``, ``canonicalize``). Its properties (``> <name>`` fields)
+    are the columns: ``target_columns=None`` takes every property but one named
+    ``smiles_column``; a property a record lacks is a missing label. Records are numbered from
+    1 (``rows``) and named by their title line (``titles``). Records RDKit cannot parse stop
+    the run with their number, title and RDKit's reason, unless ``skip_invalid``. ``conformers``
+    holds each record's own coordinates with every hydrogen (those the file leaves implicit
+    are placed by RDKit), for Uni-Mol's ``conformers="from_file"``."""
+    import gzip
+
+    from rdkit import Chem, RDLogger
+
+    from polyfm.mol.conformers import Conformer
+
+    RDLogger.DisableLog("rdApp.*")
+    path = _existing_file(path)
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"not a readable gzip file ({exc}): give a gzipped SD file, or name a plain one .sdf", path=path) from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not a UTF-8 text file: {exc}. Convert it first (e.g. iconv -f latin1 -t utf-8).", path=path) from exc
+    supplier = Chem.SDMolSupplier()  # a fresh one per file: SetData on a used supplier keeps stale state
+    supplier.SetData(text, sanitize=True, removeHs=False)  # hydrogens kept: they carry the file's 3D positions
+    titles: list[str] = []
+    rows: list[int] = []
+    input_smiles: list[str] = []
+    smiles_out: list[str] = []
+    properties: list[dict[str, str]] = []
+    conformers: list[Any] = []
+    skipped: list[tuple[int, str, str]] = []
+    mixtures = stripped = 0
+    for index in range(len(supplier)):
+        record, item = index + 1, supplier.GetItemText(index)
+        title = item.split("\n", 1)[0].strip()
+        mol = supplier[index]
+        if mol is None:
+            skipped.append((record, title, _why_unparsable(item)))
+            continue
+        if mol.GetNumAtoms() == 0:
+            skipped.append((record, title, "no atoms"))
+            continue
+        raw = Chem.MolToSmiles(Chem.RemoveHs(mol))
+        smiles, mixture, error = parse_smiles(raw, fragments, canonicalize)
+        if error:
+            skipped.append((record, title, error))
+            continue
+        mixtures += int(mixture)
+        stripped += int(mixture and fragments == "largest")
+        titles.append(title)
+        rows.append(record)
+        input_smiles.append(raw)
+        smiles_out.append(smiles)
+        properties.append({name: mol.GetProp(name) for name in mol.GetPropNames()})
+        conformers.append(_record_conformer(mol, smiles if mixture and fragments == "largest" else None, Conformer))
+    if skipped and not skip_invalid:
+        shown = "; ".join(f"record {r} {t!r}: {why}" for r, t, why in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        raise DataError(
+            f"{len(skipped)} of {len(supplier)} records are not usable molecules (record numbers from 1, title line in quotes): "
+            f"{shown}{more}. Fix them, or pass skip_invalid=True to skip them (they are counted and logged).",
+            path=path,
+        )
+    if not rows:
+        raise DataError(f"no valid molecule in the file ({len(supplier)} records read).", path=path)
+    found: list[str] = []
+    for record_properties in properties:
+        found.extend(name for name in record_properties if name not in found)
+    names = [c for c in found if c != smiles_column] if target_columns is None else list(target_columns)
+    absent = [c for c in names if c not in found]
+    if absent:
+        hints = "".join(_did_you_mean(c, found) for c in absent)
+        raise DataError(f"target properties {absent} are in no record; the records' properties are {found}.{hints}", path=path)
+    targets = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
+    for i, record_properties in enumerate(properties):
+        for j, name in enumerate(names):
+            raw_value = record_properties.get(name, "")
+            try:
+                value = parse_label(raw_value)
+                problem = "is not a finite float32 number" if abs(value) > _FLOAT32_MAX else ""
+            except ValueError:
+                problem = "is not a number"
+            if problem:
+                raise DataError(
+                    f"record {rows[i]} {titles[i]!r}: target {raw_value!r} {problem}. Fix the value, or leave the property "
+                    "out of the record for a missing label.",
+                    path=path,
+                    key=name,
+                )
+            targets[i, j] = value
+    table = MoleculeTable(smiles_out, input_smiles, rows, targets, names, path=path, skipped=skipped, mixtures=mixtures,
+                          fragments_stripped=stripped, titles=titles, conformers=conformers)  # fmt: skip
+    for name in found:
+        if name not in names:
+            table.other_columns[name] = [record_properties.get(name, "") for record_properties in properties]
+    if skipped:
+        log.warning("%s: skipped %d invalid records (records %s)", path, len(skipped), [r for r, _, _ in skipped[:20]])
+    if mixtures:
+        log.info("%s: %d salts/mixtures (%s)", path, mixtures, "largest fragment kept" if fragments == "largest" else "kept whole")
+    return table
+
+
+def _why_unparsable(item: str) -> str:
+    """RDKit's reason for refusing one SD record (the supplier itself only returns None)."""
+    from rdkit import Chem
+
+    mol = Chem.MolFromMolBlock(item, sanitize=False, removeHs=False)
+    if mol is None:
+        return "RDKit cannot read its mol block (header, counts, atom or bond lines)"
+    try:
+        Chem.SanitizeMol(mol)
+    except ValueError as exc:  # RDKit's MolSanitizeException: valence, aromaticity, kekulisation
+        return f"RDKit cannot sanitise it ({exc})"
+    return "RDKit cannot parse it"
+
+
+def _record_conformer(mol: Any, largest_fragment: str | None, conformer_type: Any) -> Any:
+    """The record's atoms (every hydrogen) and coordinates; ``largest_fragment``: keep only the
+    fragment with that SMILES (``fragments="largest"``)."""
+    from rdkit import Chem
+
+    with_hydrogens = Chem.AddHs(mol, addCoords=True)  # only the implicit ones are added, placed from the heavy atoms
+    added = with_hydrogens.GetNumAtoms() - mol.GetNumAtoms()
+    if largest_fragment is not None:
+        pieces = Chem.GetMolFrags(with_hydrogens, asMols=True)
+        matching = [p for p in pieces if Chem.MolToSmiles(Chem.RemoveHs(p)) == largest_fragment]
+        with_hydrogens = matching[0] if matching else max(pieces, key=lambda p: p.GetNumHeavyAtoms())
+    is_3d = mol.GetNumConformers() > 0 and mol.GetConformer().Is3D()
+    coordinates = (
+        with_hydrogens.GetConformer().GetPositions().astype(np.float32) if mol.GetNumConformers() else np.zeros((0, 3), np.float32)
+    )
+    return conformer_type(
+        [atom.GetSymbol() for atom in with_hydrogens.GetAtoms()],
+        coordinates,
+        is_3d,
+        f"{added} hydrogens placed by RDKit" if added else "",
+    )
 
 
 # ----------------------------------------------------------------------------- splits
@@ -455,8 +661,10 @@ class UniMolCollate:
 class Featuriser:
     """Turns SMILES into one model's inputs, and says how to collate them."""
 
-    def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None) -> Callable[[int], Any]:
+        """``featurise(i)`` for molecule ``i``; ``conformers``: an SD file's own coordinates
+        (``MoleculeTable.conformers``), used by featurisers that ask for them."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -475,7 +683,7 @@ class ChemBERTaFeaturiser(Featuriser):
         # rows of which the tokenizer dropped characters (hub) or used the unknown token (atom-wise)
         self.lossy_rows: list[int] = []
 
-    def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None) -> Callable[[int], Any]:
         from polyfm.mol.tokenizers import HubTokenizer
 
         seen = self.tokenizer.inspect(smiles)  # (length in tokens, what the vocabulary lacks) per SMILES
@@ -517,7 +725,9 @@ class UniMolFeaturiser(Featuriser):
     """ETKDG conformers (cached on disk, parallel) turned into Uni-Mol inputs.
 
     ``max_atoms_policy``: ``"crop"`` keeps a seeded random subset of ``max_atoms`` atoms
-    (what unimol_tools does, counted and logged), ``"error"`` refuses such molecules."""
+    (what unimol_tools does, counted and logged), ``"error"`` refuses such molecules.
+    ``conformers="from_file"`` uses an SD file's own 3D coordinates instead of ETKDG
+    (hydrogens as on the ETKDG path: all of them, or none with ``remove_hs``)."""
 
     def __init__(
         self,
@@ -530,8 +740,13 @@ class UniMolFeaturiser(Featuriser):
         conformer_cache: str | None = None,
         conformer_workers: int = 1,
         conformer_timeout: int = 10,
+        conformers: ConformerSource = "etkdg",
     ) -> None:
         from polyfm.mol.models.unimol import UniMolDictionary
+
+        if conformers not in ("etkdg", "from_file"):
+            raise ConfigError(f"conformers={conformers!r}: use 'etkdg' (generated) or 'from_file' (an SD file's own 3D coordinates).")
+        self.conformer_source = conformers
 
         self.dictionary = UniMolDictionary.official() if dictionary is None else UniMolDictionary.load(dictionary)
         self.remove_hs, self.max_atoms, self.max_atoms_policy = remove_hs, max_atoms, max_atoms_policy
@@ -544,14 +759,18 @@ class UniMolFeaturiser(Featuriser):
         self.fallback_2d_rows: list[int] = []
         self.cropped_rows: list[int] = []
 
-    def prepare(self, smiles: Sequence[str], rows: Sequence[int]) -> Callable[[int], Any]:
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None) -> Callable[[int], Any]:
         from polyfm.mol.conformers import ConformerSettings, generate_conformers, unimol_features
 
-        settings = ConformerSettings(
-            seed=self.conformer_seed, remove_hs=self.remove_hs, mmff=self.mmff, timeout=self.conformer_timeout
-        )
-        conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
-        self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
+        if self.conformer_source == "from_file":
+            conformers = self.file_conformers(conformers, rows)
+            self.fallback_2d_rows = []
+        else:
+            settings = ConformerSettings(
+                seed=self.conformer_seed, remove_hs=self.remove_hs, mmff=self.mmff, timeout=self.conformer_timeout
+            )
+            conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
+            self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
         empty = [f"row {rows[i]} {smiles[i]!r}" for i, conf in enumerate(conformers) if not conf.atoms]
         if empty:  # H2, [H+]: without hydrogens nothing is left (unimol_tools would give NaN coordinates)
             raise DataError(
@@ -585,6 +804,33 @@ class UniMolFeaturiser(Featuriser):
             )
         return features.__getitem__
 
+    def file_conformers(self, conformers: Sequence[Any] | None, rows: Sequence[int]) -> list[Any]:
+        """An SD file's coordinates, hydrogens removed for no-H models; 2D records refused
+        (flat coordinates would reach the model as if they were a geometry)."""
+        from polyfm.mol.conformers import Conformer
+
+        if conformers is None:
+            raise ConfigError(
+                "conformers='from_file' takes each molecule's 3D coordinates from an SD file, and this input has none "
+                "(a CSV or a list of SMILES): give an .sdf / .sdf.gz file, or use conformers='etkdg'."
+            )
+        flat = [rows[i] for i, conformer in enumerate(conformers) if not conformer.is_3d]
+        if flat:
+            raise DataError(
+                f"conformers='from_file' needs 3D coordinates, and {len(flat)} records have 2D ones (records {flat[:20]}): "
+                "give a file with 3D conformers, or use conformers='etkdg' to generate them."
+            )
+        placed = [rows[i] for i, conformer in enumerate(conformers) if conformer.message]
+        if placed and not self.remove_hs:
+            log.info("%d records had implicit hydrogens; RDKit placed them from the heavy atoms (records %s)", len(placed), placed[:20])
+        if not self.remove_hs:
+            return list(conformers)
+        kept = []
+        for conformer in conformers:
+            heavy = [i for i, atom in enumerate(conformer.atoms) if atom != "H"]
+            kept.append(Conformer([conformer.atoms[i] for i in heavy], conformer.coordinates[heavy], True))
+        return kept
+
     def collate(self) -> UniMolCollate:
         return UniMolCollate(self.dictionary.pad)
 
@@ -604,6 +850,7 @@ def make_featuriser(model: str, **options: Any) -> Featuriser:
             "conformer_cache",
             "conformer_workers",
             "conformer_timeout",
+            "conformers",
         )
         return UniMolFeaturiser(**{k: v for k, v in options.items() if k in keys})
     raise ConfigError(f"unknown model {model!r}: use chemberta or unimol.")
@@ -613,13 +860,15 @@ def make_featuriser(model: str, **options: Any) -> Featuriser:
 
 
 class MoleculeDataModule(DictDataModule):
-    """Property prediction from a MoleculeNet-style CSV, for ChemBERTa or Uni-Mol.
+    """Property prediction from a MoleculeNet-style CSV or an SD file (``.sdf``, ``.sdf.gz``:
+    ``csv_path`` and ``predict_path`` take either, told by the suffix), for ChemBERTa or Uni-Mol.
 
     Batches: ``{"input": dict of tensors, "target": (B, T) float with NaN for missing,
     "meta": ["row N: SMILES", ...]}``. After ``setup()``: ``table``, ``split`` (indices
     into the table), ``target_names``, ``num_tasks``, ``target_mean``/``target_std``
     (training split, NaN-aware). ``predict_path``: a CSV of new molecules for ``predict``
-    (default: the test split); ``polyfm.mol.predict.PredictionWriter`` writes the results."""
+    (default: the test split); ``polyfm.mol.predict.MoleculePredictionWriter`` writes the results.
+    ``conformers="from_file"`` (Uni-Mol, SD files) feeds each record's own 3D coordinates instead of ETKDG's."""
 
     def __init__(
         self,
@@ -645,6 +894,7 @@ class MoleculeDataModule(DictDataModule):
         conformer_cache: str | None = None,
         conformer_workers: int = 1,
         conformer_timeout: int = 10,
+        conformers: ConformerSource = "etkdg",
         batch_size: int = 32,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -665,7 +915,10 @@ class MoleculeDataModule(DictDataModule):
             conformer_cache=conformer_cache,
             conformer_workers=conformer_workers,
             conformer_timeout=conformer_timeout,
+            conformers=conformers,
         )
+        if conformers == "from_file" and model != "unimol":
+            raise ConfigError(f"conformers='from_file' is for model='unimol' (3D input); {model} reads SMILES only: leave conformers unset.")
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
@@ -679,12 +932,12 @@ class MoleculeDataModule(DictDataModule):
         self.table: MoleculeTable | None = None
         self.split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.predict_path = predict_path
-        # what `predict` ran on (new molecules, or the test split), for PredictionWriter
+        # what `predict` ran on (new molecules, or the test split), for MoleculePredictionWriter
         self.predict_table: MoleculeTable | None = None
 
     def read(self) -> MoleculeTable:
         if self.table is None:
-            self.table = read_molecule_csv(
+            self.table = read_molecules(
                 self.csv_path,
                 self.smiles_column,
                 self.target_columns,
@@ -727,8 +980,8 @@ class MoleculeDataModule(DictDataModule):
     def build(self) -> tuple[MoleculeDataset, MoleculeDataset, MoleculeDataset]:
         table = self.read()
         assert self.split is not None
-        featurise = self.featuriser.prepare(table.smiles, table.rows)
-        meta = [f"row {r}: {s}" for r, s in zip(table.rows, table.input_smiles, strict=True)]
+        featurise = self.featuriser.prepare(table.smiles, table.rows, table.conformers)
+        meta = table.meta()
 
         def subset(indices: np.ndarray) -> MoleculeDataset:
             idx = indices.tolist()
@@ -778,20 +1031,19 @@ class MoleculeDataModule(DictDataModule):
         )
 
     def predict_dataloader(self) -> Any:
-        """The molecules of ``predict_path`` (a CSV of new molecules; every other column kept),
-        else the test split."""
+        """The molecules of ``predict_path`` (a CSV or SD file of new molecules; every other
+        column or property kept), else the test split."""
         if self.predict_path is None:
             table = self.read()
             assert self.split is not None
             self.predict_table = table.subset(self.split[2])
             return self.test_dataloader()
-        table = read_molecule_csv(
+        table = read_molecules(
             self.predict_path, self.smiles_column, [], self.canonicalize, self.skip_invalid, self.fragments, self.delimiter
         )
-        featurise = self.featuriser.prepare(table.smiles, table.rows)
-        meta = [f"row {r}: {s}" for r, s in zip(table.rows, table.input_smiles, strict=True)]
+        featurise = self.featuriser.prepare(table.smiles, table.rows, table.conformers)
         self.predict_table = table
-        return self._loader(MoleculeDataset(table.smiles, table.targets, meta, featurise), False)
+        return self._loader(MoleculeDataset(table.smiles, table.targets, table.meta(), featurise), False)
 
     def train_labels(self) -> list[Any] | None:
         table = self.read()
@@ -803,7 +1055,7 @@ class MoleculeDataModule(DictDataModule):
 
 
 class MoleculePretrainDataModule(DictDataModule):
-    """Unlabelled molecules for pretraining: SMILES from a CSV column or a list.
+    """Unlabelled molecules for pretraining: SMILES from a CSV column, an SD file, or a list.
 
     ``targets="descriptors"`` adds ChemBERTa-2's MTR targets: RDKit descriptors computed on
     the fly at setup and standardised with the training split's statistics. A random
@@ -856,7 +1108,7 @@ class MoleculePretrainDataModule(DictDataModule):
 
     def molecules(self) -> tuple[list[str], list[int]]:
         if self.csv_path is not None:
-            table = read_molecule_csv(self.csv_path, self.smiles_column, target_columns=[], skip_invalid=self.skip_invalid)
+            table = read_molecules(self.csv_path, self.smiles_column, target_columns=[], skip_invalid=self.skip_invalid)
             return table.smiles, table.rows
         kept, rows, bad = [], [], []
         for i, s in enumerate(self.smiles_list or []):

@@ -1,4 +1,5 @@
-"""From a fine-tuned task to predictions for a CSV of SMILES, and a parity plot.
+"""From a fine-tuned task to predictions for a CSV of SMILES or an SD file, the writer
+``polyfm predict`` uses (:class:`MoleculePredictionWriter`), and a parity plot.
 
 table = predict_csv(task, "new_molecules.csv", featuriser=datamodule.featuriser)
 parity_plot(table["logSolubility"], table["pred_logSolubility"], "parity.png")
@@ -6,6 +7,7 @@ parity_plot(table["logSolubility"], table["pred_logSolubility"], "parity.png")
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,21 +15,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 
 from polyfm.core.errors import ConfigError
-from polyfm.mol.data import Featuriser, MoleculeDataset, MoleculeTable, parse_label, read_molecule_csv
+from polyfm.core.predict import PredictionFileWriter
+from polyfm.mol.data import Featuriser, MoleculeDataset, MoleculeTable, input_stem, parse_label, read_molecules
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def predict_smiles(
-    task: torch.nn.Module, smiles: Sequence[str], featuriser: Featuriser, batch_size: int = 64, rows: Sequence[int] | None = None
+    task: torch.nn.Module,
+    smiles: Sequence[str],
+    featuriser: Featuriser,
+    batch_size: int = 64,
+    rows: Sequence[int] | None = None,
+    conformers: Sequence[Any] | None = None,
 ) -> np.ndarray:
     """Predictions ``(n, T)`` of a Regression task (original units) or probabilities of a
-    Classification task, for canonical SMILES featurised like the training data."""
+    Classification task, for canonical SMILES featurised like the training data
+    (``conformers``: an SD file's coordinates, for Uni-Mol's ``conformers="from_file"``)."""
     rows = list(rows) if rows is not None else list(range(1, len(smiles) + 1))
-    featurise = featuriser.prepare(list(smiles), rows)
+    featurise = featuriser.prepare(list(smiles), rows, conformers)
     dataset = MoleculeDataset(list(smiles), np.zeros((len(smiles), 0), np.float32), [f"row {r}" for r in rows], featurise)
     collate = featuriser.collate()
     device = next(task.parameters()).device
@@ -57,9 +66,10 @@ def predict_csv(
     """A DataFrame with the input columns and one ``pred_<target>`` column per output.
     Columns that hold numbers (empty cells: NaN) come back as floats, the others (names,
     identifiers) as text. Invalid SMILES stop with their rows unless ``skip_invalid``
-    (then they get no row)."""
-    table = read_molecule_csv(csv_path, smiles_column, target_columns=[], skip_invalid=skip_invalid, delimiter=delimiter)
-    predictions = predict_smiles(task, table.smiles, featuriser, rows=table.rows)
+    (then they get no row). An SD file (``.sdf``, ``.sdf.gz``) is read the same way, its
+    properties as the columns and its rows named ``record, title``."""
+    table = read_molecules(csv_path, smiles_column, target_columns=[], skip_invalid=skip_invalid, delimiter=delimiter)
+    predictions = predict_smiles(task, table.smiles, featuriser, rows=table.rows, conformers=table.conformers)
     return prediction_frame(table, predictions, output_names(task, predictions.shape[1], target_names))
 
 
@@ -72,57 +82,90 @@ def output_names(task: torch.nn.Module, count: int, fallback: Sequence[str] | No
     return [f"y{i}" for i in range(count)]
 
 
-def prediction_frame(table: MoleculeTable, predictions: np.ndarray, names: Sequence[str]) -> Any:
-    """``row, smiles, canonical_smiles``, the table's targets and other columns as read, then
-    one ``pred_<name>`` column per output."""
+def prediction_frame(table: MoleculeTable, predictions: np.ndarray, names: Sequence[str], spreads: np.ndarray | None = None) -> Any:
+    """``row, smiles, canonical_smiles`` (an SD file: ``record, title, smiles, ...``), the
+    table's targets and other columns as read, then one ``pred_<name>`` column per output,
+    each followed by ``pred_<name>_std`` when ``spreads`` (an ensemble's) is given."""
     import pandas as pd
 
     if len(predictions) != len(table):
         raise ValueError(f"{len(predictions)} predictions for {len(table)} molecules of {table.path}.")
-    frame = pd.DataFrame({"row": table.rows, "smiles": table.input_smiles, "canonical_smiles": table.smiles})
+    first = {"record": table.rows, "title": table.titles} if table.titles is not None else {"row": table.rows}
+    frame = pd.DataFrame({**first, "smiles": table.input_smiles, "canonical_smiles": table.smiles})
     for j, name in enumerate(table.target_names):
-        frame[name] = [float(str(v)) for v in table.targets[:, j]]  # -5.84, not float32's -5.840000152587891
+        frame[_free_name(frame, name)] = [float(str(v)) for v in table.targets[:, j]]  # -5.84, not float32's -5.840000152587891
     for name, cells in table.other_columns.items():
-        frame[name] = _numbers_or_text(cells)
+        frame[_free_name(frame, name)] = _numbers_or_text(cells)
     for j in range(predictions.shape[1]):
         frame[f"pred_{names[j]}"] = predictions[:, j]
+        if spreads is not None:
+            frame[f"pred_{names[j]}_std"] = spreads[:, j]
     return frame
 
 
-class PredictionWriter(BasePredictionWriter):
+class MoleculePredictionWriter(PredictionFileWriter):
     """Writes what ``polyfm predict`` (``trainer.predict``) returns on a ``MoleculeDataModule``
-    to a CSV: the molecules' rows, SMILES and other columns, then ``pred_<target>`` (Regression,
-    original units) or probabilities (Classification). Default file:
-    ``<default_root_dir>/predictions/<input file>.csv`` (``<input>_test.csv`` for the test split)."""
+    to one CSV: the molecules' rows (for an SD file: ``record`` and ``title``), SMILES and other
+    columns, then ``pred_<target>`` (Regression, original units) or probabilities
+    (Classification). With an ensemble (``--ckpt_path a.ckpt,b.ckpt``) each mean has its spread
+    across the checkpoints beside it, ``pred_<target>_std``. ``output``: the CSV to write;
+    default ``<default_root_dir>/predictions/<input file>.csv`` (``<input>_test.csv`` for the
+    test split)."""
+
+    one_process = True  # one table of every molecule: a process would only see its share
 
     def __init__(self, output: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
-        self.output = output
-        self.written: Path | None = None
+        super().__init__(output=output, write_interval="batch")
+        self.means: list[torch.Tensor] = []
+        self.spreads: list[torch.Tensor] = []
 
-    def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
-        if trainer.world_size > 1:  # each rank would hold its own shard of the rows
-            raise ConfigError("PredictionWriter writes from one process: run predict with --trainer.devices=1.")
+    def reset(self) -> None:
+        self.means, self.spreads = [], []
+
+    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Sequence[int] | None,
+                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        if dataloader_idx:
+            raise ConfigError(f"{type(self).__name__} writes one predict dataloader's molecules; this run has several.")
+        if isinstance(prediction, dict):
+            key = "prediction" if "prediction" in prediction else "probabilities"
+            if key not in prediction:
+                raise ConfigError(f"{type(self).__name__}: the task's predict_step returned {sorted(prediction)}, with neither "
+                                  "'prediction' (Regression) nor 'probabilities' (Classification)")  # fmt: skip
+            self.means.append(prediction[key].detach().float().cpu())
+            if f"{key}_std" in prediction:
+                self.spreads.append(prediction[f"{key}_std"].detach().float().cpu())
+        else:
+            self.means.append(torch.as_tensor(prediction).detach().float().cpu())
+
+    def finish(self, trainer: Any, pl_module: Any) -> None:
         data = trainer.datamodule
         table = getattr(data, "predict_table", None)
         if table is None:
-            raise ConfigError("PredictionWriter needs a polyfm.mol.data.MoleculeDataModule (its predict_table names the rows).")
-        outputs = [p.get("prediction", p.get("probabilities")) if isinstance(p, dict) else p for p in predictions]
-        if outputs and isinstance(outputs[0], list):  # several predict dataloaders: Lightning nests them
-            raise ConfigError("PredictionWriter expects one predict dataloader.")
-        values = torch.cat([o.float().cpu() for o in outputs]).numpy()
-        frame = prediction_frame(table, values, output_names(pl_module, values.shape[1], data.target_names))
-        if self.output is not None:
-            path = Path(self.output)
-        else:
-            source = Path(os.path.expandvars(str(data.predict_path or data.csv_path)))
-            path = Path(trainer.default_root_dir) / "predictions" / f"{source.stem}{'' if data.predict_path else '_test'}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        frame.to_csv(temporary, index=False)
-        temporary.replace(path)  # a reader never sees half a file
-        self.written = path
-        rank_zero_info(f"wrote {len(frame)} predictions to {path}")
+            raise ConfigError(f"{type(self).__name__} needs a polyfm.mol.data.MoleculeDataModule (its predict_table names the rows).")
+        if not self.means:
+            return
+        values = torch.cat(self.means).numpy()
+        spreads = torch.cat(self.spreads).numpy() if len(self.spreads) == len(self.means) else None
+        frame = prediction_frame(table, values, self.output_names(trainer, pl_module, values.shape[1]), spreads)
+        source = data.predict_path or data.csv_path
+        path = self.output_file(trainer, f"{input_stem(source)}{'' if data.predict_path else '_test'}.csv")
+        self.write_table(path, frame)
+
+    def output_names(self, trainer: Any, module: Any, count: int) -> list[str]:
+        """The task's (or the data's) target names; a single-label classifier's classes are
+        ``0..C-1`` unless the task names them (the data has one column for all of them)."""
+        if getattr(module, "multilabel", None) is False and not getattr(module, "class_names", None):
+            return [str(i) for i in range(count)]
+        return self.class_names(trainer, module, count, default=lambda i: f"y{i}")
+
+
+def _free_name(frame: Any, name: str) -> str:
+    """``name``, or ``input_<name>`` when the output already has that column (an SD file's
+    ``smiles`` or ``title`` property, a CSV's ``row`` column): overwriting it would lose one."""
+    if name not in frame.columns:
+        return name
+    log.warning("the input's column %r clashes with the predictions' own; it is written as %r", name, f"input_{name}")
+    return f"input_{name}"
 
 
 def _numbers_or_text(cells: Sequence[str]) -> Any:
