@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -338,3 +339,26 @@ def test_pretraining_can_be_tested_on_held_out_data(tmp_path):
     trainer.fit(task, data)
     after = trainer.test(task, data, verbose=False)[0]["test/loss"]
     assert after < 0.8 * before
+
+
+def test_fold_indices_hold_each_item_out_once_and_never_split_a_group():
+    from polyfm.core.data import fold_indices
+
+    held = [fold_indices(23, 5, k, seed=3)[1] for k in range(5)]
+    assert sorted(np.concatenate(held).tolist()) == list(range(23))  # each item held out exactly once
+    assert sorted(len(h) for h in held) == [4, 4, 5, 5, 5]  # 23 items dealt round-robin
+    train, val = fold_indices(23, 5, 2, seed=3)
+    assert not set(train) & set(val) and len(train) + len(val) == 23
+    assert np.array_equal(fold_indices(23, 5, 2, seed=3)[1], val)  # another process agrees
+    groups = ["a"] * 6 + ["b"] * 5 + ["c"] * 4 + ["d"] * 3 + ["e"] * 2 + ["f"] * 2 + ["g"]
+    folds = [fold_indices(len(groups), 3, k, groups=groups, seed=0)[1] for k in range(3)]
+    for held_out in folds:
+        names = {groups[i] for i in held_out}
+        for name in names:  # a group is wholly inside one held-out fold
+            assert all(groups[i] in names for i in range(len(groups)) if groups[i] == name)
+            assert sum(groups[i] == name for i in held_out) == groups.count(name)
+    assert sorted(len(f) for f in folds) == [7, 8, 8]  # 6+1 | 5+3 | 4+2+2, largest first into the emptiest
+    with pytest.raises(ConfigError, match="2 groups cannot fill 3 folds"):
+        fold_indices(4, 3, 0, groups=["x", "x", "y", "y"])
+    with pytest.raises(ConfigError, match="fold=5 is not one of the 5 folds"):
+        fold_indices(10, 5, 5)

@@ -62,6 +62,51 @@ def label_fraction_indices(
     return np.sort(np.concatenate(chosen))
 
 
+def fold_indices(
+    n: int,
+    num_folds: int,
+    fold: int,
+    groups: Sequence[Any] | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """``(train, held_out)`` indices of fold ``fold`` of ``num_folds`` (k-fold cross-validation; the
+    held-out part is the fold's validation set). Every item is held out in exactly one fold.
+
+    With ``groups`` (a scaffold, a patient, a speaker, a scene per item) no group is split across
+    folds: groups are dealt largest first to the fold with the fewest items so far (ties broken by a
+    seeded order), which balances fold sizes as scikit-learn's ``GroupKFold`` does. Without groups
+    the items are shuffled with ``seed`` and dealt round-robin. Both are sorted and depend on
+    ``(n, num_folds, groups, seed)`` only, so each fold's run (another process, another day) agrees."""
+    if num_folds < 2:
+        raise ConfigError(f"num_folds={num_folds}: cross-validation needs 2 or more folds")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"fold={fold} is not one of the {num_folds} folds (0 .. {num_folds - 1})")
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(n, dtype=np.int64)
+    if groups is None:
+        if n < num_folds:
+            raise ConfigError(f"{n} items cannot fill {num_folds} folds: use num_folds <= {n}")
+        assignment[rng.permutation(n)] = np.arange(n) % num_folds
+    else:
+        if len(groups) != n:
+            raise ConfigError(f"{len(groups)} groups for {n} items: give one group per item")
+        members: dict[Any, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        if len(members) < num_folds:
+            raise ConfigError(f"{len(members)} groups cannot fill {num_folds} folds without splitting a group: use num_folds <= {len(members)}")
+        by_group = list(members.values())
+        tie_break = rng.permutation(len(by_group))
+        order = sorted(range(len(by_group)), key=lambda g: (-len(by_group[g]), tie_break[g]))
+        sizes = np.zeros(num_folds, dtype=np.int64)
+        for g in order:
+            indices = by_group[g]
+            target = int(np.argmin(sizes))  # the emptiest fold (lowest id on ties)
+            assignment[indices] = target
+            sizes[target] += len(indices)
+    return np.flatnonzero(assignment != fold), np.flatnonzero(assignment == fold)
+
+
 def _is_categorical(labels: Sequence[Any] | np.ndarray[Any, Any]) -> bool:
     array = np.asarray(labels)
     if array.ndim != 1:
