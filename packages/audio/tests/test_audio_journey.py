@@ -16,7 +16,7 @@ import yaml
 
 import polyfm.audio
 from polyfm.audio.data import read_events_csv, read_predict_source
-from polyfm.audio.inference import detect_events
+from polyfm.audio.predict import detect_events
 from polyfm.core.cli import main as polyfm_cli
 from polyfm.core.errors import DataError
 
@@ -52,7 +52,7 @@ def test_every_recipe_saves_last_ckpt_and_finetuning_recipes_write_predictions()
         paths = {c["class_path"]: c.get("init_args") or {} for c in callbacks}
         assert paths.get("lightning.pytorch.callbacks.ModelCheckpoint", {}).get("save_last") is True, recipe.name
         if recipe.name.startswith("finetune"):
-            assert "polyfm.audio.inference.AudioPredictionWriter" in paths, recipe.name
+            assert "polyfm.audio.predict.AudioPredictionWriter" in paths, recipe.name
 
 
 def test_folder_recipe_fit_predict_csv_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +69,7 @@ def test_folder_recipe_fit_predict_csv_and_resume(tmp_path: Path, monkeypatch: p
     assert (run / "checkpoints/last.ckpt").is_file()
 
     polyfm_cli(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--data.init_args.predict=new"])
-    rows = _rows(tmp_path / "runs/audio-folder/logs/version_1/predictions.csv")
+    rows = _rows(tmp_path / "runs/audio-folder/predictions/predictions.csv")
     assert [r["file"] for r in rows] == ["new/b.wav", "new/sub/a.wav"]  # sorted, sub-folders included
     assert list(rows[0])[:5] == ["file", "prediction", "probability", "duration_s", "sample_rate"]
     assert (rows[0]["sample_rate"], rows[0]["duration_s"]) == ("8000", "0.7") and rows[1]["sample_rate"] == "16000"
@@ -98,12 +98,18 @@ def test_sed_recipe_predicts_a_dcase_event_list(tmp_path: Path, monkeypatch: pyt
     polyfm_cli(["fit", "--config", str(RECIPES / "finetune-sed.yaml"), *options, *SMALL])
     run = tmp_path / "runs/audio-sed/logs/version_0"
     polyfm_cli(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"), f"--data.init_args.predict={clips / 'low'}"])
-    out = tmp_path / "runs/audio-sed/logs/version_1"
+    out = tmp_path / "runs/audio-sed/predictions"
     (row,) = _rows(out / "predictions.csv")
     assert row["labels"] == "high;low" and row["file"].endswith("low0.wav")
     paths, events, classes = read_events_csv(out / "predictions_events.tsv")
     assert classes == ["high", "low"] and paths == [clips / "low" / "low0.wav"]
     assert sorted(events[0]) == [(0.0, 0.4, 0), (0.0, 0.4, 1)]
+
+    # the post-processing arguments from the command line, as docs/audio.md shows them: 0.4 s events under a 0.5 s minimum go
+    post = ["--trainer.callbacks.init_args.median_filter_seconds=0.05", "--trainer.callbacks.init_args.min_event_seconds=0.5",
+            f"--trainer.callbacks.init_args.output={tmp_path / 'post.csv'}"]
+    polyfm_cli(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"), f"--data.init_args.predict={clips / 'low'}", *post])
+    assert [(r["filename"], r["onset"], r["event_label"]) for r in _rows(tmp_path / "post_events.tsv", "\t")] == [(str(clips / "low" / "low0.wav"), "", "")]
 
 
 def test_detect_events_runs_of_frames() -> None:

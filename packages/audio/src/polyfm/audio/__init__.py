@@ -45,6 +45,8 @@ _EXPORTS = {
     "extract_embeddings": "polyfm.audio.inference",
     "plot_framewise": "polyfm.audio.inference",
     "audioset_labels": "polyfm.audio.inference",
+    "AudioPredictionWriter": "polyfm.audio.predict",
+    "detect_events": "polyfm.audio.predict",
 }
 
 __all__ = sorted(_EXPORTS)

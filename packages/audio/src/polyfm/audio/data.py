@@ -40,7 +40,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from polyfm.core.data import DictDataModule, EpochSeededSampler, data_dir
 from polyfm.core.errors import ConfigError, DataError
@@ -249,6 +249,10 @@ class AudioClipDataset(Dataset[dict[str, Any]]):
     ``target`` key). Files are checked when the dataset is built (``check``), see the
     module docstring for what happens to bad ones. ``cache`` keeps decoded, resampled
     clips in memory (small datasets, several epochs; per worker process).
+
+    ``clip_seconds=None`` yields each file whole (prediction over full recordings): files of
+    different lengths cannot share a batch, see :class:`LengthBatchSampler`; a file shorter
+    than ``min_samples`` (the model's shortest input) is zero-padded to it, as ``tag_file`` does.
     """
 
     def __init__(
@@ -258,18 +262,21 @@ class AudioClipDataset(Dataset[dict[str, Any]]):
         num_classes: int | None = None,
         multilabel: bool = False,
         sample_rate: int = 32000,
-        clip_seconds: float = 10.0,
+        clip_seconds: float | None = 10.0,
         random_crop: bool = False,
         on_error: OnError = "raise",
         check: Literal["none", "header", "full"] = "header",
         expected_sample_rate: int | None = None,
         cache: bool = False,
+        min_samples: int = 0,
     ) -> None:
         if labels is not None and len(labels) != len(paths):
             raise ConfigError(f"{len(paths)} files but {len(labels)} labels.")
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.sample_rate, self.clip_samples = sample_rate, int(round(sample_rate * clip_seconds))
+        self.sample_rate = sample_rate
+        self.clip_samples = None if clip_seconds is None else int(round(sample_rate * clip_seconds))
+        self.min_samples = min_samples
         self.random_crop, self.multilabel, self.num_classes = random_crop, multilabel, num_classes
         self.expected_sample_rate, self.cache = expected_sample_rate, cache
         self._decoded: dict[int, torch.Tensor] = {}
@@ -307,6 +314,17 @@ class AudioClipDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def length_key(self, index: int) -> tuple[Any, ...]:
+        """Files with equal keys decode to equal lengths (same frame count at the same source
+        rate); an unreadable header gets a key of its own (the read names the file)."""
+        if self.clip_samples is not None:
+            return (self.clip_samples,)
+        try:
+            info = sf.info(str(self.paths[index]))
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            return ("unreadable", index)
+        return (info.frames, info.samplerate)
+
     def target(self, label: Label) -> torch.Tensor:
         if self.multilabel:
             vector = torch.zeros(self.num_classes or 0)
@@ -319,9 +337,13 @@ class AudioClipDataset(Dataset[dict[str, Any]]):
         if self.cache:  # decode + resample once, crop every time
             if index not in self._decoded:
                 self._decoded[index] = load_audio(path, self.sample_rate)
-            waveform = fix_length(self._decoded[index], self.clip_samples, self.random_crop)
+            waveform = self._decoded[index]
+            waveform = waveform if self.clip_samples is None else fix_length(waveform, self.clip_samples, self.random_crop)
         else:
             waveform = load_audio(path, self.sample_rate, self.clip_samples, self.random_crop)
+        if self.clip_samples is None and waveform.shape[-1] < self.min_samples:
+            log.info("%s: %d samples, zero-padded to %d (the model's shortest input)", path, waveform.shape[-1], self.min_samples)
+            waveform = fix_length(waveform, self.min_samples)
         if not waveform.abs().amax() > 0 and str(path) not in self._warned_silent:
             self._warned_silent.add(str(path))
             log.warning("%s is silent (all zeros); kept as is", path)
@@ -329,6 +351,39 @@ class AudioClipDataset(Dataset[dict[str, Any]]):
         if self.labels is not None:
             item["target"] = self.target(self.labels[index])
         return item
+
+
+class LengthBatchSampler(BatchSampler):
+    """Batches of files that decode to the same length, for whole-file prediction.
+
+    PANNs' clip output pools over the whole time axis (max + mean), so zero-padding a file
+    to its batch's longest would change its tags and add silent frames to its event list;
+    files of equal length (ESC-50's 5 s, AudioSet's 10 s clips) batch together, any other
+    file is a batch of its own. Batches come in the order of their first file; a
+    prediction writer puts rows back in input order by the indices Lightning passes.
+    ``sampler`` is the order of the dataset indices (Lightning re-creates this sampler for
+    predict with its own, so it is an argument)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool = False, dataset: AudioClipDataset | None = None) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        if dataset is None:
+            raise ConfigError("LengthBatchSampler needs the dataset whose file lengths it groups.")
+        self.dataset = dataset
+
+    def batches(self) -> list[list[int]]:
+        buckets: dict[tuple[Any, ...], list[list[int]]] = {}
+        for index in self.sampler:
+            bucket = buckets.setdefault(self.dataset.length_key(index), [[]])
+            if len(bucket[-1]) == self.batch_size:
+                bucket.append([])
+            bucket[-1].append(index)
+        return sorted((batch for bucket in buckets.values() for batch in bucket), key=lambda batch: batch[0])
+
+    def __iter__(self) -> Any:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
 
 
 def _reason(message: str) -> str:
@@ -343,13 +398,15 @@ class TwoViewAudioDataset(Dataset[dict[str, Any]]):
     independent random crops of ``clip_seconds`` and random gains in ±``gain_db``."""
 
     def __init__(self, clips: AudioClipDataset, gain_db: float = 6.0) -> None:
-        self.clips, self.gain_db = clips, gain_db
+        if clips.clip_samples is None:
+            raise ConfigError("two-view pretraining crops views of clip_seconds: give the clips a clip_seconds, not None")
+        self.clips, self.gain_db, self.view_samples = clips, gain_db, clips.clip_samples
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def _view(self, waveform: torch.Tensor) -> torch.Tensor:
-        view = fix_length(waveform, self.clips.clip_samples, random_crop=True)
+        view = fix_length(waveform, self.view_samples, random_crop=True)
         gain = 10 ** ((torch.rand(()) * 2 - 1) * self.gain_db / 20)
         return view * gain
 
@@ -614,9 +671,12 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
         predict: str | None = None,
+        predict_clip_seconds: float | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
-        self.balanced, self.predict = balanced, predict
+        if predict_clip_seconds is not None and predict_clip_seconds <= 0:
+            raise ConfigError(f"predict_clip_seconds must be positive, or null for whole files; got {predict_clip_seconds}")
+        self.balanced, self.predict, self.predict_clip_seconds = balanced, predict, predict_clip_seconds
         self.class_names: list[str] = []
         self._pending_train: Dataset[Any] | None = None
         self.predict_set: AudioClipDataset | None = None
@@ -638,10 +698,9 @@ class AudioDataModule(OptionalValidation, DictDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.predict is not None and self.predict_set is None:
-            # clip length and rate as in evaluation; clips cropped from the start, never at random
-            sample_rate, clip_seconds = getattr(self, "sample_rate", 32000), getattr(self, "clip_seconds", 10.0)
-            root = getattr(self, "audio_root", None)
-            self.predict_set = AudioClipDataset(read_predict_source(self.predict, root), None, sample_rate=sample_rate, clip_seconds=clip_seconds)
+            # whole files by default (PANNs' inference); with predict_clip_seconds cropped from the start, never at random
+            sample_rate, root = getattr(self, "sample_rate", 32000), getattr(self, "audio_root", None)
+            self.predict_set = AudioClipDataset(read_predict_source(self.predict, root), None, sample_rate=sample_rate, clip_seconds=self.predict_clip_seconds)
         if self.train_set is not None:
             return
         train, self.val_set, self.test_set = self.build()
@@ -666,8 +725,16 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         return [float(np.mean([1.0 / counts[c] for c in label])) if label else 0.0 for label in as_lists]
 
     def predict_dataloader(self) -> DataLoader[Any]:
-        """``predict`` (files without labels) when given, else the test split (else validation)."""
-        return self._loader(self.predict_set, False) if self.predict_set is not None else super().predict_dataloader()
+        """``predict`` (files without labels) when given, else the test split (else validation).
+        Whole files go in batches of equal length (:class:`LengthBatchSampler`), padded to the
+        model's shortest input when shorter."""
+        if self.predict_set is None:
+            return super().predict_dataloader()
+        if self.predict_set.clip_samples is not None:
+            return self._loader(self.predict_set, False)
+        self.predict_set.min_samples = _model_min_samples(getattr(self, "trainer", None))
+        batches = LengthBatchSampler(SequentialSampler(self.predict_set), self.batch_size, False, self.predict_set)
+        return DataLoader(self.predict_set, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader[Any]:
         if not self.balanced:
@@ -684,6 +751,16 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         )
 
 
+def _model_min_samples(trainer: Any) -> int:
+    """The shortest waveform the model being run takes (0 when there is none or it does not say):
+    whole files shorter than that are padded, as ``tag_file`` pads them."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    encoder = getattr(module, "encoder", None)
+    base = getattr(encoder, "base_model", encoder)  # under PEFT's wrapper with LoRA
+    minimum = getattr(base, "min_samples", None)
+    return int(minimum()) if callable(minimum) else 0
+
+
 class AudioClipsDataModule(AudioDataModule):
     """Clip classification / tagging from your own files.
 
@@ -698,6 +775,10 @@ class AudioClipsDataModule(AudioDataModule):
     there is no validation loop. ``predict`` (every audio DataModule): the files ``predict``
     runs on, without labels (one file, a folder, or a manifest's ``file`` column, see
     :func:`read_predict_source`); else it runs on the test split, else validation.
+    ``predict_clip_seconds`` (every audio DataModule): ``None`` (the default) runs each
+    ``predict`` file at its full length, as PANNs' inference does (the CNNs pool over the
+    whole time axis; SED gets frames for the whole recording), in batches of files of equal
+    length; a number crops / pads every file to that many seconds from its start.
     """
 
     def __init__(
@@ -706,6 +787,7 @@ class AudioClipsDataModule(AudioDataModule):
         val: str | None = None,
         test: str | None = None,
         predict: str | None = None,
+        predict_clip_seconds: float | None = None,
         format: Literal["csv", "audioset", "folds", "folder"] = "csv",
         audio_root: str | None = None,
         class_labels_csv: str | None = None,
@@ -723,7 +805,7 @@ class AudioClipsDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict)
+        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
         self.train, self.val, self.test, self.format = train, val, test, format
         self.audio_root, self.class_labels_csv = audio_root, class_labels_csv
         self.val_folds, self.test_folds, self.label_separator = val_folds, test_folds, label_separator
@@ -790,6 +872,7 @@ class FSDDDataModule(AudioDataModule):
         clip_seconds: float = 1.0,
         val_indices: list[int] | None = None,
         predict: str | None = None,
+        predict_clip_seconds: float | None = None,
         max_train_clips: int | None = None,
         random_crop: bool = True,
         cache: bool = False,
@@ -799,7 +882,7 @@ class FSDDDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict)
+        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
         self.root, self.sample_rate, self.clip_seconds = root, sample_rate, clip_seconds
         self.val_indices = list(range(5, 10)) if val_indices is None else val_indices
         self.max_train_clips, self.random_crop, self.cache = max_train_clips, random_crop, cache
@@ -938,7 +1021,7 @@ class SoundEventDataset(AudioClipDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = super().__getitem__(index)
-        frames = 1 + self.clip_samples // self.hop_size
+        frames = 1 + item["input"].shape[-1] // self.hop_size  # the clip, cropped / padded to clip_seconds
         target = torch.zeros(frames, self.num_classes or 0)
         frame_rate = self.sample_rate / self.hop_size
         for onset, offset, cls in self.events_by_index[self.labels[index]]:  # type: ignore[index]
@@ -957,6 +1040,7 @@ class SoundEventDataModule(AudioDataModule):
         val: str | None = None,
         test: str | None = None,
         predict: str | None = None,
+        predict_clip_seconds: float | None = None,
         audio_root: str | None = None,
         sample_rate: int = 32000,
         hop_size: int = 320,
@@ -967,7 +1051,7 @@ class SoundEventDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(False, batch_size, num_workers, label_fraction, seed, predict)
+        super().__init__(False, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
         self.train, self.val, self.test, self.audio_root = train, val, test, audio_root
         self.sample_rate, self.hop_size, self.clip_seconds, self.on_error = sample_rate, hop_size, clip_seconds, on_error
 
