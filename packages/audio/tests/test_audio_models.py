@@ -138,12 +138,13 @@ def test_registry_names_and_offline_error(tmp_path, monkeypatch) -> None:
     folder.mkdir(parents=True)
     reference = Cnn6().eval()
     _save_official(reference, folder / "Cnn6_mAP=0.343.pth")
-    with pytest.raises(CheckpointError, match="Zenodo lists md5 e25e26b84585b14c7754c91e48efc9be"):
+    with pytest.raises(CheckpointError, match="expected md5 e25e26b84585b14c7754c91e48efc9be"):
         Cnn6.from_pretrained("panns-cnn6")  # random weights are not the released file
     import hashlib
 
     md5 = hashlib.md5((folder / "Cnn6_mAP=0.343.pth").read_bytes()).hexdigest()
-    monkeypatch.setitem(names["panns-cnn6"].meta, "zenodo_md5", md5)  # pretend ours is the released file
+    url = names["panns-cnn6"].files["Cnn6_mAP=0.343.pth"][0]
+    monkeypatch.setitem(names["panns-cnn6"].files, "Cnn6_mAP=0.343.pth", (url, f"md5:{md5}"))  # pretend ours is the released file
     loaded = Cnn6.from_pretrained("panns-cnn6").eval()
     x = torch.randn(1, 32000) * 0.1
     torch.testing.assert_close(loaded(x)["embedding"], reference(x)["embedding"])
@@ -231,7 +232,7 @@ def test_registry_checkpoint_into_a_model_built_for_another_configuration() -> N
     with pytest.raises(CheckpointError, match=r"embedding_size=512, but this Cnn14 has embedding_size=128"):
         Cnn14(base_channels=4, pretrained="panns-cnn14-emb512")
     names = {spec.name: spec for spec in WEIGHTS}
-    assert names["panns-cnn14-16k"].meta["zenodo_md5"] == "362fc5ff18f1d6ad2f6d464b45893f2c"
+    assert names["panns-cnn14-16k"].files["Cnn14_16k_mAP=0.438.pth"][1] == "md5:362fc5ff18f1d6ad2f6d464b45893f2c"
     assert {"panns-cnn14-8k", "panns-cnn14-emb512", "panns-cnn14-emb128", "panns-cnn14-emb32"} <= set(names)
     for spec in WEIGHTS:  # every entry builds at its own configuration (strict keys need matching shapes)
         assert MODELS[spec.family](**spec.config, base_channels=16).frontend.sample_rate == spec.config["sample_rate"]

@@ -10,7 +10,8 @@ checks them against the model's configuration and drops them; ``to_panns_state_d
 writes them back, so our models save in the official layout (panns_inference and
 audioset_tagging_cnn load them).
 
-Zenodo publishes md5 only, so the sha256 entries are ``None`` (recorded as unverified).
+Zenodo publishes md5 only: the registry's checksums are ``md5:<hex>`` where we know it, else ``None``
+(recorded as unverified).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def panns_to_polyfm(checkpoint: Mapping[str, Any]) -> StateDict:
     return split_torchlibrosa(unwrap_state_dict(checkpoint))[0]
 
 
-# md5 sums as Zenodo lists them (the only checksum it publishes); checked on load by name.
+# md5 sums as Zenodo lists them (the only checksum it publishes); core checks them on every fetch.
 ZENODO_MD5 = {
     "Cnn14_mAP=0.431.pth": "541141fa2ee191a88f24a3219fff024e",
     "Cnn14_16k_mAP=0.438.pth": "362fc5ff18f1d6ad2f6d464b45893f2c",
@@ -137,27 +138,11 @@ ZENODO_MD5 = {
 }
 
 
-def verify_md5(path: Path, expected: str | None) -> None:
-    if expected is None:
-        return
-    import hashlib
-
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise CheckpointError(
-            f"Checksum mismatch for {path}: Zenodo lists md5 {expected}, the file has {digest.hexdigest()}. "
-            "It is corrupt or not the released file; delete it and fetch again."
-        )
-
-
 def _spec(name: str, family: str, filename: str, config: Mapping[str, Any], mean_ap: float, description: str) -> WeightSpec:
     return WeightSpec(
         name=name,
         family=family,
-        files={filename: (f"{ZENODO}/{filename.replace('=', '%3D')}?download=1", None)},
+        files={filename: (f"{ZENODO}/{filename.replace('=', '%3D')}?download=1", f"md5:{ZENODO_MD5[filename]}" if filename in ZENODO_MD5 else None)},
         license=LICENSE,
         meta={
             **{k: config[k] for k in ("sample_rate", "window_size", "hop_size", "mel_bins", "fmin", "fmax")},
@@ -166,7 +151,6 @@ def _spec(name: str, family: str, filename: str, config: Mapping[str, Any], mean
             "labels_url": AUDIOSET_LABELS_URL,
             "audioset_mAP": mean_ap,
             "source": "Kong et al., PANNs (2020); Zenodo record 3987831",
-            "zenodo_md5": ZENODO_MD5.get(filename),
         },
         config=dict(config),
         converter=panns_to_polyfm,

