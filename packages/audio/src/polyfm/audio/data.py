@@ -42,7 +42,7 @@ import torch
 import torchaudio
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
-from polyfm.core.data import DictDataModule, EpochSeededSampler, data_dir
+from polyfm.core.data import DictDataModule, EpochSeededSampler, data_dir, fold_indices
 from polyfm.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -488,6 +488,36 @@ def read_manifest_csv(
     return paths, labels, classes
 
 
+def read_manifest_groups(csv_path: str | Path, group_column: str = "group") -> list[str] | None:
+    """The ``group_column`` of a manifest (a speaker, a recording session, a source
+    recording cut into clips), one value per row, for group-aware cross-validation; None
+    when the manifest has no such column. An empty value is an error naming its row."""
+    csv_path = Path(csv_path)
+    rows = _read_rows(csv_path, [])
+    if not rows or group_column not in rows[0]:
+        return None
+    groups = [(row[group_column] or "").strip() for row in rows]
+    for number, group in enumerate(groups, start=2):
+        if not group:
+            raise DataError(f"empty {group_column!r}; every row needs a group for grouped cross-validation "
+                            f"(or drop the column to split clips one by one).", path=csv_path, row=number)
+    return groups
+
+
+def fold_numbers(csv_path: str | Path, fold_column: str = "fold") -> list[int]:
+    """The sorted fold numbers a fold CSV (ESC-50's ``meta/esc50.csv``: 1 .. 5) uses."""
+    csv_path = Path(csv_path)
+    numbers = set()
+    for number, row in enumerate(_read_rows(csv_path, [fold_column]), start=2):
+        try:
+            numbers.add(int(row[fold_column]))
+        except ValueError as exc:
+            raise DataError(f"{fold_column!r} must be an integer ({exc}).", path=csv_path, row=number) from exc
+    if not numbers:
+        raise DataError("no rows.", path=csv_path)
+    return sorted(numbers)
+
+
 def read_audioset_csv(
     csv_path: str | Path,
     audio_root: str | Path,
@@ -623,6 +653,17 @@ def read_predict_source(source: str | Path, audio_root: str | Path | None = None
 
 
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
+
+
+def fsdd_speakers(paths: Sequence[str | Path]) -> list[str]:
+    """The speaker of each FSDD recording, from its name ``{digit}_{speaker}_{index}.wav``."""
+    speakers = []
+    for path in paths:
+        match = FSDD_NAME.match(Path(path).name)
+        if not match:
+            raise DataError("not named {digit}_{speaker}_{index}.wav as FSDD recordings are.", path=path)
+        speakers.append(match.group(2))
+    return speakers
 
 
 def read_fsdd(root: str | Path, split: Literal["train", "test", "all"], indices: Sequence[int] | None = None) -> tuple[list[Path], list[Label], list[str]]:
@@ -779,6 +820,15 @@ class AudioClipsDataModule(AudioDataModule):
     ``predict`` file at its full length, as PANNs' inference does (the CNNs pool over the
     whole time axis; SED gets frames for the whole recording), in batches of files of equal
     length; a number crops / pads every file to that many seconds from its start.
+
+    Cross-validation (``fold``): with ``format="folds"`` the CSV's own folds (ESC-50's 1 .. 5):
+    fold ``k`` is held out as both the validation and the test split and the other folds
+    train, as ESC-50 papers report it (train on four, score the fifth; average the five).
+    With ``csv`` / ``folder`` / ``audioset`` the ``train`` source is dealt into ``num_folds``
+    (default 5) folds by :func:`polyfm.core.data.fold_indices` (``fold`` 0 .. num_folds - 1,
+    seeded by ``fold_seed``): a manifest's ``group_column`` keeps each group (a speaker, a
+    source recording) on one side; fold ``k`` is the validation split, and the test split
+    too unless ``test`` is given.
     """
 
     def __init__(
@@ -793,6 +843,10 @@ class AudioClipsDataModule(AudioDataModule):
         class_labels_csv: str | None = None,
         val_folds: list[int] | None = None,
         test_folds: list[int] | None = None,
+        fold: int | None = None,
+        num_folds: int | None = None,
+        group_column: str = "group",
+        fold_seed: int = 0,
         label_separator: str = ";",
         sample_rate: int = 32000,
         clip_seconds: float = 10.0,
@@ -809,6 +863,7 @@ class AudioClipsDataModule(AudioDataModule):
         self.train, self.val, self.test, self.format = train, val, test, format
         self.audio_root, self.class_labels_csv = audio_root, class_labels_csv
         self.val_folds, self.test_folds, self.label_separator = val_folds, test_folds, label_separator
+        self.fold, self.num_folds, self.group_column, self.fold_seed = fold, num_folds, group_column, fold_seed
         self.sample_rate, self.clip_seconds, self.random_crop = sample_rate, clip_seconds, random_crop
         self.on_error, self.check = on_error, check
         self.multilabel = format == "audioset"
@@ -837,8 +892,10 @@ class AudioClipsDataModule(AudioDataModule):
         )  # fmt: skip
 
     def build(self) -> tuple[AudioClipDataset, AudioClipDataset | None, AudioClipDataset | None]:
+        if self.fold is not None:
+            return self._build_fold(self.fold)
         if self.format == "folds":
-            all_folds = {int(r["fold"]) for r in _read_rows(Path(self.train), ["fold"])}
+            all_folds = set(fold_numbers(self.train))
             held_out = set(self.val_folds or []) | set(self.test_folds or [])
             if not self.test_folds:
                 raise ConfigError("format='folds' needs test_folds (e.g. [5]; ESC-50 reports 5-fold cross-validation).")
@@ -857,13 +914,60 @@ class AudioClipsDataModule(AudioDataModule):
         val, test = (self._dataset(s[0], s[1], train=False) if s else None for s in splits)
         return train, val, test
 
+    def _build_fold(self, fold: int) -> tuple[AudioClipDataset, AudioClipDataset, AudioClipDataset]:
+        """Cross-validation fold ``fold``: (train, held-out fold as validation, test)."""
+        if self.format == "folds":
+            if self.val_folds or self.test_folds:
+                raise ConfigError(f"fold={fold} holds out that fold of {self.train} as validation and test: leave val_folds / test_folds unset "
+                                  f"(got val_folds={self.val_folds}, test_folds={self.test_folds})")
+            folds = fold_numbers(self.train)
+            if self.num_folds is not None and self.num_folds != len(folds):
+                raise ConfigError(f"num_folds={self.num_folds}, but {self.train} has {len(folds)} folds {folds}: leave num_folds unset for a fold CSV")
+            if fold not in folds:
+                raise ConfigError(f"fold={fold} is not a fold of {self.train}; its folds are {folds} (ESC-50: 1 .. 5)")
+            paths, labels, self.class_names = self._read(self.train, [f for f in folds if f != fold])
+            held_paths, held_labels, _ = self._read(self.train, [fold])
+            train = self._dataset(paths, labels, train=True)
+            held_out = self._dataset(held_paths, held_labels, train=False)
+            log.info("fold %d of %s: %d clips train (folds %s), %d held out for validation and test", fold, self.train, len(paths),
+                     [f for f in folds if f != fold], len(held_paths))
+            return train, held_out, held_out
+        if self.val is not None:
+            raise ConfigError(f"fold={fold}: the held-out fold is the validation split, so leave val unset (got val={self.val!r})")
+        paths, labels, self.class_names = self._read(self.train)
+        if labels is None:
+            raise ConfigError(f"{self.train} has no labels; use UnlabelledAudioDataModule for self-supervised pretraining.")
+        if self.format == "audioset" and self.class_labels_csv is None:
+            self._mids = list(self.class_names)
+        self.multilabel = self.multilabel or any(isinstance(label, list) for label in labels)
+        groups = read_manifest_groups(self.train, self.group_column) if self.format == "csv" else None
+        if groups is None:
+            log.info("fold %d: %s has no %r column, clips are dealt into folds one by one", fold, self.train, self.group_column)
+        train_idx, held_idx = fold_indices(len(paths), self.num_folds or 5, fold, groups, seed=self.fold_seed)
+        train = self._dataset([paths[i] for i in train_idx], [labels[i] for i in train_idx], train=True)
+        held_out = self._dataset([paths[i] for i in held_idx], [labels[i] for i in held_idx], train=False)
+        test = held_out
+        if self.test is not None:
+            test_paths, test_labels, _ = self._read(self.test)
+            test = self._dataset(test_paths, test_labels, train=False)
+        log.info("fold %d of %d: %d clips train, %d held out for validation%s", fold, self.num_folds or 5, len(train_idx), len(held_idx),
+                 "" if self.test is not None else " and test")
+        return train, held_out, test
+
 
 class FSDDDataModule(AudioDataModule):
     """Free Spoken Digit Dataset (``$POLYFM_DATA_DIR/audio/fsdd``): 10 digits, 8 kHz,
     resampled to ``sample_rate`` on the fly and padded/cropped to ``clip_seconds``.
     The dataset's own split: index 0-4 test, 5-49 train; validation takes indices
     ``val_indices`` out of the train split. ``max_train_clips`` keeps a stratified,
-    seeded subset of the train split (for quick runs)."""
+    seeded subset of the train split (for quick runs).
+
+    ``fold`` (0 .. ``num_folds`` - 1): speaker-grouped cross-validation over all recordings
+    instead (:func:`polyfm.core.data.fold_indices` with the speaker as group, seeded by
+    ``fold_seed``): no speaker is on both sides, and the held-out fold is the validation and
+    the test split (digits from voices the model never heard; the dataset's own index split
+    shares its speakers between train and test). With 5 speakers and 5 folds this is
+    leave-one-speaker-out."""
 
     def __init__(
         self,
@@ -871,6 +975,9 @@ class FSDDDataModule(AudioDataModule):
         sample_rate: int = 32000,
         clip_seconds: float = 1.0,
         val_indices: list[int] | None = None,
+        fold: int | None = None,
+        num_folds: int = 5,
+        fold_seed: int = 0,
         predict: str | None = None,
         predict_clip_seconds: float | None = None,
         max_train_clips: int | None = None,
@@ -884,7 +991,10 @@ class FSDDDataModule(AudioDataModule):
     ) -> None:
         super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
         self.root, self.sample_rate, self.clip_seconds = root, sample_rate, clip_seconds
+        if fold is not None and val_indices is not None:
+            raise ConfigError(f"FSDDDataModule: fold={fold} holds out speakers as the validation split; leave val_indices unset (got {val_indices})")
         self.val_indices = list(range(5, 10)) if val_indices is None else val_indices
+        self.fold, self.num_folds, self.fold_seed = fold, num_folds, fold_seed
         self.max_train_clips, self.random_crop, self.cache = max_train_clips, random_crop, cache
         self.class_names = [str(d) for d in range(10)]
         self.multilabel = False
@@ -899,15 +1009,24 @@ class FSDDDataModule(AudioDataModule):
 
     def build(self) -> tuple[AudioClipDataset, AudioClipDataset, AudioClipDataset]:
         root = self.folder()
-        train_indices = [i for i in range(5, 50) if i not in set(self.val_indices)]
-        paths, labels, _ = read_fsdd(root, "train", train_indices)
+        if self.fold is not None:
+            every, every_label, _ = read_fsdd(root, "all")
+            train_idx, held_idx = fold_indices(len(every), self.num_folds, self.fold, fsdd_speakers(every), seed=self.fold_seed)
+            paths, labels = [every[i] for i in train_idx], [every_label[i] for i in train_idx]
+            val_paths, val_labels = [every[i] for i in held_idx], [every_label[i] for i in held_idx]
+            test_paths, test_labels = val_paths, val_labels
+            log.info("FSDD fold %d of %d: speakers %s held out (%d recordings), %d train", self.fold, self.num_folds,
+                     sorted(set(fsdd_speakers(val_paths))), len(val_paths), len(paths))
+        else:
+            train_indices = [i for i in range(5, 50) if i not in set(self.val_indices)]
+            paths, labels, _ = read_fsdd(root, "train", train_indices)
+            val_paths, val_labels, _ = read_fsdd(root, "train", self.val_indices) if self.val_indices else read_fsdd(root, "test")
+            test_paths, test_labels, _ = read_fsdd(root, "test")
         if self.max_train_clips is not None and self.max_train_clips < len(paths):
             from polyfm.core.data import label_fraction_indices
 
             keep = label_fraction_indices(labels, self.max_train_clips / len(paths), self.seed)
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-        val_paths, val_labels, _ = read_fsdd(root, "train", self.val_indices) if self.val_indices else read_fsdd(root, "test")
-        test_paths, test_labels, _ = read_fsdd(root, "test")
 
         def make(p: list[Path], y: list[Label], train: bool) -> AudioClipDataset:
             return AudioClipDataset(
