@@ -16,7 +16,7 @@ from polyfm.core.errors import ConfigError
 from polyfm.core.predict import Ensemble
 from polyfm.medseg.data import SegmentationDataModule
 from polyfm.medseg.models import UNet
-from polyfm.medseg.predict import NiftiPredictionWriter, postprocess_labels
+from polyfm.medseg.predict import NiftiPredictionWriter, postprocess_labels, predict_to_nifti
 from polyfm.medseg.samples import write_synthetic_dataset
 from polyfm.medseg.tasks import VolumeSegmentation
 
@@ -195,3 +195,70 @@ def test_medseg_writer_refuses_probabilities_the_task_does_not_give(phantoms, fo
     with pytest.raises(ConfigError, match=r"write_probabilities=True\) got no probabilities from the model: set --model.predict_probabilities=true"):
         _quiet_trainer(tmp_path, callbacks=[writer]).predict(Ensemble(_task(), fold_checkpoints), datamodule=data, return_predictions=False)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the Python API, same options as polyfm predict
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_medseg_predict_to_nifti_writes_what_the_writer_writes(phantoms, fold_checkpoints, tmp_path) -> None:
+    """TTA, probabilities (uint8) and post-processing through predict_to_nifti give the same files as the
+    writer under trainer.predict, on an LPS input with resampling; the sidecar records the same settings."""
+    image = _lps_copy(phantoms.parent / "imagesTs" / "phantom_003.nii.gz", tmp_path / "in")
+    pre = {"pixdim": [4.5, 4.0, 5.0], "a_min": -175.0, "a_max": 250.0}
+    post = {"keep_largest": [1], "fill_holes": [1, 2], "min_component_size": 3}
+    task = _task(predict_probabilities=True, tta_flip_axes=[0, 1, 2])
+    task.load_state_dict(torch.load(fold_checkpoints[0], weights_only=True)["state_dict"])
+    data = SegmentationDataModule(str(phantoms), roi_size=ROI, predict_files=[str(image)], **pre)
+    writer = NiftiPredictionWriter(output=str(tmp_path / "cli"), write_probabilities=True, probability_dtype="uint8", **post)
+    _quiet_trainer(tmp_path, callbacks=[writer]).predict(task, datamodule=data, return_predictions=False)
+    out = predict_to_nifti(
+        task.model, image, tmp_path / "api" / "lps_case_seg.nii.gz", inferer=task.inferer, class_names=data.class_names,
+        tta_flip_axes=[0, 1, 2], write_probabilities=True, probability_dtype="uint8", **pre, **post,
+    )  # fmt: skip
+    assert sorted(p.name for p in out.parent.iterdir()) == ["lps_case_prob.nii.gz", "lps_case_seg.json", "lps_case_seg.nii.gz"]
+    for name in ("lps_case_seg.nii.gz", "lps_case_prob.nii.gz"):
+        api, cli = nib.load(str(tmp_path / "api" / name)), nib.load(str(tmp_path / "cli" / name))
+        assert np.array_equal(api.affine, cli.affine) and np.array_equal(_read(tmp_path / "api" / name), _read(tmp_path / "cli" / name))
+        assert api.get_data_dtype() == cli.get_data_dtype() and api.shape[:3] == nib.load(str(image)).shape
+    sidecar = json.loads((tmp_path / "api" / "lps_case_seg.json").read_text())
+    assert sidecar == json.loads((tmp_path / "cli" / "lps_case_seg.json").read_text())
+    assert sidecar["tta_flip_axes"] == [0, 1, 2] and sidecar["postprocessing"]["fill_holes"] == [1, 2]
+    # without the options: plain argmax, no probability file; the mirrored map differs from it somewhere
+    plain = predict_to_nifti(task.model, image, tmp_path / "plain" / "lps_case_seg.nii.gz", inferer=task.inferer, class_names=data.class_names, **pre)
+    assert sorted(p.name for p in plain.parent.iterdir()) == ["lps_case_seg.json", "lps_case_seg.nii.gz"]
+    with pytest.raises(ConfigError, match=r"predict_to_nifti\(min_component_size=-1\)"):
+        predict_to_nifti(task.model, image, tmp_path / "bad.nii.gz", min_component_size=-1)
+    with pytest.raises(ConfigError, match=r"tta_flip_axes=\[3\]: give distinct spatial axes .* 0\.\.2"):
+        predict_to_nifti(task.model, image, tmp_path / "bad.nii.gz", inferer=task.inferer, tta_flip_axes=[3])
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_medseg_predict_to_nifti_on_the_real_ct_with_tta_probabilities_and_postprocessing(tmp_path) -> None:
+    """The TotalSegmentator example CT (122x101x30, 3 mm, its own affine): a tiny 3D UNet, resampled to 6 mm
+    for the network, mirrored over 3 axes; label map and probabilities come back on the CT's grid."""
+    if not __import__("os").environ.get("POLYFM_DATA_DIR"):
+        pytest.skip("POLYFM_DATA_DIR is not set (the real sample CT)")
+    ct = Path(__import__("os").environ["POLYFM_DATA_DIR"]) / "medseg" / "example_ct_sm.nii.gz"
+    torch.manual_seed(0)
+    task = VolumeSegmentation(UNet(channels=[4, 8], strides=[2]), num_classes=3, roi_size=[32, 32, 16])
+    names = ["background", "liver", "spleen"]
+    options = {"inferer": task.inferer, "class_names": names, "pixdim": [6.0, 6.0, 6.0], "tta_flip_axes": [0, 1, 2]}
+    raw = predict_to_nifti(task.model, ct, tmp_path / "raw" / "ct_seg.nii.gz", write_probabilities=True, **options)
+    clean = predict_to_nifti(task.model, ct, tmp_path / "clean" / "ct_seg.nii.gz", keep_largest=[1, 2], min_component_size=20, **options)
+    source = nib.load(str(ct))
+    probabilities = nib.load(str(tmp_path / "raw" / "ct_prob.nii.gz"))
+    for written in (nib.load(str(raw)), nib.load(str(clean)), probabilities):
+        assert written.shape[:3] == source.shape and np.array_equal(written.affine, source.affine)
+    assert probabilities.shape == (*source.shape, 3) and np.allclose(probabilities.get_fdata().sum(-1), 1.0, atol=1e-4)
+    raw_labels, clean_labels = _read(raw), _read(clean)
+    assert set(np.unique(raw_labels)) <= {0, 1, 2} and json.loads((tmp_path / "raw" / "ct_seg.json").read_text())["tta_flip_axes"] == [0, 1, 2]
+    assert np.array_equal(clean_labels, postprocess_labels(raw_labels, keep_largest=[1, 2], min_component_size=20))
+    assert not np.array_equal(clean_labels, raw_labels)  # an untrained network's specks were removed
+    from scipy import ndimage
+
+    for label in (1, 2):  # one piece per organ left
+        assert ndimage.label(clean_labels == label)[1] <= 1

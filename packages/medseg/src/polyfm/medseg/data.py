@@ -12,6 +12,8 @@
   window or MR z-score, positive/negative crops; :class:`SegmentationDataModule` caches
   the deterministic part (``CacheDataset`` in memory or ``PersistentDataset`` on disk)
   and yields ``{"input", "target", "meta"}`` batches for polyfm's ``Segmentation`` task.
+  With ``fold`` it trains on one cross-validation fold: nnU-Net's ``splits_final.json``
+  (:func:`read_nnunet_splits`, case ids by :func:`case_id`) or core's ``fold_indices`` (patient groups by regex).
 * :class:`VolumeFolderDataModule` reads unlabelled NIfTI files and DICOM series for
   self-supervised pretraining (random crops, ``{"input", "meta"}`` batches).
 * Predictions to NIfTI on the input's grid (``predict_to_nifti``, ``NiftiPredictionWriter``) are
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +36,7 @@ from monai import transforms as mt
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from monai.data.meta_tensor import MetaTensor
 
-from polyfm.core.data import DictDataModule, EpochSeededSampler
+from polyfm.core.data import DictDataModule, EpochSeededSampler, fold_indices
 from polyfm.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,45 @@ def label_names(labels: Mapping[str, Any]) -> list[str]:
     if max(by_id) > 100_000:
         raise ValueError(f"label id {max(by_id)} is implausibly large for a label map; check 'labels'")
     return [by_id.get(i, f"label_{i}") for i in range(max(by_id) + 1)]
+
+
+#: nnU-Net's channel suffix on image files (case_0000.nii.gz is channel 0 of case)
+_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
+
+
+def case_id(image_path: str | Path) -> str:
+    """nnU-Net's case identifier of an image file: its name without the ending and the channel suffix
+    (``imagesTr/la_003_0000.nii.gz`` -> ``la_003``; ``spleen_2.nii.gz`` -> ``spleen_2``)."""
+    name = Path(str(image_path)).name
+    lowered = name.lower()
+    ending = next((e for e in (".nii.gz", ".nii", ".nrrd", ".mha", ".nhdr", ".mhd", ".tif", ".tiff", ".png") if lowered.endswith(e)), "")
+    return _CHANNEL_SUFFIX.sub("", name[: len(name) - len(ending)])
+
+
+def read_nnunet_splits(path: str | Path) -> list[dict[str, list[str]]]:
+    """nnU-Net v2's ``splits_final.json``: a list, one entry per fold, of ``{"train": [case ids], "val": [case ids]}``.
+    A malformed file, or a fold with a case in both lists, raises a DataError naming the file and the fold."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("splits file not found: pass nnU-Net's splits_final.json (nnUNet_preprocessed/<dataset>/splits_final.json).", path=path)
+    try:
+        folds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc}).", path=path) from exc
+    if not isinstance(folds, list) or not folds:
+        raise DataError(f"expected a non-empty list of folds ({{'train': [...], 'val': [...]}} each), got {type(folds).__name__}.", path=path)
+    out = []
+    for index, entry in enumerate(folds):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), list) for k in ("train", "val")):
+            raise DataError(f"fold {index} must be an object with 'train' and 'val' lists of case ids, got {entry!r:.80}.", path=path)
+        train, val = [str(c) for c in entry["train"]], [str(c) for c in entry["val"]]
+        both = sorted(set(train) & set(val))
+        if both:
+            raise DataError(f"fold {index} has case(s) in both 'train' and 'val': {both[:10]}; a case is trained on or held out, not both.", path=path)
+        if not val:
+            raise DataError(f"fold {index} has an empty 'val' list: nothing to validate on.", path=path)
+        out.append({"train": train, "val": val})
+    return out
 
 
 # ----------------------------------------------------------------------------- checks
@@ -466,7 +508,14 @@ class SegmentationDataModule(DictDataModule):
     ``training`` cases are split into train/validation by ``val_fraction`` (or the file's own
     ``validation`` list when it has one); ``test`` uses the file's ``test`` cases when they
     have labels, else the validation cases. Validation and test run on whole volumes
-    (batch size 1; the task's sliding-window inferer tiles them)."""
+    (batch size 1; the task's sliding-window inferer tiles them).
+
+    Cross-validation (nnU-Net's 5 folds): with ``fold`` the validation cases are that fold's held-out
+    cases instead (``val_fraction`` is not used). ``splits_file`` reads nnU-Net v2's
+    ``splits_final.json`` (its folds, its number of folds); without it the training cases are dealt
+    into ``num_folds`` folds by :func:`polyfm.core.data.fold_indices` (``seed``), and ``group_pattern``
+    (a regex searched in the case id; its first group, or the whole match, is the group) keeps one
+    patient's scans in one fold. The ``test`` list is never part of a fold."""
 
     def __init__(
         self,
@@ -495,6 +544,10 @@ class SegmentationDataModule(DictDataModule):
         seed: int = 0,
         transform_device: str | None = None,
         predict_files: list[str] | None = None,
+        fold: int | None = None,
+        num_folds: int = 5,
+        splits_file: str | None = None,
+        group_pattern: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed, collate_fn=list_data_collate)
         self.transform_device = _check_transform_device(transform_device, cache)
@@ -508,6 +561,8 @@ class SegmentationDataModule(DictDataModule):
         self.predict_images: dict[str, Any] = {}
         cases, names = read_decathlon(dataset_json, "training")
         self.cases = cases
+        self.fold, self.num_folds, self.splits_file, self.group_pattern = fold, num_folds, splits_file, group_pattern
+        self._check_fold_options()
         self.class_names = class_names or self._class_names(names)
         self.num_classes = len(self.class_names)
 
@@ -558,7 +613,14 @@ class SegmentationDataModule(DictDataModule):
 
     def split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         description = json.loads(Path(self.dataset_json).read_text())
-        if description.get("validation"):
+        if self.fold is not None:
+            if description.get("validation"):
+                raise ConfigError(
+                    f"{self.dataset_json} has its own 'validation' list and fold={self.fold} asks for a cross-validation "
+                    "fold of the training cases: use one or the other (remove the list, or leave fold unset)."
+                )
+            train, val = self.fold_split()
+        elif description.get("validation"):
             train, val = self.cases, read_decathlon(self.dataset_json, "validation")[0]
         else:
             order = np.random.default_rng(self.seed).permutation(len(self.cases))
@@ -567,6 +629,90 @@ class SegmentationDataModule(DictDataModule):
             train = [self.cases[i] for i in sorted(order[n_val:])]
         test_cases = [c for c in read_decathlon(self.dataset_json, "test")[0] if "label" in c] if description.get("test") else []
         return train, val or test_cases, test_cases or val  # val_fraction=0: validate on the labelled test cases
+
+    def _check_fold_options(self) -> None:
+        if self.fold is None:
+            for key, value in (("splits_file", self.splits_file), ("group_pattern", self.group_pattern)):
+                if value is not None:
+                    raise ConfigError(f"SegmentationDataModule({key}={value!r}) needs fold (0, 1, ...): it defines cross-validation folds.")
+            return
+        if self.splits_file is not None and self.group_pattern is not None:
+            raise ConfigError(
+                f"SegmentationDataModule(splits_file={self.splits_file!r}, group_pattern={self.group_pattern!r}): the splits file "
+                "already fixes every fold; group_pattern only applies to folds polyfm makes. Pass one of them."
+            )
+        if self.fold < 0:
+            raise ConfigError(f"SegmentationDataModule(fold={self.fold}): folds are numbered 0, 1, ...")
+        if self.group_pattern is not None:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as exc:
+                raise ConfigError(f"SegmentationDataModule(group_pattern={self.group_pattern!r}) is not a regular expression: {exc}.") from exc
+
+    def case_ids(self) -> list[str]:
+        """nnU-Net's case identifiers of the training cases: the (first channel's) image file name without
+        its ending and channel suffix (``la_003_0000.nii.gz`` -> ``la_003``). Two cases with one id are an error."""
+        ids = [case_id(c["image"][0] if isinstance(c["image"], list) else c["image"]) for c in self.cases]
+        seen: dict[str, int] = {}
+        for index, name in enumerate(ids):
+            if name in seen:
+                raise DataError(
+                    f"training cases {seen[name]} and {index} have the same case id {name!r} ({self.cases[seen[name]]['image']} and "
+                    f"{self.cases[index]['image']}): folds name cases by id; rename one of the files.",
+                    path=self.dataset_json,
+                )
+            seen[name] = index
+        return ids
+
+    def fold_split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(train, validation) cases of ``fold``: from ``splits_file``, else from ``fold_indices``."""
+        assert self.fold is not None
+        ids = self.case_ids()
+        if self.splits_file is not None:
+            folds = read_nnunet_splits(self._splits_path())
+            if self.fold >= len(folds):
+                raise ConfigError(f"fold={self.fold} but {self.splits_file} has {len(folds)} folds (0 .. {len(folds) - 1}).")
+            by_id = dict(zip(ids, self.cases, strict=True))
+            train_ids, val_ids = folds[self.fold]["train"], folds[self.fold]["val"]
+            unknown = [c for c in [*train_ids, *val_ids] if c not in by_id]
+            if unknown:
+                shown = ", ".join(unknown[:10]) + (f" ... and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+                raise DataError(
+                    f"fold {self.fold} names {len(unknown)} case id(s) that are not training cases of {self.dataset_json}: {shown}. "
+                    f"Case ids are image file names without _0000.nii.gz / .nii.gz (this dataset has e.g. {ids[:3]}); use the "
+                    "splits file made for this dataset.",
+                    path=self._splits_path(),
+                )
+            unused = sorted(set(ids) - set(train_ids) - set(val_ids))
+            if unused:  # nnU-Net allows it (a split made for a subset); said, not skipped silently
+                log.warning("fold %d of %s leaves %d training case(s) out of both train and val: %s", self.fold, self.splits_file, len(unused), unused[:20])
+            return [by_id[c] for c in train_ids], [by_id[c] for c in val_ids]
+        groups = self._groups(ids) if self.group_pattern is not None else None
+        train_idx, val_idx = fold_indices(len(self.cases), self.num_folds, self.fold, groups=groups, seed=self.seed)
+        return [self.cases[i] for i in train_idx], [self.cases[i] for i in val_idx]
+
+    def _splits_path(self) -> Path:
+        """``splits_file`` as given, or beside dataset.json when it is relative and not found as given."""
+        assert self.splits_file is not None
+        path = Path(self.splits_file)
+        if not path.is_absolute() and not path.exists() and (Path(self.dataset_json).parent / path).exists():
+            return Path(self.dataset_json).parent / path
+        return path
+
+    def _groups(self, ids: list[str]) -> list[str]:
+        assert self.group_pattern is not None
+        pattern = re.compile(self.group_pattern)
+        groups = []
+        for name in ids:
+            match = pattern.search(name)
+            if match is None:
+                raise DataError(
+                    f"case {name!r} does not match group_pattern={self.group_pattern!r}: every case needs a group (e.g. "
+                    r"'^(patient\d+)_' for patient12_scan2); fix the pattern or the file name.",
+                    path=self.dataset_json,
+                )
+            groups.append(match.group(1) if pattern.groups else match.group(0))
+        return groups
 
     def build(self) -> tuple[CheckedDataset, CheckedDataset | None, CheckedDataset | None]:
         train, val, test = self.split()

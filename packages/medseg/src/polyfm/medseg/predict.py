@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.files import atomic_path
 from polyfm.core.predict import PredictionFileWriter
 from polyfm.medseg.data import NIFTI_SUFFIXES, _data_errors_as_themselves, preprocessing
+from polyfm.medseg.tasks import MirroredSoftmax, check_flip_axes
 
 ProbabilityDtype = Literal["float32", "uint8"]
 
@@ -73,6 +75,44 @@ def postprocess_labels(
             keep &= np.arange(count) == int(sizes.argmax())
         out[(components > 0) & ~keep[np.maximum(components - 1, 0)]] = 0
     return out
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """The label-map clean-up of :func:`postprocess_labels`, checked once; shared by :func:`predict_to_nifti`
+    and :class:`NiftiPredictionWriter` (``owner`` names the caller in the errors)."""
+
+    keep_largest: tuple[int, ...] = ()
+    fill_holes: tuple[int, ...] = ()
+    min_component_size: int = 0
+    connectivity: int = 1
+
+    @classmethod
+    def checked(
+        cls, owner: str, keep_largest: Sequence[int] | None, fill_holes: Sequence[int] | None, min_component_size: int, connectivity: int
+    ) -> PostProcessing:
+        if min_component_size < 0:
+            raise ConfigError(f"{owner}(min_component_size={min_component_size}): a number of voxels, 0 to keep every component")
+        if not 1 <= connectivity <= 3:
+            raise ConfigError(f"{owner}(connectivity={connectivity}): 1 (faces), 2 (edges) or 3 (corners)")
+        for key, values in (("keep_largest", keep_largest), ("fill_holes", fill_holes)):
+            if values and any(int(v) <= 0 for v in values):
+                raise ConfigError(f"{owner}({key}={list(values)}): foreground label ids (1, 2, ...); 0 is background")
+        return cls(tuple(int(v) for v in keep_largest or ()), tuple(int(v) for v in fill_holes or ()), int(min_component_size), int(connectivity))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.keep_largest or self.fill_holes or self.min_component_size)
+
+    def __call__(self, labels: np.ndarray) -> np.ndarray:
+        return postprocess_labels(labels, self.keep_largest, self.fill_holes, self.min_component_size, self.connectivity)
+
+    def record(self) -> dict[str, Any]:
+        """What the sidecar JSON says was done (nothing when nothing was)."""
+        if not self.active:
+            return {}
+        settings = {"keep_largest": list(self.keep_largest), "fill_holes": list(self.fill_holes), "min_component_size": self.min_component_size}
+        return {"postprocessing": settings | {"connectivity": self.connectivity}}
 
 
 # ----------------------------------------------------------------------------- back onto the input grid
@@ -203,23 +243,87 @@ def predict_to_nifti(
     orientation: str | None = "RAS",
     in_channels: int = 1,
     device: str | torch.device = "cpu",
+    tta_flip_axes: Sequence[int] | None = None,
+    write_probabilities: bool = False,
+    probability_dtype: ProbabilityDtype = "float32",
+    keep_largest: Sequence[int] | None = None,
+    fill_holes: Sequence[int] | None = None,
+    min_component_size: int = 0,
+    connectivity: int = 1,
 ) -> Path:
     """Segment ``image_path`` and write the label map as NIfTI on the input's own grid and affine.
 
     The preprocessing (orientation, spacing) is inverted with MONAI's ``Invertd`` before
     writing, so the output overlays the input voxel for voxel in any viewer. Label names
     go to ``<output>.json`` (``{"labels": {"0": "background", ...}}``) and to the header's
-    description field."""
+    description field.
+
+    The options are ``polyfm predict``'s, run by the same code: ``tta_flip_axes`` mirrors every window
+    (``VolumeSegmentation(tta_flip_axes=...)``: spatial axes of the network's input, so 0..1 under a
+    slice-by-slice ``SliceInferer``); ``write_probabilities`` adds the softmax as ``<case>_prob.nii.gz``
+    beside the output (``ct_seg.nii.gz`` -> ``ct_prob.nii.gz``; ``probability_dtype`` float32 or uint8);
+    ``keep_largest`` / ``fill_holes`` / ``min_component_size`` / ``connectivity`` post-process the label
+    map on the input grid (:func:`postprocess_labels`), as :class:`NiftiPredictionWriter` does."""
+    postprocessing = PostProcessing.checked("predict_to_nifti", keep_largest, fill_holes, min_component_size, connectivity)
+    if probability_dtype not in ("float32", "uint8"):
+        raise ConfigError(f"predict_to_nifti(probability_dtype={probability_dtype!r}): use 'float32' or 'uint8'")
     pre = mt.Compose(preprocessing(["image"], in_channels, None, modality, a_min, a_max, pixdim, orientation, None))
     with _data_errors_as_themselves():
         data = pre({"image": str(image_path)})
     model = model.to(device).eval()
+    x = torch.as_tensor(data["image"]).unsqueeze(0).float().to(device)
+    # the axes are the network input's: a slice inferer feeds it 2D slices of the volume
+    window = getattr(inferer, "roi_size", None)
+    axes = check_flip_axes(list(tta_flip_axes) if tta_flip_axes is not None else None, len(window) if window else x.ndim - 2)
+    network = MirroredSoftmax(model, axes) if axes else model
     with torch.no_grad():
-        x = torch.as_tensor(data["image"]).unsqueeze(0).float().to(device)
-        logits = inferer(x, model) if inferer is not None else model(x)
+        logits = inferer(x, network) if inferer is not None else network(x)
         logits = logits[0] if isinstance(logits, list | tuple) else logits
     names = list(class_names) if class_names else [str(i) for i in range(int(logits.shape[1]))]
-    return _save_label_map(logits.argmax(1), data, pre, image_path, output_path, names)
+    if len(names) != int(logits.shape[1]):
+        raise ConfigError(f"predict_to_nifti got {len(names)} class_names {names} for a network with {int(logits.shape[1])} output channels: give one name per class, background first.")
+    return write_case(
+        logits.argmax(1).cpu(), data, pre, image_path, Path(output_path), names,
+        probabilities=logits.softmax(1)[0].cpu() if write_probabilities else None, probability_dtype=probability_dtype,
+        postprocessing=postprocessing, extra={"tta_flip_axes": axes} if axes else {},
+    )  # fmt: skip
+
+
+def write_case(
+    labels: torch.Tensor,
+    case: dict[Hashable, Any],
+    preprocess: mt.Compose,
+    reference: str | Path,
+    output: Path,
+    names: list[str],
+    probabilities: torch.Tensor | None = None,
+    spread: torch.Tensor | None = None,
+    probability_dtype: ProbabilityDtype = "float32",
+    postprocessing: PostProcessing | None = None,
+    postfix: str = "seg",
+    extra: dict[str, Any] | None = None,
+    write: Callable[[Path, Callable[[Path], Any]], Any] | None = None,
+) -> Path:
+    """One case's files, for :func:`predict_to_nifti` and :class:`NiftiPredictionWriter` alike: the label map
+    ``output`` (post-processed), the softmax ``probabilities`` ``(C, *S)`` as ``<case>_prob`` and an ensemble's
+    ``spread`` as ``<case>_std`` beside it, all on the input grid of ``reference``; the sidecar names them."""
+    files = {}
+    if probabilities is not None:
+        files["probabilities"] = _save_class_maps(probabilities, case, preprocess, reference, _class_map_path(output, postfix, "prob"), probability_dtype, write).name
+    if spread is not None:  # an ensemble's uncertainty: the members' std of each class probability
+        files["uncertainty"] = _save_class_maps(spread, case, preprocess, reference, _class_map_path(output, postfix, "std"), probability_dtype, write).name
+    labels = labels.reshape(1, *labels.shape[-(case["image"].ndim - 1) :])
+    postprocessing = postprocessing or PostProcessing()
+    post = postprocessing if postprocessing.active else None
+    return _save_label_map(labels, case, preprocess, reference, output, names, post, (extra or {}) | postprocessing.record() | files, write)
+
+
+def _class_map_path(output: Path, postfix: str, kind: str) -> Path:
+    """``ct_seg.nii.gz`` -> ``ct_prob.nii.gz`` (the label map's ``_<postfix>`` replaced by ``_<kind>``), else ``<name>_<kind>``."""
+    stem = output.name.removesuffix(".gz").removesuffix(".nii")
+    suffix = output.name[len(stem) :] or ".nii.gz"
+    base = stem.removesuffix(f"_{postfix}") if postfix else stem
+    return output.with_name(f"{base}_{kind}{suffix}")
 
 
 def write_label_map(labels: torch.Tensor, image: str | Path | list[str], output_path: str | Path, preprocess: mt.Compose, class_names: Sequence[str]) -> Path:
@@ -274,16 +378,8 @@ class NiftiPredictionWriter(PredictionFileWriter):
         super().__init__(output=output, write_interval="batch")
         if probability_dtype not in ("float32", "uint8"):
             raise ConfigError(f"NiftiPredictionWriter(probability_dtype={probability_dtype!r}): use 'float32' or 'uint8'")
-        if min_component_size < 0:
-            raise ConfigError(f"NiftiPredictionWriter(min_component_size={min_component_size}): a number of voxels, 0 to keep every component")
-        if not 1 <= connectivity <= 3:
-            raise ConfigError(f"NiftiPredictionWriter(connectivity={connectivity}): 1 (faces), 2 (edges) or 3 (corners)")
-        for key, values in (("keep_largest", keep_largest), ("fill_holes", fill_holes)):
-            if values and any(int(v) <= 0 for v in values):
-                raise ConfigError(f"NiftiPredictionWriter({key}={values}): foreground label ids (1, 2, ...); 0 is background")
+        self.postprocessing = PostProcessing.checked("NiftiPredictionWriter", keep_largest, fill_holes, min_component_size, connectivity)
         self.postfix, self.write_probabilities, self.probability_dtype = postfix, write_probabilities, probability_dtype
-        self.keep_largest, self.fill_holes = list(keep_largest or []), list(fill_holes or [])
-        self.min_component_size, self.connectivity = min_component_size, connectivity
         self._sources: dict[Path, str] = {}
 
     def reset(self) -> None:
@@ -293,15 +389,6 @@ class NiftiPredictionWriter(PredictionFileWriter):
         super().on_predict_start(trainer, pl_module)
         if self.write_probabilities and getattr(pl_module, "predict_probabilities", True) is False:
             raise ConfigError("NiftiPredictionWriter(write_probabilities=True) needs the task's probabilities: set --model.predict_probabilities=true")
-
-    def _postprocess(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        if not (self.keep_largest or self.fill_holes or self.min_component_size):
-            return None
-        return lambda labels: postprocess_labels(labels, self.keep_largest, self.fill_holes, self.min_component_size, self.connectivity)
-
-    def _postprocessing_record(self) -> dict[str, Any]:
-        settings = {"keep_largest": self.keep_largest, "fill_holes": self.fill_holes, "min_component_size": self.min_component_size}
-        return {"postprocessing": settings | {"connectivity": self.connectivity}} if self._postprocess() else {}
 
     def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         data = trainer.datamodule
@@ -313,7 +400,9 @@ class NiftiPredictionWriter(PredictionFileWriter):
         names = self.class_names(trainer, pl_module, int(pl_module.num_classes))
         sources = prediction["meta"] if isinstance(prediction["meta"], list | tuple) else [prediction["meta"]]
         probabilities, spread = prediction.get("probabilities"), prediction.get("probabilities_std")
-        extra = self._postprocessing_record() | ({"members": int(prediction["members"])} if "members" in prediction else {})
+        extra: dict[str, Any] = {"members": int(prediction["members"])} if "members" in prediction else {}
+        if getattr(pl_module, "tta_flip_axes", None):  # an Ensemble answers with its first member's
+            extra["tta_flip_axes"] = list(pl_module.tta_flip_axes)
         preprocess = data.predict_preprocessing()
         for index, source in enumerate(sources):
             output = folder / prediction_name(source, self.postfix)
@@ -323,22 +412,12 @@ class NiftiPredictionWriter(PredictionFileWriter):
             image = getattr(data, "predict_images", {}).get(str(source), source)  # all channel files, not only the first
             reference = image[0] if isinstance(image, list) else image
             case = _preprocessed(image, preprocess)  # what to invert: the preprocessing is run again on the input
-            files = {}
-            if self.write_probabilities and probabilities is not None:
-                files["probabilities"] = self._class_maps(probabilities[index], case, preprocess, reference, output, "prob")
-            if spread is not None:  # an ensemble's uncertainty: the members' std of each class probability
-                files["uncertainty"] = self._class_maps(spread[index], case, preprocess, reference, output, "std")
-            labels = prediction["labels"][index]
-            labels = labels.reshape(1, *labels.shape[-(case["image"].ndim - 1) :])
-            _save_label_map(labels, case, preprocess, reference, output, names, self._postprocess(), extra | files, write=self.write_file)
-
-    def _class_maps(self, maps: torch.Tensor, case: dict[Hashable, Any], preprocess: mt.Compose, reference: Any, output: Path, kind: str) -> str:
-        stem = output.name.removesuffix(".gz").removesuffix(".nii")
-        suffix = output.name[len(stem) :]
-        base = stem.removesuffix(f"_{self.postfix}") if self.postfix else stem
-        path = output.with_name(f"{base}_{kind}{suffix}")
-        _save_class_maps(maps, case, preprocess, reference, path, self.probability_dtype, write=self.write_file)
-        return path.name
+            write_case(
+                prediction["labels"][index], case, preprocess, reference, output, names,
+                probabilities=probabilities[index] if self.write_probabilities and probabilities is not None else None,
+                spread=spread[index] if spread is not None else None, probability_dtype=self.probability_dtype,
+                postprocessing=self.postprocessing, postfix=self.postfix, extra=extra, write=self.write_file,
+            )  # fmt: skip
 
 
-__all__ = ["NiftiPredictionWriter", "postprocess_labels", "predict_to_nifti", "prediction_name", "write_label_map"]
+__all__ = ["NiftiPredictionWriter", "PostProcessing", "postprocess_labels", "predict_to_nifti", "prediction_name", "write_case", "write_label_map"]

@@ -67,14 +67,7 @@ class VolumeSegmentation(Segmentation):
         tta_flip_axes: list[int] | None = None,
         pretrained: str | None = None,
     ) -> None:
-        spatial_dims = len(roi_size) if roi_size else 3
-        if tta_flip_axes is not None:
-            axes = [int(a) for a in tta_flip_axes]
-            if not axes or len(set(axes)) != len(axes) or any(not 0 <= a < spatial_dims for a in axes):
-                raise ConfigError(
-                    f"tta_flip_axes={tta_flip_axes}: give distinct spatial axes of the network's input, 0..{spatial_dims - 1} "
-                    "(nnU-Net's mirroring is [0, 1, 2]; a 2D network run slice by slice has axes 0 and 1), or leave it unset."
-                )
+        check_flip_axes(tta_flip_axes, len(roi_size) if roi_size else 3)
         if hasattr(model, "reset_head"):
             model.reset_head(num_classes)
         if pretrained:  # the recipe built the network; its weights come from here (a head of another shape stays fresh)
@@ -213,6 +206,19 @@ class VolumeSegmentation(Segmentation):
                 values = [float(columns[metric][row, i]) for metric in columns for i in range(len(names))]  # type: ignore[index]
                 writer.writerow([case, *(f"{v:.6g}" for v in values)])
         log.info("per-case test metrics: %s", folder / "test_per_case.csv")
+
+
+def check_flip_axes(tta_flip_axes: list[int] | None, spatial_dims: int) -> list[int] | None:
+    """``tta_flip_axes`` as ints, or a ConfigError: distinct spatial axes of the network's input (``spatial_dims`` of them)."""
+    if tta_flip_axes is None:
+        return None
+    axes = [int(a) for a in tta_flip_axes]
+    if not axes or len(set(axes)) != len(axes) or any(not 0 <= a < spatial_dims for a in axes):
+        raise ConfigError(
+            f"tta_flip_axes={list(tta_flip_axes)}: give distinct spatial axes of the network's input, 0..{spatial_dims - 1} "
+            "(nnU-Net's mirroring is [0, 1, 2]; a 2D network run slice by slice has axes 0 and 1), or leave it unset."
+        )
+    return axes
 
 
 class MirroredSoftmax(nn.Module):
