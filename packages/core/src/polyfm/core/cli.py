@@ -1,7 +1,7 @@
 """The ``polyfm`` command.
 
 ``fit/validate/test/predict`` go to LightningCLI (YAML recipes); the rest are ours:
-``models``, ``weights``, ``study``, ``demo``, ``bench``.
+``models``, ``weights``, ``cv``, ``study``, ``demo``, ``bench``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import lightning as L
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_main(argv: list[str]) -> None:
+def polyfm_cli_class() -> type[Any]:
+    """LightningCLI with polyfm's defaults: atomic checkpoint writes, weights_only reads, the default
+    callbacks, ``--ckpt_path last`` found in a new process, and checkpoint lists as ensembles."""
     from lightning.pytorch.cli import LightningCLI
 
     from polyfm.core.trainer import AtomicCheckpointIO, check_output_dir, default_callbacks
@@ -60,15 +62,22 @@ def lightning_main(argv: list[str]) -> None:
 
         before_validate = before_test = _resolve_last
 
+    return PolyfmCLI
+
+
+def run_polyfm_cli(argv: list[str], run: bool = True) -> Any:
+    """Build (and with ``run``, run) the CLI on ``argv``; our errors come out as one message.
+    ``run=False`` takes no subcommand: it builds the trainer, model and data module only."""
     saved_argv = sys.argv
     sys.argv = saved_argv[:1]  # the arguments travel in args=argv; both set makes LightningCLI warn on every run
     try:
-        PolyfmCLI(
+        return polyfm_cli_class()(
             model_class=None,
             datamodule_class=None,
             subclass_mode_model=True,
             subclass_mode_data=True,
             args=argv,
+            run=run,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
@@ -76,10 +85,15 @@ def lightning_main(argv: list[str]) -> None:
         message = polyfm_error_message(exc)
         if message is None or os.environ.get("POLYFM_TRACEBACK"):
             raise
-        print(f"polyfm {argv[0]}: error: {message}\n(set POLYFM_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        command = argv[0] if run else "cv"
+        print(f"polyfm {command}: error: {message}\n(set POLYFM_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         sys.argv = saved_argv
+
+
+def lightning_main(argv: list[str]) -> None:
+    run_polyfm_cli(argv)
 
 
 def checkpoint_list(ckpt_path: str) -> list[str]:
@@ -181,6 +195,12 @@ def cmd_study(args: argparse.Namespace) -> None:
     run_study(Path(args.config), workers=args.workers, ray_address=args.ray_address, output=args.output)
 
 
+def cmd_cv(args: argparse.Namespace) -> None:
+    from polyfm.core.crossval import run_cross_validation
+
+    run_cross_validation(args.config, args.lightning_args, num_folds=args.num_folds, folds=args.folds, output=args.output, test=args.test)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from polyfm.core.demo import run_demo
 
@@ -212,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", default=None, help="run trials on a Ray cluster (ray.init(address=...))")
     s.add_argument("--output", default=None, help="results folder (default: the study's own)")
     s.set_defaults(func=cmd_study)
+    c = sub.add_parser("cv", help="k-fold cross-validation of a recipe: fit each fold, metrics mean ± std, fold ensemble")
+    c.add_argument("--config", action="append", default=[], help="the recipe (repeat to layer overrides)")
+    c.add_argument("--num-folds", type=int, default=None, help="K: folds 0 .. K-1, passed as --data.num_folds")
+    c.add_argument("--folds", type=int, nargs="+", default=None, help="the folds to run (default 0 .. K-1; ESC-50: 1 2 3 4 5)")
+    c.add_argument("--output", default="runs/cv", help="one sub-folder per fold, cv.json with the summary")
+    c.add_argument("--test", action="store_true", help="also run the test split with each fold's model")
+    c.set_defaults(func=cmd_cv)
     d = sub.add_parser("demo", help="pretrain, fine-tune and compare with scratch in every installed domain")
     d.add_argument("--output", default="reports/demo")
     d.add_argument("--data-dir", default=None, help="real data folder (default: $POLYFM_DATA_DIR, else built-in samples)")
@@ -235,7 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         lightning_main(argv)
         return
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv and argv[0] == "cv":  # the arguments cv does not know go on to each fold's LightningCLI
+        args, rest = parser.parse_known_args(argv)
+        args.lightning_args = rest
+    else:
+        args = parser.parse_args(argv)
     from polyfm.core.errors import PolyfmError
 
     try:

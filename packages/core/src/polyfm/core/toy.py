@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyfm.core.data import DictDataModule, TensorDictDataset
+from polyfm.core.data import DictDataModule, TensorDictDataset, fold_indices
 from polyfm.core.encoder import Encoder
 from polyfm.core.weights import PretrainedMixin, WeightSpec, load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
 
@@ -58,7 +58,8 @@ def make_blobs(n: int, in_features: int = 8, num_classes: int = 3, seed: int = 0
 
 
 class ToyDataModule(DictDataModule):
-    """Blobs split into train/val/test, yielding ``{"input", "target", "meta"}``."""
+    """Blobs split into train/val/test, yielding ``{"input", "target", "meta"}``. With ``fold``
+    (0 .. ``num_folds`` - 1) train and val are pooled and dealt into folds (k-fold cross-validation)."""
 
     def __init__(
         self,
@@ -71,9 +72,12 @@ class ToyDataModule(DictDataModule):
         num_workers: int = 0,
         label_fraction: float = 1.0,
         seed: int = 0,
+        fold: int | None = None,
+        num_folds: int = 5,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         self.n_train, self.n_val, self.in_features, self.num_classes, self.noise = n_train, n_val, in_features, num_classes, noise
+        self.fold, self.num_folds = fold, num_folds
         self._train_labels: torch.Tensor | None = None
 
     def _split(self, n: int, seed: int) -> TensorDictDataset:
@@ -81,9 +85,15 @@ class ToyDataModule(DictDataModule):
         return TensorDictDataset(x, y, meta=[f"blob-{seed}-{i}" for i in range(n)])
 
     def build(self) -> tuple[TensorDictDataset, TensorDictDataset, TensorDictDataset]:
-        train = self._split(self.n_train, 1)
+        if self.fold is None:
+            train, val = self._split(self.n_train, 1), self._split(self.n_val, 2)
+        else:
+            n = self.n_train + self.n_val
+            x, y = make_blobs(n, self.in_features, self.num_classes, seed=1, noise=self.noise)
+            train_idx, val_idx = fold_indices(n, self.num_folds, self.fold, seed=self.seed)
+            train, val = (TensorDictDataset(x[i], y[i], meta=[f"blob-1-{j}" for j in i]) for i in (train_idx, val_idx))
         self._train_labels = train.targets
-        return train, self._split(self.n_val, 2), self._split(self.n_val, 3)
+        return train, val, self._split(self.n_val, 3)
 
     def train_labels(self) -> list[int] | None:
         return None if self._train_labels is None else self._train_labels.tolist()
