@@ -85,3 +85,36 @@ def test_softcon_pretrain_recipe_runs_on_cover_fractions(tmp_path, monkeypatch):
                                "chip_size": 28, "batch_size": 4}},
         "trainer": {"fast_dev_run": True, "enable_progress_bar": False},
     })
+
+
+def test_softcon_segmentation_recipe_fits_a_spatial_fold(tmp_path, monkeypatch):
+    import torch
+
+    from polyfm.geo.bands import SENTINEL2_BANDS
+    from polyfm.geo.samples import synthetic_dataset
+
+    monkeypatch.chdir(tmp_path)
+    data = synthetic_dataset(8, size=28, num_classes=3, seed=2)
+    rows = ["image,mask"]
+    for i in range(8):  # four 0.01 degree blocks, two tiles each, centres well inside their block
+        origin = (10.005 + 0.01 * (i % 4), 50.0 - 0.003 * (i // 4))
+        write_geotiff(tmp_path / "tiles" / f"img{i}.tif", data["images"][i], list(SENTINEL2_BANDS), origin=origin)
+        write_geotiff(tmp_path / "tiles" / f"mask{i}.tif", data["classmaps"][i][None].astype(np.uint8), origin=origin)
+        rows.append(f"img{i}.tif,mask{i}.tif")
+    (tmp_path / "tiles" / "pairs.csv").write_text("\n".join(rows) + "\n")
+    vit = {"pretrained": None, "img_size": 28, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    _fit(tmp_path, "finetune-softcon-segmentation-geotiff.yaml", {
+        "model": {"init_args": {"model": {"init_args": {"encoder": {"init_args": vit}, "num_classes": 3, "decoder_channels": 16}},
+                                "num_classes": 3, "optim": {"warmup_steps": 0}}},
+        "data": {"init_args": {"csv_path": str(tmp_path / "tiles" / "pairs.csv"), "num_classes": 3, "batch_size": 2, "num_workers": 0,
+                               "fold": 0, "num_folds": 4, "block_size": 0.01}},
+        "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, "accelerator": "cpu",
+                    "devices": 1, "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "run")},
+    })
+    last = list((tmp_path / "run").rglob("last.ckpt"))
+    assert len(last) == 1
+    checkpoint = torch.load(last[0], map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2  # two optimizer steps on the fold's 6 training tiles
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert 0.0 <= float(state["best_model_score"]) <= 1.0  # val/miou was computed on the held-out block
+    assert checkpoint["state_dict"]["model.decoder.classifier.weight"].shape[0] == 3

