@@ -105,6 +105,12 @@ def test_sed_recipe_predicts_a_dcase_event_list(tmp_path: Path, monkeypatch: pyt
     assert classes == ["high", "low"] and paths == [clips / "low" / "low0.wav"]
     assert sorted(events[0]) == [(0.0, 0.4, 0), (0.0, 0.4, 1)]
 
+    # polyfm test scores those events: both classes over each 0.5 s clip, each file's one reference event
+    # within the collars (low0's offset 0.3 vs 0.5: 200 ms), so 2 hits of 2 references and 4 estimates
+    polyfm_cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--data.init_args.test=events.tsv"])
+    (scores,) = [r for r in _rows(tmp_path / "runs/audio-sed/logs/version_2/metrics.csv") if r.get("test/event_f1")]
+    assert float(scores["test/event_f1"]) == pytest.approx(2 * 2 / (2 + 4)) and float(scores["test/event_error_rate"]) == pytest.approx(1.0)
+
     # the post-processing arguments from the command line, as docs/audio.md shows them: 0.4 s events under a 0.5 s minimum go
     post = ["--trainer.callbacks.init_args.median_filter_seconds=0.05", "--trainer.callbacks.init_args.min_event_seconds=0.5",
             f"--trainer.callbacks.init_args.output={tmp_path / 'post.csv'}"]

@@ -40,7 +40,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset, default_collate
 
 from polyfm.core.data import DictDataModule, EpochSeededSampler, data_dir, fold_indices
 from polyfm.core.errors import ConfigError, DataError
@@ -1143,15 +1143,35 @@ class SoundEventDataset(AudioClipDataset):
         frames = 1 + item["input"].shape[-1] // self.hop_size  # the clip, cropped / padded to clip_seconds
         target = torch.zeros(frames, self.num_classes or 0)
         frame_rate = self.sample_rate / self.hop_size
-        for onset, offset, cls in self.events_by_index[self.labels[index]]:  # type: ignore[index]
+        end = item["input"].shape[-1] / self.sample_rate
+        events = self.events_by_index[self.labels[index]]  # type: ignore[index]
+        for onset, offset, cls in events:
             target[int(round(onset * frame_rate)) : int(round(offset * frame_rate)) + 1, cls] = 1.0
         item["target"] = target
+        # the reference events inside the clip, for the event-based test metrics (frames quantise offsets)
+        item["events"] = [(onset, min(offset, end), cls) for onset, offset, cls in events if onset < end]
         return item
+
+
+def collate_events(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` with each clip's ``events`` kept as a list (their counts differ)."""
+    events = [item.pop("events") for item in items] if items and "events" in items[0] else None
+    batch: dict[str, Any] = default_collate(items)
+    if events is not None:
+        batch["events"] = events
+    return batch
 
 
 class SoundEventDataModule(AudioDataModule):
     """Sound event detection from DCASE-style event lists (``filename, onset, offset,
-    event_label``) for :class:`~polyfm.audio.tasks.SoundEventDetection`."""
+    event_label``) for :class:`~polyfm.audio.tasks.SoundEventDetection`. Batches carry each
+    clip's reference ``events`` (for the test split's event-based metrics) beside the frame
+    ``target``.
+
+    ``fold`` (0 .. ``num_folds`` - 1): cross-validation over the ``train`` list's files
+    (:func:`polyfm.core.data.fold_indices` grouped by file, seeded by ``fold_seed``): all of a
+    file's events stay on one side; the held-out fold is the validation split, and the test
+    split too unless ``test`` is given."""
 
     def __init__(
         self,
@@ -1164,6 +1184,9 @@ class SoundEventDataModule(AudioDataModule):
         sample_rate: int = 32000,
         hop_size: int = 320,
         clip_seconds: float = 10.0,
+        fold: int | None = None,
+        num_folds: int = 5,
+        fold_seed: int = 0,
         on_error: OnError = "raise",
         batch_size: int = 16,
         num_workers: int = 0,
@@ -1171,8 +1194,12 @@ class SoundEventDataModule(AudioDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(False, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
+        if fold is not None and val is not None:
+            raise ConfigError(f"SoundEventDataModule: fold={fold} holds out files of {train} as the validation split; leave val unset (got val={val!r})")
         self.train, self.val, self.test, self.audio_root = train, val, test, audio_root
         self.sample_rate, self.hop_size, self.clip_seconds, self.on_error = sample_rate, hop_size, clip_seconds, on_error
+        self.fold, self.num_folds, self.fold_seed = fold, num_folds, fold_seed
+        self.collate_fn = collate_events
 
     def build(self) -> tuple[SoundEventDataset, SoundEventDataset | None, SoundEventDataset | None]:
         rows = self.on_error == "raise"
@@ -1180,6 +1207,16 @@ class SoundEventDataModule(AudioDataModule):
 
         def make(p: list[Path], e: list[list[Event]]) -> SoundEventDataset:
             return SoundEventDataset(p, e, len(self.class_names), self.sample_rate, self.hop_size, self.clip_seconds, self.on_error)
+
+        if self.fold is not None:
+            # one group per file (resolved, so "a.wav" and "./a.wav" are one file): its events never straddle the split
+            groups = [str(p.resolve()) for p in paths]
+            train_idx, held_idx = fold_indices(len(paths), self.num_folds, self.fold, groups, seed=self.fold_seed)
+            held_out = make([paths[i] for i in held_idx], [events[i] for i in held_idx])
+            test = make(*read_events_csv(self.test, self.audio_root, self.class_names, check_files=rows)[:2]) if self.test else held_out
+            log.info("SED fold %d of %d: %d files train, %d held out for validation%s", self.fold, self.num_folds, len(train_idx), len(held_idx),
+                     "" if self.test else " and test")
+            return make([paths[i] for i in train_idx], [events[i] for i in train_idx]), held_out, test
 
         splits = [read_events_csv(s, self.audio_root, self.class_names, check_files=rows) if s else None for s in (self.val, self.test)]
         return make(paths, events), *(make(s[0], s[1]) if s else None for s in splits)  # type: ignore[return-value]

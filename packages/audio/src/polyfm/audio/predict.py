@@ -261,7 +261,7 @@ class AudioPredictionWriter(PredictionFileWriter):
             raise TypeError(f"AudioPredictionWriter: {type(pl_module).__name__}.predict_step returned {sorted(prediction)}; expected probabilities, prediction or framewise_output.")
         scores = prediction[key].float().cpu().reshape(len(files), -1)
         spread = prediction[f"{key}_std"].float().cpu().reshape(len(files), -1) if f"{key}_std" in prediction else None
-        threshold = self.threshold if self.threshold is not None else float(getattr(pl_module, "threshold", 0.5))
+        threshold = self.threshold_for(pl_module)
         names = self.class_names(trainer, pl_module, scores.shape[1])
         fixed = {"file", "prediction", "probability", "probability_std", "labels", "duration_s", "sample_rate"}
         columns = [f"p_{n}" for n in names] if fixed & ({*names} | {f"{n}_std" for n in names}) else names  # a class named "file" keeps its own column
@@ -284,18 +284,27 @@ class AudioPredictionWriter(PredictionFileWriter):
             if "framewise_output" in prediction:
                 self._add_events(pl_module, prediction, position, index, str(file), names, threshold, duration)
 
-    def _add_events(self, pl_module: Any, prediction: dict[str, Any], position: int, index: int, file: str, names: list[str],
-                    threshold: float, duration: Any) -> None:
+    def threshold_for(self, pl_module: Any) -> float:
+        """The onset threshold in use: this writer's, else the task's ``threshold``, else 0.5."""
+        return self.threshold if self.threshold is not None else float(getattr(pl_module, "threshold", 0.5))
+
+    def post_process(self, pl_module: Any, framewise: torch.Tensor, names: Sequence[str], threshold: float, end: float | None) -> list[EventRun]:
+        """The events of one file's ``(frames, classes)`` probabilities after this writer's
+        post-processing: what the event list holds, and what ``SoundEventDetection`` scores in
+        ``test`` (so the test metrics describe the events ``predict`` writes)."""
         base = pl_module.encoder_base()
         hop_seconds = base.frontend.hop_size / base.sample_rate
-        framewise = prediction["framewise_output"][position].float().cpu()
         frames = [median_window_frames(s, hop_seconds) for s in self.median_seconds(names)]
         offset_threshold = self.offset_threshold
         if offset_threshold is not None and offset_threshold > threshold:
             raise ConfigError(f"AudioPredictionWriter.offset_threshold ({offset_threshold}) is above the threshold in use ({threshold}, "
                               "the task's): give offset_threshold <= threshold")
+        return event_runs(framewise.float().cpu(), hop_seconds, threshold, end, offset_threshold, frames, self.min_event_seconds, self.min_gap_seconds)
+
+    def _add_events(self, pl_module: Any, prediction: dict[str, Any], position: int, index: int, file: str, names: list[str],
+                    threshold: float, duration: Any) -> None:
         end = duration if isinstance(duration, float) else None
-        runs = event_runs(framewise, hop_seconds, threshold, end, offset_threshold, frames, self.min_event_seconds, self.min_gap_seconds)
+        runs = self.post_process(pl_module, prediction["framewise_output"][position], names, threshold, end)
         spread = prediction.get("framewise_output_std")
         rows = []
         for run in runs:
