@@ -891,8 +891,35 @@ class ForecastDataModule(DictDataModule):
         windows = [self._windows(part, stage, stride) for part in self.parts]
         return windows[0] if len(windows) == 1 else ConcatDataset(windows)
 
-    def _windows(self, part: SeriesPart, stage: Literal["train", "val", "test"], stride: int | None) -> WindowDataset:
-        series, scaler, borders = part.series, part.scaler, part.borders
+    def calibration_windows(self) -> list[tuple[SeriesPart, WindowDataset]]:
+        """Each series and its validation windows (``eval_stride`` apart), the calibration set of conformal prediction
+        intervals (``polyfm.ts.predict``); possibly empty, the caller says how many it needs. Predicting past the end
+        from a checkpoint uses no split, so the validation rows are those of ``split`` on the file."""
+        self.prepare()
+        calibration = []
+        for part in self.parts:
+            borders = part.borders
+            if borders[0] == borders[1]:  # predict_mode="future" from a checkpoint: borders (len,)*3
+                try:
+                    borders = split_borders(len(part.series), part.series.step, self.split)
+                except DataError as exc:  # e.g. the ETT split on a file of recent rows: no validation rows at all
+                    raise ConfigError(f"{part.series.source}: prediction intervals are calibrated on the validation split, and "
+                                      f"this series has none ({exc}). Predict from the file the model was fitted on, or use "
+                                      "split fractions the series is long enough for.") from exc
+            calibration.append((part, self._windows(part, "val", None, borders=borders, allow_empty=True)))
+        return calibration
+
+    def calibration_dataloader(self, windows: Sequence[WindowDataset] | None = None) -> DataLoader[Any]:
+        """The validation windows of every series (``calibration_windows``, or ``windows`` from it) in one loader, in order."""
+        windows = [w for w in (windows if windows is not None else [w for _, w in self.calibration_windows()]) if len(w)]
+        if not windows:
+            raise ConfigError(f"{self.path}: no validation window of context {self.context_length} + horizon {self.horizon} "
+                              "to calibrate prediction intervals on: give the split a longer validation part.")
+        return self._loader(windows[0] if len(windows) == 1 else ConcatDataset(windows), False)
+
+    def _windows(self, part: SeriesPart, stage: Literal["train", "val", "test"], stride: int | None,
+                 borders: tuple[int, int, int] | None = None, allow_empty: bool = False) -> WindowDataset:
+        series, scaler, borders = part.series, part.scaler, borders or part.borders
         scaled = scaler.transform(series.values)
         start, end = {"train": (0, borders[0]), "val": (borders[0], borders[1]), "test": (borders[1], borders[2])}[stage]
         stride = stride or (self.train_stride if stage == "train" else self.eval_stride)
@@ -904,7 +931,7 @@ class ForecastDataModule(DictDataModule):
                 log.warning("%s %s: skipped %d of %d windows whose future has missing targets", series.source, stage,
                             len(all_origins) - len(origins), len(all_origins))
                 series.report[f"{stage}_windows_skipped"] = len(all_origins) - len(origins)
-        if not len(origins):
+        if not len(origins) and not allow_empty:
             raise DataError(
                 f"the {stage} split (rows {start + 1}-{end}) yields no window of context {self.context_length} + horizon {self.horizon}.",
                 path=series.source,

@@ -7,10 +7,20 @@
 ``<input name>-future.csv`` (``predict_mode: future``). Predictions of ``polyfm.core.predict.Ensemble``
 (several checkpoints) carry ``prediction_std``: it becomes a ``<channel>_std`` column (the spread across
 members, in the same units as the forecast).
+
+Prediction intervals (``ForecastWriter(interval_coverage=0.8)``, or ``interval_half_widths`` from Python) are
+split-conformal: the absolute errors of the model on the validation windows, per series, channel and step, in the
+file's units, give each step's half-width; the table gets ``<channel>_lo`` and ``<channel>_hi``.
+
+    calibration = trainer.predict(task, dataloaders=dm.calibration_dataloader())
+    widths = interval_half_widths(dm, calibration, coverage=0.8)
+    table = window_forecasts(dm, trainer.predict(task, dm), half_widths=widths)
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,12 +28,17 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.predict import PredictionFileWriter
 from polyfm.ts.data import ForecastDataModule, Series, SeriesPart
 
 Units = Literal["original", "scaled"]
+#: series source -> conformal half-widths (horizon, target channels), in the file's units
+HalfWidths = dict[str, np.ndarray]
+
+log = logging.getLogger("polyfm.ts")
 
 
 def _check_units(units: str) -> None:
@@ -79,12 +94,98 @@ def _origin_rows(series: Series, labels: Sequence[str]) -> np.ndarray:
     return rows
 
 
-def window_forecasts(dm: ForecastDataModule, predictions: Sequence[dict[str, Any]], units: Units = "original") -> pd.DataFrame:
+def check_coverage(coverage: float, owner: str = "interval_coverage") -> float:
+    if isinstance(coverage, bool) or not isinstance(coverage, int | float) or not 0.0 < coverage < 1.0:
+        raise ConfigError(f"{owner}={coverage!r}: give the coverage of the prediction intervals as a fraction strictly between "
+                          "0 and 1 (e.g. 0.8 or 0.9), or leave it unset for point forecasts only.")
+    return float(coverage)
+
+
+def conformal_rank(n: int, coverage: float) -> int:
+    """k = ceil((n + 1) * coverage): the k-th smallest of n calibration errors bounds a new one with probability
+    >= coverage (exchangeable windows). Rounded first: (n + 1) * 0.54 is 243.00000000000003 for n = 449."""
+    return math.ceil(round((n + 1) * coverage, 9))
+
+
+def windows_needed(coverage: float) -> int:
+    """The fewest calibration windows for which ``conformal_rank(n, coverage) <= n``."""
+    n = max(1, math.floor(coverage / (1.0 - coverage)) - 1)
+    while conformal_rank(n, coverage) > n:
+        n += 1
+    return n
+
+
+def conformal_quantile(residuals: np.ndarray, coverage: float, where: str = "the calibration set") -> np.ndarray:
+    """The split-conformal half-width along axis 0 of ``residuals`` (n calibration windows, any other axes): the
+    k-th smallest, k = ``conformal_rank(n, coverage)``, i.e. the quantile at level k / n taking the higher order
+    statistic (never interpolated). Too few windows for ``coverage`` (k > n) is a ``ConfigError`` naming ``where``."""
+    check_coverage(coverage, "coverage")
+    residuals = np.asarray(residuals)
+    n = len(residuals)
+    k = conformal_rank(n, coverage)
+    if k > n:
+        best = f"{n} allow a coverage of at most {n / (n + 1):.3f}" if n else "0 allow none"
+        raise ConfigError(f"{where}: {n} validation window(s) to calibrate prediction intervals on, but coverage {coverage} needs "
+                          f"at least {windows_needed(coverage)} (ceil((n+1)*coverage) <= n; {best}). Lower interval_coverage, or "
+                          "give the validation split more windows: a longer validation span (split fractions, e.g. [0.7, 0.2, 0.1]) "
+                          "or a smaller eval_stride.")
+    bad = ~np.isfinite(residuals.reshape(n, -1)).all(1)  # per window
+    if bad.any():  # NaN would sort last and shrink the interval unnoticed
+        raise ConfigError(f"{where}: {int(bad.sum())} of {n} validation windows have non-finite forecast errors: the model "
+                          f"forecasts NaN or Inf there (first: window {int(np.argmax(bad))} of the validation split).")
+    return np.partition(residuals, k - 1, axis=0)[k - 1]
+
+
+def interval_half_widths(dm: ForecastDataModule, calibration: Sequence[dict[str, Any]], coverage: float) -> HalfWidths:
+    """Split-conformal half-widths per series, ``(horizon, target channels)`` in the file's units, from the batches of
+    ``trainer.predict(task, dataloaders=dm.calibration_dataloader())`` (the validation windows): the absolute errors
+    |truth - forecast| of each step are ranked over the windows and ``conformal_quantile`` taken. Every series needs
+    ``windows_needed(coverage)`` windows, else a ``ConfigError`` naming it and the counts."""
+    check_coverage(coverage)
+    dm.prepare()
+    batches = [b for b in calibration if len(b["meta"])]
+    labels = [label for b in batches for label in b["meta"]]
+    by_series = dict((part.series.source, chosen) for part, chosen in _by_series(dm, labels)) if labels else {}
+    pred = np.concatenate([b["prediction"].detach().float().cpu().numpy() for b in batches]) if batches else None
+    targets, horizon = dm.target_indices, dm.horizon
+    if pred is not None and pred.shape[1:] != (horizon, len(targets)):
+        raise ConfigError(f"calibration forecasts of shape {pred.shape[1:]} are not (horizon {horizon}, {len(targets)} target channels).")
+    widths: HalfWidths = {}
+    for part in dm.parts:
+        source = part.series.source
+        chosen = by_series.get(source, np.zeros(0, dtype=np.int64))
+        if pred is None or not len(chosen):
+            residuals = np.zeros((0, horizon, len(targets)), dtype=np.float32)
+        else:
+            rows = _origin_rows(part.series, [labels[i] for i in chosen])[:, None] + np.arange(horizon)  # (windows, H)
+            residuals = np.abs(part.series.values[rows][..., targets] - _unscale(part, pred[chosen], targets))
+        widths[source] = conformal_quantile(residuals, coverage, where=source)
+    return widths
+
+
+def _interval_columns(block: pd.DataFrame, names: Sequence[str], point: np.ndarray, width: np.ndarray) -> None:
+    """``<channel>_lo`` / ``_hi``: the point forecast minus / plus its step's half-width (point (..., H, C), width (H, C))."""
+    block[[f"{n}_lo" for n in names]] = (point - width).reshape(-1, len(names))
+    block[[f"{n}_hi" for n in names]] = (point + width).reshape(-1, len(names))
+
+
+def _widths_for(part: SeriesPart, half_widths: HalfWidths, targets: Sequence[int], units: str) -> np.ndarray:
+    width = half_widths.get(part.series.source)
+    if width is None:
+        raise ConfigError(f"no prediction-interval half-widths for series {part.series.source}: calibrate on this DataModule "
+                          f"(interval_half_widths), which gave them for {list(half_widths)[:3]}.")
+    # the errors were ranked in the file's units; a positive per-channel scale keeps their order
+    return width / part.scaler.std[list(targets)] if units == "scaled" else width
+
+
+def window_forecasts(dm: ForecastDataModule, predictions: Sequence[dict[str, Any]], units: Units = "original",
+                     half_widths: HalfWidths | None = None) -> pd.DataFrame:
     """The batches of ``trainer.predict(task, dm)`` (``{"prediction": (B, H, C), "meta": [...]}``) as one long
     DataFrame: the id columns (with ``id_columns``), ``origin`` (first forecast step, as in ``rolling_evaluate``),
     ``step`` (1..H), the forecast timestamp (the data's timestamp column; the row number without timestamps),
     one column per target channel (in the file's units unless ``units="scaled"``), ``<channel>_std`` for an
-    ensemble's predictions, and ``<channel>_true``."""
+    ensemble's predictions, ``<channel>_lo`` and ``<channel>_hi`` with ``half_widths`` (``interval_half_widths``),
+    and ``<channel>_true``."""
     _check_units(units)
     dm.prepare()
     pred, spread, labels = _gather(dm, predictions)
@@ -107,16 +208,20 @@ def window_forecasts(dm: ForecastDataModule, predictions: Sequence[dict[str, Any
         block[names] = window.reshape(-1, len(names))
         if window_spread is not None:
             block[[f"{n}_std" for n in names]] = window_spread.reshape(-1, len(names))
+        if half_widths is not None:
+            _interval_columns(block, names, window, _widths_for(part, half_widths, targets, units))
         block[[f"{n}_true" for n in names]] = truth.reshape(-1, len(names))
         blocks.append(block)
     return pd.concat(blocks, ignore_index=True)
 
 
-def future_forecasts(dm: ForecastDataModule, predictions: Sequence[dict[str, Any]], units: Units = "original") -> pd.DataFrame:
+def future_forecasts(dm: ForecastDataModule, predictions: Sequence[dict[str, Any]], units: Units = "original",
+                     half_widths: HalfWidths | None = None) -> pd.DataFrame:
     """The batches of ``trainer.predict(task, dm)`` for a DataModule with ``predict_mode="future"`` (one window per
     series: its last ``context_length`` rows) as a DataFrame of ``horizon`` rows per series: the id columns, ``step``
     (1..H), the future timestamps (continued at the series' frequency, or ``dm.freq``; row numbers without
-    timestamps), one column per target channel and ``<channel>_std`` for an ensemble. No truth: it is the future."""
+    timestamps), one column per target channel, ``<channel>_std`` for an ensemble and ``<channel>_lo`` / ``_hi`` with
+    ``half_widths``. No truth: it is the future."""
     _check_units(units)
     dm.prepare()
     pred, spread, labels = _gather(dm, predictions)
@@ -138,6 +243,8 @@ def future_forecasts(dm: ForecastDataModule, predictions: Sequence[dict[str, Any
         block[names] = window
         if window_spread is not None:
             block[[f"{n}_std" for n in names]] = window_spread
+        if half_widths is not None:
+            _interval_columns(block, names, window, _widths_for(part, half_widths, targets, units))
         blocks.append(block)
     return pd.concat(blocks, ignore_index=True)
 
@@ -156,15 +263,39 @@ class ForecastWriter(PredictionFileWriter):
     ``<output>/<input name>-forecast.csv``; with ``predict_mode: future``, ``horizon`` rows past the end of
     each series, as ``future_forecasts``, in ``<output>/<input name>-future.csv``. ``output`` is a folder
     (default ``<default_root_dir>/predictions``); ``units`` ``original`` (the file's) or ``scaled``.
+    ``interval_coverage`` (e.g. 0.8) adds split-conformal prediction intervals, ``<channel>_lo`` / ``_hi``: before
+    writing, the model forecasts the DataModule's validation windows and its errors there give each series', channel's
+    and step's half-width (``interval_half_widths``; kept in ``half_widths``).
     In a recipe: ``trainer.callbacks: [{class_path: polyfm.ts.predict.ForecastWriter}]``."""
 
     one_process: ClassVar[bool] = True  # one table from every window
 
-    def __init__(self, output: str | None = None, units: Units = "original") -> None:
+    def __init__(self, output: str | None = None, units: Units = "original", interval_coverage: float | None = None) -> None:
         super().__init__(output=output, write_interval="epoch")
         if units not in ("original", "scaled"):
             raise ConfigError(f"ForecastWriter units={units!r}: use 'original' or 'scaled'.")
         self.units = units
+        self.interval_coverage = None if interval_coverage is None else check_coverage(interval_coverage, "ForecastWriter interval_coverage")
+        self.half_widths: HalfWidths | None = None
+
+    def reset(self) -> None:
+        self.half_widths = None
+
+    def calibrate(self, trainer: Any, pl_module: Any, dm: ForecastDataModule) -> HalfWidths:
+        """The module's forecasts of the validation windows, batch by batch as the predict loop runs them (device,
+        precision), then ``interval_half_widths``."""
+        assert self.interval_coverage is not None
+        windows = [w for _, w in dm.calibration_windows() if len(w)]
+        outputs = []
+        if windows:  # none at all: interval_half_widths names the series and the count
+            with torch.inference_mode():
+                for index, batch in enumerate(dm.calibration_dataloader(windows)):
+                    output = trainer.strategy.predict_step(trainer.strategy.batch_to_device(batch), index)
+                    outputs.append({"prediction": output["prediction"].detach().float().cpu(), "meta": output["meta"]})
+        widths = interval_half_widths(dm, outputs, self.interval_coverage)
+        log.info("ForecastWriter: %.0f%% intervals calibrated on %d validation windows (%d series)", 100 * self.interval_coverage,
+                 sum(len(w) for w in windows), len(widths))
+        return widths
 
     def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
         dm = trainer.datamodule
@@ -173,6 +304,8 @@ class ForecastWriter(PredictionFileWriter):
         # one list per predict dataloader when there are several
         batches = [b for group in predictions for b in (group if isinstance(group, list) else [group])]
         future = dm.predict_mode == "future"
-        frame = (future_forecasts if future else window_forecasts)(dm, batches, self.units)
+        if self.interval_coverage is not None:
+            self.half_widths = self.calibrate(trainer, pl_module, dm)
+        frame = (future_forecasts if future else window_forecasts)(dm, batches, self.units, self.half_widths)
         name = f"{_input_name(dm)}-{'future' if future else 'forecast'}.csv"
         self.write_table(self.predictions_folder(trainer) / name, frame)
