@@ -62,6 +62,18 @@ def label_fraction_indices(
     return np.sort(np.concatenate(chosen))
 
 
+def check_fold(fold: int, num_folds: int, owner: str = "") -> None:
+    """Refuse a fold that is not one of ``num_folds`` (2 or more); ``owner`` (e.g. ``"MyDataModule"``)
+    names the arguments in the message, ``MyDataModule(fold=5)``."""
+    def named(argument: str) -> str:
+        return f"{owner}({argument})" if owner else argument
+
+    if num_folds < 2:
+        raise ConfigError(f"{named(f'num_folds={num_folds}')}: cross-validation needs 2 or more folds")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"{named(f'fold={fold}')} is not one of the {num_folds} folds (0 .. {num_folds - 1})")
+
+
 def fold_indices(
     n: int,
     num_folds: int,
@@ -77,10 +89,7 @@ def fold_indices(
     seeded order), which balances fold sizes as scikit-learn's ``GroupKFold`` does. Without groups
     the items are shuffled with ``seed`` and dealt round-robin. Both are sorted and depend on
     ``(n, num_folds, groups, seed)`` only, so each fold's run (another process, another day) agrees."""
-    if num_folds < 2:
-        raise ConfigError(f"num_folds={num_folds}: cross-validation needs 2 or more folds")
-    if not 0 <= fold < num_folds:
-        raise ConfigError(f"fold={fold} is not one of the {num_folds} folds (0 .. {num_folds - 1})")
+    check_fold(fold, num_folds)
     rng = np.random.default_rng(seed)
     assignment = np.empty(n, dtype=np.int64)
     if groups is None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from polyfm.core.data import DictDataModule, fold_indices
+from polyfm.core.data import DictDataModule, check_fold, fold_indices
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.geo.bands import Normalization, canonical_band, resolve_normalization
 
@@ -541,10 +541,7 @@ def check_fold_options(owner: str, fold: int | None, num_folds: int, block_size:
             raise ConfigError(f"{owner}(block_size={block_size}): a block size is a positive length in the files' CRS units")
     if fold is None:
         return
-    if num_folds < 2:
-        raise ConfigError(f"{owner}(num_folds={num_folds}): cross-validation needs 2 or more folds")
-    if not 0 <= fold < num_folds:
-        raise ConfigError(f"{owner}(fold={fold}) is not one of the {num_folds} folds (0 .. {num_folds - 1})")
+    check_fold(fold, num_folds, owner)
 
 
 def spatial_fold(

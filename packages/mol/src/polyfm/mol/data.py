@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from polyfm.core.data import DictDataModule
+from polyfm.core.data import DictDataModule, check_fold, fold_indices
 from polyfm.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,15 @@ class MoleculeTable:
         """What a batch says about each molecule (named in NaN-loss errors): ``row N: SMILES``,
         or for an SD file ``record N 'title': SMILES``."""
         if self.titles is not None:
-            return [f"record {r} {t!r}: {s}" for r, t, s in zip(self.rows, self.titles, self.input_smiles, strict=True)]
+            return [f"{name}: {s}" for name, s in zip(self.record_names() or [], self.input_smiles, strict=True)]
         return [f"row {r}: {s}" for r, s in zip(self.rows, self.input_smiles, strict=True)]
+
+    def record_names(self) -> list[str] | None:
+        """An SD file's records as errors name them (``record N 'title'``, the title being the
+        record's ``_Name`` when it has one); None for a CSV, whose rows errors name by number."""
+        if self.titles is None:
+            return None
+        return [record_label(r, t) for r, t in zip(self.rows, self.titles, strict=True)]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> MoleculeTable:
         """The rows at ``indices`` (positions in this table), targets kept."""
@@ -96,6 +103,11 @@ class MoleculeTable:
             f"{where}: {len(self)} molecules, {len(self.target_names)} targets, {int(np.isnan(self.targets).sum())} missing labels, "
             f"{len(self.skipped)} invalid {'records' if self.from_sdf else 'SMILES'} skipped, {self.mixtures} salts/mixtures ({self.fragments_stripped} reduced to the largest fragment)"
         )
+
+
+def record_label(record: int, title: str) -> str:
+    """``record 3 'aspirin'``; ``record 3`` for a record without a title (``_Name``)."""
+    return f"record {record} {title!r}" if title else f"record {record}"
 
 
 def parse_smiles(smiles: str, fragments: FragmentPolicy = "keep", canonicalize: bool = True) -> tuple[str, bool, str]:
@@ -362,10 +374,10 @@ def read_molecule_sdf(
         properties.append({name: mol.GetProp(name) for name in mol.GetPropNames()})
         conformers.append(_record_conformer(mol, smiles if mixture and fragments == "largest" else None, Conformer))
     if skipped and not skip_invalid:
-        shown = "; ".join(f"record {r} {t!r}: {why}" for r, t, why in skipped[:10])
+        shown = "; ".join(f"{record_label(r, t)}: {why}" for r, t, why in skipped[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         raise DataError(
-            f"{len(skipped)} of {len(supplier)} records are not usable molecules (record numbers from 1, title line in quotes): "
+            f"{len(skipped)} of {len(supplier)} records are not usable molecules (record numbers from 1, title (_Name) in quotes): "
             f"{shown}{more}. Fix them, or pass skip_invalid=True to skip them (they are counted and logged).",
             path=path,
         )
@@ -390,7 +402,7 @@ def read_molecule_sdf(
                 problem = "is not a number"
             if problem:
                 raise DataError(
-                    f"record {rows[i]} {titles[i]!r}: target {raw_value!r} {problem}. Fix the value, or leave the property "
+                    f"{record_label(rows[i], titles[i])}: target {raw_value!r} {problem}. Fix the value, or leave the property "
                     "out of the record for a missing label.",
                     path=path,
                     key=name,
@@ -533,6 +545,41 @@ def stratified_split(
     return np.sort(parts[0]), np.sort(parts[1]), np.sort(parts[2])
 
 
+def check_fold_options(fold: int | None, num_folds: int, split: str) -> None:
+    """Fold options that are wrong whatever the data: refused when the module is built."""
+    if fold is None:
+        return
+    check_fold(fold, num_folds, "MoleculeDataModule")
+    if split == "stratified":
+        raise ConfigError(
+            f"MoleculeDataModule(fold={fold}, split='stratified'): cross-validation folds are dealt by scaffold "
+            "(split='scaffold', the default) or one molecule at a time (split='random'); pass one of those."
+        )
+
+
+def molecule_fold(
+    table: MoleculeTable, fold: int, num_folds: int, split: str = "scaffold", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, held_out, held_out)`` indices of cross-validation fold ``fold``: molecules dealt
+    into ``num_folds`` folds by :func:`polyfm.core.data.fold_indices`, whole Bemis-Murcko
+    scaffolds at a time unless ``split="random"`` (acyclic molecules share the empty scaffold)."""
+    check_fold_options(fold, num_folds, split)
+    groups = None if split == "random" else [murcko_scaffold(s) for s in table.smiles]
+    where = table.path or "the molecules"
+    if groups is not None and len(set(groups)) < num_folds:
+        raise ConfigError(
+            f"{where}: the {len(table)} molecules have {len(set(groups))} Bemis-Murcko scaffold(s), fewer than num_folds={num_folds}; "
+            f"a scaffold is never split across folds, so use num_folds <= {len(set(groups))}, or split='random'."
+        )
+    try:
+        train, held_out = fold_indices(len(table), num_folds, fold, groups=groups, seed=seed)
+    except ConfigError as exc:  # too few molecules for the folds: name the file
+        raise ConfigError(f"{where}: {exc}") from None
+    log.info("fold %d of %d (%s): %d molecules train, %d held out%s", fold, num_folds, where, len(train), len(held_out),
+             "" if groups is None else f" ({len({groups[i] for i in held_out})} of {len(set(groups))} scaffolds)")  # fmt: skip
+    return train, held_out, held_out
+
+
 def split_indices(
     kind: SplitKind, smiles: Sequence[str], targets: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -661,9 +708,12 @@ class UniMolCollate:
 class Featuriser:
     """Turns SMILES into one model's inputs, and says how to collate them."""
 
-    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None) -> Callable[[int], Any]:
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None,
+                names: Sequence[str] | None = None, path: str | os.PathLike[str] | None = None) -> Callable[[int], Any]:  # fmt: skip
         """``featurise(i)`` for molecule ``i``; ``conformers``: an SD file's own coordinates
-        (``MoleculeTable.conformers``), used by featurisers that ask for them."""
+        (``MoleculeTable.conformers``), used by featurisers that ask for them. ``names`` and
+        ``path`` are for errors: how each molecule is named (``MoleculeTable.record_names()``,
+        default ``row N``) and the file it comes from."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:  # pragma: no cover - abstract
@@ -683,7 +733,8 @@ class ChemBERTaFeaturiser(Featuriser):
         # rows of which the tokenizer dropped characters (hub) or used the unknown token (atom-wise)
         self.lossy_rows: list[int] = []
 
-    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None) -> Callable[[int], Any]:
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None,
+                names: Sequence[str] | None = None, path: str | os.PathLike[str] | None = None) -> Callable[[int], Any]:  # fmt: skip
         from polyfm.mol.tokenizers import HubTokenizer
 
         seen = self.tokenizer.inspect(smiles)  # (length in tokens, what the vocabulary lacks) per SMILES
@@ -759,11 +810,13 @@ class UniMolFeaturiser(Featuriser):
         self.fallback_2d_rows: list[int] = []
         self.cropped_rows: list[int] = []
 
-    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None) -> Callable[[int], Any]:
+    def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None,
+                names: Sequence[str] | None = None, path: str | os.PathLike[str] | None = None) -> Callable[[int], Any]:  # fmt: skip
         from polyfm.mol.conformers import ConformerSettings, generate_conformers, unimol_features
 
+        named = list(names) if names is not None else [f"row {r}" for r in rows]
         if self.conformer_source == "from_file":
-            conformers = self.file_conformers(conformers, rows)
+            conformers = self.file_conformers(conformers, rows, named, path)
             self.fallback_2d_rows = []
         else:
             settings = ConformerSettings(
@@ -771,22 +824,24 @@ class UniMolFeaturiser(Featuriser):
             )
             conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
             self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
-        empty = [f"row {rows[i]} {smiles[i]!r}" for i, conf in enumerate(conformers) if not conf.atoms]
+        empty = [f"{named[i]} {smiles[i]!r}" for i, conf in enumerate(conformers) if not conf.atoms]
         if empty:  # H2, [H+]: without hydrogens nothing is left (unimol_tools would give NaN coordinates)
             raise DataError(
                 f"{len(empty)} molecules have no atoms left once hydrogens are removed (remove_hs=True): {', '.join(empty[:10])}. "
-                "Drop them from the file, or use a model with hydrogens (remove_hs=False)."
+                "Drop them from the file, or use a model with hydrogens (remove_hs=False).",
+                path=path,
             )
         features = []
         self.cropped_rows = []
         for i, conf in enumerate(conformers):
             if len(conf.atoms) > self.max_atoms:
                 if self.max_atoms_policy == "error":
-                    raise DataError(
-                        f"{smiles[i]!r} has {len(conf.atoms)} atoms{'' if self.remove_hs else ' (with hydrogens)'}, more than max_atoms="
-                        f"{self.max_atoms}. Raise max_atoms, use remove_hs=True, or max_atoms_policy='crop'.",
-                        row=rows[i],
-                    )
+                    message = (f"{smiles[i]!r} has {len(conf.atoms)} atoms{'' if self.remove_hs else ' (with hydrogens)'}, more than "
+                               f"max_atoms={self.max_atoms}. Raise max_atoms, use remove_hs=True, or max_atoms_policy='crop'.")  # fmt: skip
+                    # a CSV row goes in DataError's own "file, row N" place; an SD record is named with its title
+                    if names is None:
+                        raise DataError(message, path=path, row=rows[i])
+                    raise DataError(f"{named[i]}: {message}", path=path)
                 self.cropped_rows.append(rows[i])
             features.append(
                 unimol_features(conf.atoms, conf.coordinates, self.dictionary, self.max_atoms, seed=self.conformer_seed + i)
@@ -804,7 +859,8 @@ class UniMolFeaturiser(Featuriser):
             )
         return features.__getitem__
 
-    def file_conformers(self, conformers: Sequence[Any] | None, rows: Sequence[int]) -> list[Any]:
+    def file_conformers(self, conformers: Sequence[Any] | None, rows: Sequence[int], names: Sequence[str] | None = None,
+                        path: str | os.PathLike[str] | None = None) -> list[Any]:  # fmt: skip
         """An SD file's coordinates, hydrogens removed for no-H models; 2D records refused
         (flat coordinates would reach the model as if they were a geometry)."""
         from polyfm.mol.conformers import Conformer
@@ -814,11 +870,13 @@ class UniMolFeaturiser(Featuriser):
                 "conformers='from_file' takes each molecule's 3D coordinates from an SD file, and this input has none "
                 "(a CSV or a list of SMILES): give an .sdf / .sdf.gz file, or use conformers='etkdg'."
             )
-        flat = [rows[i] for i, conformer in enumerate(conformers) if not conformer.is_3d]
+        flat = [i for i, conformer in enumerate(conformers) if not conformer.is_3d]
         if flat:
+            shown = "" if names is None else f" ({'; '.join(names[i] for i in flat[:10])}{' ...' if len(flat) > 10 else ''})"
             raise DataError(
-                f"conformers='from_file' needs 3D coordinates, and {len(flat)} records have 2D ones (records {flat[:20]}): "
-                "give a file with 3D conformers, or use conformers='etkdg' to generate them."
+                f"conformers='from_file' needs 3D coordinates, and {len(flat)} records have 2D ones (records {[rows[i] for i in flat[:20]]})"
+                f"{shown}: give a file with 3D conformers, or use conformers='etkdg' to generate them.",
+                path=path,
             )
         placed = [rows[i] for i, conformer in enumerate(conformers) if conformer.message]
         if placed and not self.remove_hs:
@@ -868,7 +926,14 @@ class MoleculeDataModule(DictDataModule):
     into the table), ``target_names``, ``num_tasks``, ``target_mean``/``target_std``
     (training split, NaN-aware). ``predict_path``: a CSV of new molecules for ``predict``
     (default: the test split); ``polyfm.mol.predict.MoleculePredictionWriter`` writes the results.
-    ``conformers="from_file"`` (Uni-Mol, SD files) feeds each record's own 3D coordinates instead of ETKDG's."""
+    ``conformers="from_file"`` (Uni-Mol, SD files) feeds each record's own 3D coordinates instead of ETKDG's.
+
+    Cross-validation (``fold`` 0 .. ``num_folds`` - 1, ``polyfm cv``): with ``fold`` set it takes
+    precedence over ``split_fractions``. Molecules are dealt into ``num_folds`` folds by
+    :func:`polyfm.core.data.fold_indices` (``seed`` breaks ties), whole Bemis-Murcko scaffolds at a
+    time for ``split="scaffold"`` / ``"scaffold_balanced"`` (both the same here), one by one for
+    ``split="random"``; ``"stratified"`` is refused. Fold ``k`` is the validation and the test
+    split, the other folds the training split."""
 
     def __init__(
         self,
@@ -900,7 +965,10 @@ class MoleculeDataModule(DictDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
         predict_path: str | None = None,
+        fold: int | None = None,
+        num_folds: int = 5,
     ) -> None:
+        check_fold_options(fold, num_folds, split)
         self.featuriser = make_featuriser(
             model,
             tokenizer=tokenizer,
@@ -928,6 +996,7 @@ class MoleculeDataModule(DictDataModule):
         )
         self.csv_path, self.model, self.smiles_column, self.target_columns = csv_path, model, smiles_column, target_columns
         self.split_kind, self.split_fractions = split, tuple(split_fractions)
+        self.fold, self.num_folds = fold, num_folds
         self.canonicalize, self.skip_invalid, self.fragments, self.delimiter = canonicalize, skip_invalid, fragments, delimiter
         self.table: MoleculeTable | None = None
         self.split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -946,7 +1015,10 @@ class MoleculeDataModule(DictDataModule):
                 self.fragments,
                 self.delimiter,
             )
-            self.split = split_indices(self.split_kind, self.table.smiles, self.table.targets, self.split_fractions, self.seed)
+            if self.fold is None:
+                self.split = split_indices(self.split_kind, self.table.smiles, self.table.targets, self.split_fractions, self.seed)
+            else:
+                self.split = molecule_fold(self.table, self.fold, self.num_folds, self.split_kind, self.seed)
             log.info(self.table.summary())
         return self.table
 
@@ -980,7 +1052,7 @@ class MoleculeDataModule(DictDataModule):
     def build(self) -> tuple[MoleculeDataset, MoleculeDataset, MoleculeDataset]:
         table = self.read()
         assert self.split is not None
-        featurise = self.featuriser.prepare(table.smiles, table.rows, table.conformers)
+        featurise = self.featuriser.prepare(table.smiles, table.rows, table.conformers, table.record_names(), table.path)
         meta = table.meta()
 
         def subset(indices: np.ndarray) -> MoleculeDataset:
@@ -1030,6 +1102,18 @@ class MoleculeDataModule(DictDataModule):
             f"(statistics from the training split): {' '.join(fixes)}"
         )
 
+    def train_smiles(self) -> list[str]:
+        """Canonical SMILES of the molecules the model is trained on: the training split (fold),
+        after ``label_fraction``. Read from the data each call, never part of the module's state."""
+        from torch.utils.data import Subset
+
+        if self.train_set is None:
+            self.setup()
+        train = self.train_set
+        if isinstance(train, Subset):
+            return [train.dataset.smiles[i] for i in train.indices]  # type: ignore[attr-defined]
+        return list(train.smiles)  # type: ignore[union-attr]
+
     def predict_dataloader(self) -> Any:
         """The molecules of ``predict_path`` (a CSV or SD file of new molecules; every other
         column or property kept), else the test split."""
@@ -1041,7 +1125,7 @@ class MoleculeDataModule(DictDataModule):
         table = read_molecules(
             self.predict_path, self.smiles_column, [], self.canonicalize, self.skip_invalid, self.fragments, self.delimiter
         )
-        featurise = self.featuriser.prepare(table.smiles, table.rows, table.conformers)
+        featurise = self.featuriser.prepare(table.smiles, table.rows, table.conformers, table.record_names(), table.path)
         self.predict_table = table
         return self._loader(MoleculeDataset(table.smiles, table.targets, table.meta(), featurise), False)
 

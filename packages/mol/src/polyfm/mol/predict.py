@@ -31,12 +31,15 @@ def predict_smiles(
     batch_size: int = 64,
     rows: Sequence[int] | None = None,
     conformers: Sequence[Any] | None = None,
+    names: Sequence[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
 ) -> np.ndarray:
     """Predictions ``(n, T)`` of a Regression task (original units) or probabilities of a
     Classification task, for canonical SMILES featurised like the training data
-    (``conformers``: an SD file's coordinates, for Uni-Mol's ``conformers="from_file"``)."""
+    (``conformers``: an SD file's coordinates, for Uni-Mol's ``conformers="from_file"``;
+    ``names``/``path``: how errors name the molecules and their file)."""
     rows = list(rows) if rows is not None else list(range(1, len(smiles) + 1))
-    featurise = featuriser.prepare(list(smiles), rows, conformers)
+    featurise = featuriser.prepare(list(smiles), rows, conformers, names, path)
     dataset = MoleculeDataset(list(smiles), np.zeros((len(smiles), 0), np.float32), [f"row {r}" for r in rows], featurise)
     collate = featuriser.collate()
     device = next(task.parameters()).device
@@ -62,15 +65,57 @@ def predict_csv(
     target_names: Sequence[str] | None = None,
     skip_invalid: bool = False,
     delimiter: str | None = None,
+    train_smiles: Sequence[str] | None = None,
 ) -> Any:
     """A DataFrame with the input columns and one ``pred_<target>`` column per output.
     Columns that hold numbers (empty cells: NaN) come back as floats, the others (names,
     identifiers) as text. Invalid SMILES stop with their rows unless ``skip_invalid``
     (then they get no row). An SD file (``.sdf``, ``.sdf.gz``) is read the same way, its
-    properties as the columns and its rows named ``record, title``."""
+    properties as the columns and its rows named ``record, title``. ``train_smiles`` (e.g.
+    ``datamodule.train_smiles()``) adds the ``train_similarity`` column (:func:`train_similarity`)."""
     table = read_molecules(csv_path, smiles_column, target_columns=[], skip_invalid=skip_invalid, delimiter=delimiter)
-    predictions = predict_smiles(task, table.smiles, featuriser, rows=table.rows, conformers=table.conformers)
-    return prediction_frame(table, predictions, output_names(task, predictions.shape[1], target_names))
+    predictions = predict_smiles(task, table.smiles, featuriser, rows=table.rows, conformers=table.conformers,
+                                 names=table.record_names(), path=table.path)  # fmt: skip
+    frame = prediction_frame(table, predictions, output_names(task, predictions.shape[1], target_names))
+    if train_smiles is not None:
+        add_train_similarity(frame, train_similarity(table.smiles, train_smiles))
+    return frame
+
+
+def add_train_similarity(frame: Any, values: np.ndarray) -> None:
+    """The ``train_similarity`` column last; an input column of that name is kept as ``input_train_similarity``."""
+    if "train_similarity" in frame.columns:
+        log.warning("the input's column 'train_similarity' clashes with the predictions' own; it is written as 'input_train_similarity'")
+        frame.rename(columns={"train_similarity": "input_train_similarity"}, inplace=True)
+    frame["train_similarity"] = values
+
+
+def morgan_fingerprints(smiles: Sequence[str]) -> list[Any]:
+    """Morgan (ECFP4-like: radius 2, 2048 bits) bit vectors of canonical SMILES."""
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import rdFingerprintGenerator
+
+    RDLogger.DisableLog("rdApp.*")
+    generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    fingerprints = []
+    for i, s in enumerate(smiles):
+        mol = Chem.MolFromSmiles(s)
+        if mol is None:  # the readers only pass on SMILES RDKit parsed; this would be a bug, not bad input
+            raise ValueError(f"molecule {i + 1} {s!r}: RDKit cannot parse it for its fingerprint")
+        fingerprints.append(generator.GetFingerprint(mol))
+    return fingerprints
+
+
+def train_similarity(smiles: Sequence[str], train_smiles: Sequence[str]) -> np.ndarray:
+    """Applicability domain: each molecule's highest Tanimoto similarity (Morgan radius 2,
+    2048 bits) to any training molecule; 1.0 for a training molecule itself, low values flag
+    predictions made far from what the model has seen."""
+    from rdkit import DataStructs
+
+    if not len(train_smiles):
+        raise ConfigError("train_similarity needs training molecules, and the training split is empty.")
+    reference = morgan_fingerprints(train_smiles)
+    return np.array([max(DataStructs.BulkTanimotoSimilarity(fp, reference)) for fp in morgan_fingerprints(smiles)], dtype=np.float64)
 
 
 def output_names(task: torch.nn.Module, count: int, fallback: Sequence[str] | None = None) -> list[str]:
@@ -110,12 +155,18 @@ class MoleculePredictionWriter(PredictionFileWriter):
     (Classification). With an ensemble (``--ckpt_path a.ckpt,b.ckpt``) each mean has its spread
     across the checkpoints beside it, ``pred_<target>_std``. ``output``: the CSV to write;
     default ``<default_root_dir>/predictions/<input file>.csv`` (``<input>_test.csv`` for the
-    test split)."""
+    test split).
+
+    ``train_similarity=True`` adds a ``train_similarity`` column (applicability domain): each
+    molecule's highest Tanimoto similarity (Morgan radius 2, 2048 bits) to the data module's
+    training molecules (:meth:`polyfm.mol.data.MoleculeDataModule.train_smiles`), computed when
+    the predictions are written."""
 
     one_process = True  # one table of every molecule: a process would only see its share
 
-    def __init__(self, output: str | None = None) -> None:
+    def __init__(self, output: str | None = None, train_similarity: bool = False) -> None:
         super().__init__(output=output, write_interval="batch")
+        self.train_similarity = train_similarity
         self.means: list[torch.Tensor] = []
         self.spreads: list[torch.Tensor] = []
 
@@ -147,6 +198,9 @@ class MoleculePredictionWriter(PredictionFileWriter):
         values = torch.cat(self.means).numpy()
         spreads = torch.cat(self.spreads).numpy() if len(self.spreads) == len(self.means) else None
         frame = prediction_frame(table, values, self.output_names(trainer, pl_module, values.shape[1]), spreads)
+        if self.train_similarity:
+            # from the data each time, not kept in the data module's state: ensemble members must agree on that state
+            add_train_similarity(frame, train_similarity(table.smiles, data.train_smiles()))
         source = data.predict_path or data.csv_path
         path = self.output_file(trainer, f"{input_stem(source)}{'' if data.predict_path else '_test'}.csv")
         self.write_table(path, frame)
