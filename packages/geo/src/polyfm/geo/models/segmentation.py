@@ -1,10 +1,11 @@
-"""Semantic segmentation on a geo encoder: a UPerNet-style (FPN + fusion) decoder.
+"""Semantic segmentation on a geo encoder: a UPerNet decoder (pyramid pooling + FPN + fusion).
 
 A CNN encoder gives its own pyramid (``forward_pyramid``: strides 4-32); a ViT gives
 one map at its patch stride (``forward_dense``), turned into four scales with
-transposed convolutions and pooling as in ViTDet's simple feature pyramid. Lateral
-1x1 convolutions, a top-down pathway, 3x3 smoothing, and the fused concatenation of
-all levels feed a 1x1 classifier; logits are upsampled to the input size.
+transposed convolutions and pooling as in ViTDet's simple feature pyramid. The coarsest
+level goes through UPerNet's pyramid pooling module (global context at ``pool_scales``),
+the others through lateral 1x1 convolutions; a top-down pathway, 3x3 smoothing, and the
+fused concatenation of all levels feed a 1x1 classifier; logits are upsampled to the input size.
 """
 
 from __future__ import annotations
@@ -34,8 +35,29 @@ class SimpleFeaturePyramid(nn.Module):
         return [self.up4(x), self.up2(x), x, self.down2(x)]
 
 
+class PyramidPooling(nn.Module):
+    """UPerNet's pyramid pooling module: the map average-pooled to each of ``pool_scales``
+    (1 = global), projected, upsampled back and fused with the map itself by a 3x3 conv."""
+
+    def __init__(self, in_channels: int, channels: int, pool_scales: tuple[int, ...]) -> None:
+        super().__init__()
+        # no BatchNorm on the pooled branches: a 1x1 map of a batch of one has a single value per channel
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True)) for scale in pool_scales
+        )
+        self.bottleneck = _conv_bn_relu(in_channels + channels * len(pool_scales), channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [F.interpolate(branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False) for branch in self.branches]
+        return self.bottleneck(torch.cat([x, *pooled], 1))
+
+
 class DenseSegmenter(Encoder):
-    """``encoder`` + UPerNet-style decoder -> logits ``(B, num_classes, H, W)``.
+    """``encoder`` + UPerNet decoder -> logits ``(B, num_classes, H, W)``.
+
+    ``pool_scales``: the pyramid pooling module's output sizes on the coarsest level
+    (UPerNet's ``(1, 2, 3, 6)``); ``()`` replaces it with a plain lateral 1x1 convolution
+    (the FPN-only decoder of polyfm before 2026-12, whose checkpoints load with it).
 
     ``block_names()`` lists the encoder's blocks (prefixed) then ``decoder``, so
     ``Adaptation(mode="freeze", freeze_blocks=len(encoder.block_names()))`` trains the
@@ -44,8 +66,13 @@ class DenseSegmenter(Encoder):
 
     dense = True
 
-    def __init__(self, encoder: nn.Module, num_classes: int, decoder_channels: int = 64) -> None:
+    def __init__(
+        self, encoder: nn.Module, num_classes: int, decoder_channels: int = 64, pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+    ) -> None:
         super().__init__()
+        pool_scales = tuple(int(scale) for scale in pool_scales)
+        if any(scale < 1 for scale in pool_scales):
+            raise ConfigError(f"DenseSegmenter(pool_scales={pool_scales}): pooled sizes are positive integers, e.g. (1, 2, 3, 6); () for none")
         self.encoder = encoder
         self.num_classes = num_classes
         self.feature_dim = num_classes
@@ -59,7 +86,11 @@ class DenseSegmenter(Encoder):
             raise ConfigError(f"{type(encoder).__name__} has neither forward_pyramid nor forward_dense: it cannot feed a segmentation decoder")
         self.decoder = nn.ModuleDict(
             {
-                "lateral": nn.ModuleList(nn.Conv2d(c, decoder_channels, 1) for c in in_channels),
+                # the coarsest level's "lateral" is the pyramid pooling module when there is one
+                "lateral": nn.ModuleList(
+                    PyramidPooling(c, decoder_channels, pool_scales) if i == len(in_channels) - 1 and pool_scales else nn.Conv2d(c, decoder_channels, 1)
+                    for i, c in enumerate(in_channels)
+                ),
                 "smooth": nn.ModuleList(_conv_bn_relu(decoder_channels, decoder_channels, 3) for _ in in_channels),
                 "fuse": _conv_bn_relu(decoder_channels * len(in_channels), decoder_channels, 3),
                 "classifier": nn.Conv2d(decoder_channels, num_classes, 1),
