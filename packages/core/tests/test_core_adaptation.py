@@ -140,3 +140,20 @@ def test_whole_model_tasks_keep_their_head_trainable(mode):
     assert not any(n.startswith("out.") and "lora_" in n for n, _ in task.model.named_parameters())
     others = trainable - {"out.weight", "out.bias"}
     assert (not others) if mode == "linear" else (others and all("lora_" in n for n in others))
+
+
+def test_lora_leaves_grouped_convolutions_frozen_and_adapts_the_rest():
+    # depthwise convolutions (MedNeXt, ConvNeXt blocks) are refused by PEFT for ranks that do not divide their groups
+    from polyfm.core.adaptation import apply_adaptation, lora_target_names
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 16, 1), torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 3))
+    assert lora_target_names(model) == ["1", "3"]
+    x = torch.rand(2, 8, 4, 4)
+    reference = model(x).detach()
+    apply_adaptation(model, Adaptation(mode="lora", lora_rank=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[0] for n in trainable} == {"1", "3"}, trainable  # the depthwise conv "0" has no adapter
+    # adapters start at zero (lora_B), so the wrapped model is the same function
+    torch.testing.assert_close(model(x), reference)

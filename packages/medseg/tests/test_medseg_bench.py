@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from monai.networks.nets import MedNeXtS
 
 from polyfm.medseg.bench import cases, families
 
@@ -18,7 +19,7 @@ def _tensors(result: object) -> list[torch.Tensor]:
 def test_every_quick_case_runs_ours_and_the_reference_side_by_side() -> None:
     quick = cases(quick=True)
     names = {case.name for case in quick}
-    for family in ("unet3d", "basic_unet3d", "dynunet", "segresnet", "swin_unetr", "unetr"):
+    for family in ("unet3d", "basic_unet3d", "dynunet", "mednext", "segresnet", "swin_unetr", "unetr"):
         assert {f"medseg/{family}/train", f"medseg/{family}/sliding_window"} <= names
     assert "medseg/nifti-load-transform" in names
     device = torch.device("cpu")
@@ -35,6 +36,9 @@ def test_every_quick_case_runs_ours_and_the_reference_side_by_side() -> None:
 def test_full_cases_are_the_recipe_sizes() -> None:
     full = {case.name: case for case in cases(quick=False)}
     assert full["medseg/unet3d/train"].items == 2  # 96^3 patches, batch 2, as MONAI's recipes
-    assert {f.name for f in families(quick=False)} == {"UNet", "BasicUNet", "DynUNet", "SegResNet", "SwinUNETR", "UNETR"}
+    assert {f.name for f in families(quick=False)} == {"UNet", "BasicUNet", "DynUNet", "MedNeXt", "SegResNet", "SwinUNETR", "UNETR"}
     dynunet = next(f for f in families(quick=False) if f.name == "DynUNet")
+    mednext = next(f for f in families(quick=False) if f.name == "MedNeXt").build(ours=True).state_dict()
+    preset = MedNeXtS(out_channels=14).state_dict()  # the paper's S, as MONAI's factory builds it
+    assert {k: v.shape for k, v in mednext.items()} == {k: v.shape for k, v in preset.items()}
     assert dynunet.config["strides"] == [1, 2, 2, 2, 2, 2] and dynunet.deep_supervision  # finetune-dynunet.yaml

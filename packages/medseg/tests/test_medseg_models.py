@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from polyfm.core.errors import CheckpointError
-from polyfm.medseg.models import MODELS, UNETR, BasicUNet, DynUNet, SegResNet, SwinUNETR, UNet
+from polyfm.medseg.models import MODELS, UNETR, BasicUNet, DynUNet, MedNeXt, SegResNet, SwinUNETR, UNet
 
 TINY = {
     "unet": (UNet, monai_nets.UNet, {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1}),
@@ -22,6 +22,8 @@ TINY = {
         {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "filters": [4, 8, 16]},
     ),
     "segresnet": (SegResNet, monai_nets.SegResNet, {"init_filters": 8, "blocks_down": (1, 1, 2), "blocks_up": (1, 1), "norm": ("group", {"num_groups": 4})}),
+    # every argument our S default would set otherwise (residual blocks, kernel 3; MONAI's plain class: none, 7)
+    "mednext": (MedNeXt, monai_nets.MedNeXt, {"init_filters": 4, "kernel_size": 3, "use_residual_connection": True, "blocks_down": (1, 1, 1, 1), "blocks_bottleneck": 1, "blocks_up": (1, 1, 1, 1)}),
     "swin_unetr": (SwinUNETR, monai_nets.SwinUNETR, {"feature_size": 12, "depths": (1, 1, 1, 1)}),
     "unetr": (UNETR, monai_nets.UNETR, {"img_size": 64, "feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}),
 }
@@ -53,6 +55,8 @@ VARIANTS = [  # other valid configurations than TINY's: MONAI's options that cha
     ("basic_unet", {"upsample": "pixelshuffle"}),
     ("dynunet", {"res_block": True, "trans_bias": True, "deep_supervision": True, "deep_supr_num": 1}),
     ("segresnet", {"upsample_mode": "deconv", "act": "prelu", "norm_name": "group", "num_groups": 4}),
+    ("mednext", {"encoder_expansion_ratio": (2, 3, 4, 4), "decoder_expansion_ratio": (4, 4, 3, 2), "bottleneck_expansion_ratio": 4,
+                 "deep_supervision": True, "global_resp_norm": True, "use_residual_connection": False, "kernel_size": 5}),
     ("swin_unetr", {"use_v2": True, "downsample": "mergingv2", "patch_norm": True, "qkv_bias": False, "mlp_ratio": 2.0}),
     ("unetr", {"proj_type": "perceptron", "res_block": False, "conv_block": False, "qkv_bias": True, "norm_name": "batch"}),
 ]
@@ -109,6 +113,59 @@ def test_medseg_dynunet_deep_supervision_heads_follow_reset() -> None:
     model.train()
     out = model(torch.randn(2, 1, 32, 32))
     assert out.shape == (2, 2, 2, 32, 32)  # (batch, heads, classes, H, W)
+
+
+@pytest.mark.parametrize("variant", ["S", "B", "M", "L"])
+def test_medseg_mednext_variants_are_monais_presets(variant: str) -> None:
+    """variant="B" builds exactly monai.networks.nets.MedNeXtB (same layers, same init under one seed);
+    a smaller width overrides the preset and nothing else."""
+    torch.manual_seed(0)
+    ours = MedNeXt(variant, spatial_dims=2, out_channels=3, kernel_size=5)
+    torch.manual_seed(0)
+    reference = getattr(monai_nets, f"MedNeXt{variant}")(spatial_dims=2, out_channels=3, kernel_size=5)
+    ours_state, reference_state = ours.state_dict(), reference.state_dict()
+    assert list(ours_state) == list(reference_state)
+    assert all(torch.equal(ours_state[k], reference_state[k]) for k in ours_state)
+    assert ours.feature_dim == 32 * 16 and MODELS["mednext"] is MedNeXt
+    narrow = MedNeXt(variant, spatial_dims=2, init_filters=4)
+    assert narrow.config["init_filters"] == 4 and narrow.config["blocks_down"] == ours.config["blocks_down"]
+    if variant == "S":  # one forward on the full-width preset (the others are the same code, wider)
+        x = torch.randn(1, 1, 32, 32)
+        reference.load_state_dict(ours_state)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.eval()(x), reference.eval()(x))
+
+
+def test_medseg_mednext_deep_supervision_trains_and_refuses_bad_arguments() -> None:
+    """MedNeXt's deep supervision returns coarser outputs (not stacked as DynUNet's): the task's loss
+    resizes the target for each, weights 1, 1/2, ..., and the gradient reaches every head."""
+    from polyfm.medseg.tasks import VolumeSegmentation
+
+    torch.manual_seed(0)
+    model = MedNeXt(spatial_dims=3, out_channels=5, deep_supervision=True, **{k: v for k, v in TINY["mednext"][2].items() if k != "kernel_size"})
+    task = VolumeSegmentation(model, num_classes=3, roi_size=[32, 32, 32]).train()
+    batch = {"input": torch.randn(1, 1, 32, 32, 32), "target": torch.randint(0, 3, (1, 1, 32, 32, 32))}
+    outputs = task.model(batch["input"])
+    assert [tuple(o.shape[2:]) for o in outputs] == [(32, 32, 32), (16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2)]
+    loss = task.training_step(batch, 0)
+    loss.backward()
+    assert task.model.out_blocks[0].conv_out.weight.grad is not None and task.model.out_0.conv_out.weight.grad is not None
+    assert all(o.shape[1] == 3 for o in outputs)
+    with torch.no_grad():
+        assert task.eval().infer(torch.randn(1, 1, 48, 32, 32)).shape == (1, 3, 48, 32, 32)  # sliding window, eval: one output
+    from polyfm.core.adaptation import Adaptation
+
+    lora = VolumeSegmentation(MedNeXt(spatial_dims=2, out_channels=3, **TINY["mednext"][2]), num_classes=3, adaptation=Adaptation(mode="lora"))
+    grouped = [m for m in lora.model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert grouped and not any(hasattr(m, "lora_A") for m in grouped)  # PEFT cannot adapt depthwise convolutions
+    assert any("lora_A" in n for n, _ in lora.model.named_parameters())
+    assert torch.isfinite(lora.training_step({"input": torch.randn(1, 1, 32, 32), "target": torch.randint(0, 3, (1, 1, 32, 32))}, 0))
+    with pytest.raises(ValueError, match="variant='XL'"):
+        MedNeXt("XL")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one value per level"):
+        MedNeXt(encoder_expansion_ratio=[2, 3])
+    with pytest.raises(ValueError, match="as many decoder levels"):
+        MedNeXt(blocks_up=(1, 1, 1))
 
 
 def _official_swinvit_checkpoint(feature_size: int, depths: tuple[int, ...], with_heads: bool) -> dict:
@@ -200,8 +257,9 @@ def test_medseg_monai_bundle_folder_and_zip_load(tmp_path, monkeypatch) -> None:
     [
         (UNet, {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2]}),
         (SwinUNETR, {"_target_": "SwinUNETR", "spatial_dims": 2, "in_channels": 1, "out_channels": 3, "depths": [1, 1, 1, 1]}),
+        (MedNeXt, {"_target_": "MedNeXt", "spatial_dims": 2, "in_channels": 1, "out_channels": 3, "init_filters": 4}),
     ],
-    ids=["unet", "swin_unetr"],
+    ids=["unet", "swin_unetr", "mednext"],
 )
 def test_medseg_bundle_network_def_uses_monai_defaults(tmp_path, cls: type, network_def: dict) -> None:
     """A network_def leaves out what MONAI defaults (UNet num_res_units=0, SwinUNETR feature_size=24), where
@@ -457,7 +515,7 @@ def test_medseg_nnunet_checkpoints_dynunet_cannot_hold_are_refused_by_name(tmp_p
         DynUNet.from_pretrained(path)
 
 
-@pytest.mark.parametrize("name", ["unet", "swin_unetr"])
+@pytest.mark.parametrize("name", ["unet", "swin_unetr", "mednext"])
 def test_medseg_task_checkpoint_loads_into_the_network(tmp_path, name: str) -> None:
     """polyfm fit writes {"state_dict": {"model.<network key>": ...}}; from_pretrained takes the network
     out (UNet's own keys start with model. too; SwinUNETR's must not be mistaken for SSL weights)."""

@@ -7,6 +7,7 @@ domain model gets every mode for free.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from polyfm.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 AdaptationMode = Literal["full", "linear", "freeze", "lora"]
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -66,7 +69,13 @@ def lora_target_names(module: nn.Module, patterns: Sequence[str] | None = None) 
             continue
         if patterns is None or any(re.search(p, name) for p in patterns):
             names.append(name)
-    return names
+    # PEFT refuses a grouped (depthwise) convolution unless the rank divides its groups, nor can it merge one;
+    # they stay frozen without adapters, said once
+    grouped = [n for n in names if getattr(parents[n], "groups", 1) > 1]
+    if grouped:
+        log.info("LoRA: %d grouped (depthwise) convolutions stay frozen without adapters (%s, ...); the other layers get them.",
+                 len(grouped), ", ".join(grouped[:3]))  # fmt: skip
+    return [n for n in names if n not in set(grouped)]
 
 
 def head_prefixes(module: nn.Module) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""polyfm.medseg: MONAI U-Nets (UNet, BasicUNet, DynUNet, SegResNet, SwinUNETR, UNETR) in the polyfm encoder
+"""polyfm.medseg: MONAI U-Nets (UNet, BasicUNet, DynUNet, MedNeXt, SegResNet, SwinUNETR, UNETR) in the polyfm encoder
 contract, self-supervised pretraining (Volume Fusion, SwinUNETR's SSL recipe, masked-volume
 inpainting) and 3D segmentation fine-tuning on Decathlon-style datasets.
 
@@ -13,6 +13,7 @@ from typing import Any
 _LAZY = {
     "BasicUNet": "polyfm.medseg.models",
     "DynUNet": "polyfm.medseg.models",
+    "MedNeXt": "polyfm.medseg.models",
     "SegResNet": "polyfm.medseg.models",
     "SwinUNETR": "polyfm.medseg.models",
     "UNet": "polyfm.medseg.models",

@@ -1,6 +1,6 @@
 """Benchmarks: polyfm's medseg training step, sliding-window inference and data pipeline vs plain MONAI.
 
-Every network family we ship (UNet, BasicUNet, DynUNet, SegResNet, SwinUNETR, UNETR) gets two cases, built by
+Every network family we ship (UNet, BasicUNet, DynUNet, MedNeXt, SegResNet, SwinUNETR, UNETR) gets two cases, built by
 one function (:func:`_family_cases`) from one configuration, both sides seeded alike so the
 weights are the same:
 
@@ -67,15 +67,24 @@ class Family:
         return getattr(our_nets, self.name)(**args) if ours else getattr(monai_nets, self.name)(**args, **self.extra)
 
 
+#: MedNeXt-S, kernel 3 (``monai.networks.nets.MedNeXtS``), every argument given so both classes build it
+MEDNEXT_S: dict[str, Any] = {
+    "init_filters": 32, "kernel_size": 3, "use_residual_connection": True, "encoder_expansion_ratio": 2, "decoder_expansion_ratio": 2,
+    "bottleneck_expansion_ratio": 2, "blocks_down": (2, 2, 2, 2), "blocks_bottleneck": 2, "blocks_up": (2, 2, 2, 2),
+}  # fmt: skip
+
+
 def families(quick: bool) -> list[Family]:
-    """The six families at tiny widths (quick) or at the recipes' sizes (SegResNet: wholeBody_ct_segmentation's,
-    UNETR: MONAI's BTCV tutorial's)."""
+    """The seven families at tiny widths (quick) or at the recipes' sizes (SegResNet: wholeBody_ct_segmentation's,
+    UNETR: MONAI's BTCV tutorial's, MedNeXt: the paper's S, kernel 3). MedNeXt's arguments are all spelled out,
+    so MONAI's plain class builds the same network as our ``variant="S"``."""
     if quick:
         return [
             Family("unet3d", "UNet", {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 2}, 14),
             Family("basic_unet3d", "BasicUNet", {"features": (4, 8, 16, 32, 64, 4)}, 14),
             Family("dynunet", "DynUNet", {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [8, 16, 32], "deep_supervision": True, "deep_supr_num": 1}, 2, True, {"upsample_kernel_size": [2, 2]}),
             Family("segresnet", "SegResNet", {"init_filters": 8, "blocks_down": (1, 2, 2, 4), "blocks_up": (1, 1, 1)}, 14),
+            Family("mednext", "MedNeXt", {**MEDNEXT_S, "init_filters": 8}, 14),
             Family("swin_unetr", "SwinUNETR", {"feature_size": 12}, 14, roi=(64, 64, 32)),
             Family("unetr", "UNETR", {"img_size": (32, 32, 32), "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}, 14),
         ]  # fmt: skip
@@ -85,6 +94,7 @@ def families(quick: bool) -> list[Family]:
         Family("basic_unet3d", "BasicUNet", {"features": (32, 32, 64, 128, 256, 32)}, 14),
         Family("dynunet", "DynUNet", {"kernel_size": [3] * 6, "strides": dyn_strides, "deep_supervision": True, "deep_supr_num": 2}, 2, True, {"upsample_kernel_size": dyn_strides[1:]}),
         Family("segresnet", "SegResNet", {"init_filters": 32, "blocks_down": (1, 2, 2, 4), "blocks_up": (1, 1, 1)}, 14),
+        Family("mednext", "MedNeXt", MEDNEXT_S, 14),
         Family("swin_unetr", "SwinUNETR", {"feature_size": 48}, 14),
         Family("unetr", "UNETR", {"img_size": (96, 96, 96), "feature_size": 16}, 14),
     ]  # fmt: skip

@@ -106,8 +106,9 @@ class VolumeSegmentation(Segmentation):
         self.spacing, self.surface_tolerance = spacing, surface_tolerance
         self.predict_probabilities = predict_probabilities
         self.tta_flip_axes = [int(a) for a in tta_flip_axes] if tta_flip_axes else None
-        self._case_dice: list[torch.Tensor] = []
-        self._case_names: list[str] = []
+        # per-case rows of the current val/test epoch, in this rank's order (gathered at epoch end)
+        self._case_names_of: dict[str, list[str]] = {"val": [], "test": []}
+        self._case_rows: dict[str, dict[str, list[torch.Tensor]]] = {"val": _empty_rows(), "test": _empty_rows()}
         self.hd95 = HausdorffDistanceMetric(include_background=include_background, percentile=95.0, reduction="none")
         n_thresholds = num_classes if include_background else num_classes - 1
         self.surface_dice = SurfaceDiceMetric([surface_tolerance] * n_thresholds, include_background=include_background, reduction="none")
@@ -150,16 +151,20 @@ class VolumeSegmentation(Segmentation):
         return out
 
     def _infer_batch(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole-volume inference, loss logged; (label map, target) on the target's device, where the
+        """Whole-volume inference, its loss kept per case; (label map, target) on the target's device, where the
         metrics live, whichever device the logits were stitched on (``output_device``)."""
         logits = self.infer(batch["input"])
         target = batch["target"]
         loss = self._single_loss(logits, target.to(logits.device)).to(target.device)
-        self.log(f"{stage}/loss", loss, batch_size=len(target), sync_dist=True)
+        # one row per case (the batch's loss; evaluation batches are single volumes), logged at epoch end
+        # from every rank's cases, each once: Lightning's sync_dist would average in the padded repeats
+        self._case_rows[stage]["loss"].append(loss.detach().float().reshape(1, 1).expand(len(target), 1))
         return logits.argmax(1).to(target.device), target[:, 0].long()
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        self.metrics[f"{stage}_"].update(*self._infer_batch(batch, stage))
+        prediction, labels = self._infer_batch(batch, stage)
+        self.metrics[f"{stage}_"].update(prediction, labels)
+        self._case_names_of[stage] += _batch_case_names(batch, len(labels))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         prediction, labels = self._infer_batch(batch, "test")
@@ -167,45 +172,163 @@ class VolumeSegmentation(Segmentation):
         one_hot_pred = nn.functional.one_hot(prediction, self.num_classes).movedim(-1, 1)
         one_hot_target = nn.functional.one_hot(labels, self.num_classes).movedim(-1, 1)
         kwargs = {"spacing": self.spacing} if self.spacing else {}
-        self.hd95(one_hot_pred, one_hot_target, **kwargs)
-        self.surface_dice(one_hot_pred, one_hot_target, **kwargs)
-        self._case_dice.append(compute_dice(one_hot_pred, one_hot_target, include_background=self.include_background).cpu())
-        meta = batch.get("meta")
-        self._case_names += [str(m) for m in meta] if isinstance(meta, list | tuple) else [str(meta)] * len(labels)
+        # the per-case values are kept here and gathered across ranks by polyfm (gather_cases); MONAI's own
+        # buffers would all-gather too, but count DistributedSampler's padded repeats as cases
+        rows = self._case_rows["test"]
+        rows["hd95"].append(self.hd95(one_hot_pred, one_hot_target, **kwargs).float())
+        rows["surface_dice"].append(self.surface_dice(one_hot_pred, one_hot_target, **kwargs).float())
+        rows["dice"].append(compute_dice(one_hot_pred, one_hot_target, include_background=self.include_background))
+        self._case_names_of["test"] += _batch_case_names(batch, len(labels))
+
+    def on_validation_epoch_start(self) -> None:
+        self._case_names_of["val"], self._case_rows["val"] = [], _empty_rows()
 
     def on_test_epoch_start(self) -> None:
-        self._case_dice, self._case_names = [], []
+        self._case_names_of["test"], self._case_rows["test"] = [], _empty_rows()
 
-    def on_test_epoch_end(self) -> None:
-        self._log_dice("test")
+    def _stage_columns(self, stage: str) -> dict[str, torch.Tensor]:
+        """This rank's per-case rows of the epoch (Dice state, loss, test's HD95 / surface Dice) on the host; cleared."""
+        columns = {**self._dice_state(stage), **{k: torch.cat(v).cpu() for k, v in self._case_rows[stage].items() if v}}
+        self._case_rows[stage] = _empty_rows()
+        return columns
+
+    def _dice_state(self, stage: str) -> dict[str, torch.Tensor]:
+        """The Dice metric's per-case rows (torchmetrics' samplewise numerator/denominator, one row per case), read
+        without torchmetrics' own all-gather (which would count padded repeats), and the metric reset."""
+        metric = self.metrics[f"{stage}_"]
+        rows = {"dice_numerator": metric.numerator, "dice_denominator": metric.denominator}
+        state = {k: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]).float().cpu() for k, v in rows.items() if len(v)}
+        metric.reset()
+        return state
+
+    def _log_dice(self, stage: str, cases: dict[str, torch.Tensor] | None = None) -> None:
+        """Dice per class and mean over the cases of *every* rank, each case once (see :func:`gather_cases`);
+        the same as torchmetrics' samplewise ``DiceScore`` on one process."""
+        if cases is None:
+            cases, _ = self._gather(stage, self._stage_columns(stage), self._case_names_of.get(stage, []))
+        if "loss" in cases:
+            self._log_gathered(f"{stage}/loss", cases["loss"].mean())
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         names = names if self.include_background else names[1:]
-        per_case_columns = {"dice": torch.cat(self._case_dice) if self._case_dice else None}
-        for metric, label in ((self.hd95, "hd95"), (self.surface_dice, "surface_dice")):
-            per_case = metric.aggregate()  # (cases, classes); NaN where a class is absent
+        if "dice_numerator" in cases:
+            numerator, denominator = cases["dice_numerator"], cases["dice_denominator"]
+            per_case = torch.where(denominator != 0, numerator / denominator, torch.tensor(float("nan")))
+            per_class = per_case.nanmean(dim=0)[:-1]  # the last is the ignored pixels' class
+        else:  # no case evaluated: NaN, as torchmetrics gives
+            per_class = torch.full((len(names),), float("nan"))
+        for name, value in zip(names, per_class, strict=False):
+            self._log_gathered(f"{stage}/dice/{name}", value)
+        self._log_gathered(f"{stage}/dice", torch.nanmean(per_class), prog_bar=True)
+
+    def _log_gathered(self, key: str, value: torch.Tensor, prog_bar: bool = False) -> None:
+        # Every rank holds the same gathered value: max over ranks gives it back exactly (a mean of copies
+        # might round), and keeps Lightning from asking for sync_dist on epoch-level logs.
+        self.log(key, value.to(self.device), prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
+
+    def _gather(self, stage: str, columns: dict[str, torch.Tensor], names: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """This rank's per-case rows merged with every other rank's (one process: as they are)."""
+        import torch.distributed as dist
+
+        if self._trainer is None or self.trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return columns, names
+        keys, how = _case_keys(self.trainer, stage, names)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {"keys": keys, "names": names, "columns": columns})
+        merged, merged_names, repeats = gather_cases(gathered)
+        log.info("%s metrics over %d cases gathered from %d processes (cases matched by %s; %d repeated case(s) counted once).",
+                 stage, len(merged_names), len(gathered), how, repeats)  # fmt: skip
+        return merged, merged_names
+
+    def on_test_epoch_end(self) -> None:
+        columns = self._stage_columns("test")
+        for metric in (self.hd95, self.surface_dice):  # the rows are in _case_rows; MONAI's copies go
             metric.reset()
-            per_case_columns[label] = per_case
+        cases, case_names = self._gather("test", columns, self._case_names_of["test"])
+        self._log_dice("test", cases)
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        names = names if self.include_background else names[1:]
+        for label in ("hd95", "surface_dice"):
+            per_case = cases.get(label, torch.empty(0, len(names)))  # (cases, classes); NaN where a class is absent
             per_class = torch.nanmean(per_case.float(), dim=0)
             for name, value in zip(names, per_class, strict=False):
-                self.log(f"test/{label}/{name}", value)
-            self.log(f"test/{label}", torch.nanmean(per_class))
-        self._write_per_case(per_case_columns, names)
+                self._log_gathered(f"test/{label}/{name}", value)
+            self._log_gathered(f"test/{label}", torch.nanmean(per_class))
+        per_case_columns = {label: cases.get(label) for label in ("dice", "hd95", "surface_dice")}
+        self._write_per_case(per_case_columns, names, case_names)
 
-    def _write_per_case(self, columns: dict[str, torch.Tensor | None], names: list[str]) -> None:
+    def _write_per_case(self, columns: dict[str, torch.Tensor | None], names: list[str], cases: list[str]) -> None:
         """``test_per_case.csv`` in the run's log folder: one row per case (its file), Dice / HD95 / surface
         Dice per class (MONAI's ``MetricsSaver`` layout, what papers report per case); NaN where a class is absent."""
-        if columns["dice"] is None or self._trainer is None or not self.trainer.is_global_zero:
+        if columns["dice"] is None or self._trainer is None:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir broadcasts under DDP: every rank asks
+        if not self.trainer.is_global_zero:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         header = ["case", *(f"{metric}/{name}" for metric in columns for name in names)]
         with atomic_path(folder / "test_per_case.csv") as temporary, temporary.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
-            for row, case in enumerate(self._case_names):
+            for row, case in enumerate(cases):
                 values = [float(columns[metric][row, i]) for metric in columns for i in range(len(names))]  # type: ignore[index]
                 writer.writerow([case, *(f"{v:.6g}" for v in values)])
         log.info("per-case test metrics: %s", folder / "test_per_case.csv")
+
+
+def _empty_rows() -> dict[str, list[torch.Tensor]]:
+    return {"loss": [], "dice": [], "hd95": [], "surface_dice": []}
+
+
+def _batch_case_names(batch: dict[str, Any], size: int) -> list[str]:
+    meta = batch.get("meta")
+    return [str(m) for m in meta] if isinstance(meta, list | tuple) else [str(meta)] * size
+
+
+def _case_keys(trainer: Any, stage: str, names: list[str]) -> tuple[list[Any], str]:
+    """What identifies this rank's cases across ranks, and how: the dataset index from the
+    ``DistributedSampler`` Lightning puts on the loader (its padding repeats the first indices on the
+    last ranks), else the case name and its occurrence on this rank (a loader sharded otherwise)."""
+    from torch.utils.data import DistributedSampler
+
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, list | tuple) and len(loaders) == 1 else loaders
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        indices = [int(i) for i in sampler]  # the order the loader yields them; limit_*_batches keeps a prefix
+        if len(indices) >= len(names):
+            return indices[: len(names)], "dataset index"
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        seen[name] = seen.get(name, -1) + 1
+        keys.append((name, seen[name]))
+    return keys, "case name"
+
+
+def gather_cases(per_rank: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """Merge the per-case rows of every rank: ``per_rank[r]`` holds ``keys`` (one per case, equal for the
+    same case on two ranks), ``names`` and ``columns`` (name -> ``(cases, classes)`` rows). A key seen again
+    (``DistributedSampler`` pads the last ranks with repeats of the first cases, so every rank gets as many)
+    counts once. Integer keys (dataset indices) come back in dataset order, the single-process order; others
+    in rank order. Returns (columns, names, repeats left out)."""
+    keys = [key for payload in per_rank for key in payload["keys"]]
+    names = [name for payload in per_rank for name in payload["names"]]
+    first: dict[Any, int] = {}
+    for position, key in enumerate(keys):
+        first.setdefault(key, position)
+    order = sorted(first) if all(isinstance(k, int) for k in first) else list(first)
+    chosen = torch.tensor([first[k] for k in order], dtype=torch.long)
+    columns: dict[str, torch.Tensor] = {}
+    for label in dict.fromkeys(label for payload in per_rank for label in payload["columns"]):
+        holding = [payload for payload in per_rank if payload["keys"]]  # a rank without cases sends no columns
+        parts = [payload["columns"].get(label, torch.empty(0)) for payload in holding]
+        rows = sum(len(part) for part in parts)
+        if rows != len(keys) or any(len(part) != len(payload["keys"]) for part, payload in zip(parts, holding, strict=True)):
+            raise ValueError(f"gather_cases: column {label!r} has {rows} rows over the ranks for {len(keys)} cases.")
+        columns[label] = torch.cat(parts)[chosen]
+    return columns, [names[i] for i in chosen.tolist()], len(keys) - len(first)
 
 
 def check_flip_axes(tta_flip_axes: list[int] | None, spatial_dims: int) -> list[int] | None:

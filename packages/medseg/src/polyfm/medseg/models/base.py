@@ -1,4 +1,4 @@
-"""What the four MONAI U-Net families share once wrapped in the encoder contract.
+"""What the MONAI U-Net families share once wrapped in the encoder contract.
 
 Each family class subclasses the MONAI network itself (MONAI builds every layer), so
 its ``state_dict`` keys are exactly MONAI's and a MONAI bundle's ``model.pt`` loads
