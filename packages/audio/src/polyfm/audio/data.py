@@ -34,7 +34,7 @@ import struct
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import soundfile as sf
@@ -44,6 +44,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 
 from polyfm.core.data import DictDataModule, EpochSeededSampler, data_dir, fold_indices
 from polyfm.core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from polyfm.audio.chunked import ChunkedAudioDataset
 
 log = logging.getLogger(__name__)
 
@@ -713,11 +716,15 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         seed: int = 0,
         predict: str | None = None,
         predict_clip_seconds: float | None = None,
+        predict_chunk_seconds: float | None = None,
+        predict_chunk_overlap_seconds: float | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, label_fraction=label_fraction, seed=seed)
         if predict_clip_seconds is not None and predict_clip_seconds <= 0:
             raise ConfigError(f"predict_clip_seconds must be positive, or null for whole files; got {predict_clip_seconds}")
+        check_chunk_options(predict_chunk_seconds, predict_chunk_overlap_seconds, predict_clip_seconds)
         self.balanced, self.predict, self.predict_clip_seconds = balanced, predict, predict_clip_seconds
+        self.predict_chunk_seconds, self.predict_chunk_overlap_seconds = predict_chunk_seconds, predict_chunk_overlap_seconds
         self.class_names: list[str] = []
         self._pending_train: Dataset[Any] | None = None
         self.predict_set: AudioClipDataset | None = None
@@ -770,12 +777,52 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         Whole files go in batches of equal length (:class:`LengthBatchSampler`), padded to the
         model's shortest input when shorter."""
         if self.predict_set is None:
+            if self.predict_chunk_seconds is not None:
+                log.warning("predict_chunk_seconds=%g applies to the predict files, and predict is not set: predicting the evaluation "
+                            "split's clips of clip_seconds instead", self.predict_chunk_seconds)
             return super().predict_dataloader()
         if self.predict_set.clip_samples is not None:
             return self._loader(self.predict_set, False)
         self.predict_set.min_samples = _model_min_samples(getattr(self, "trainer", None))
+        if self.predict_chunk_seconds is not None:
+            chunks = self.chunked_predict_set()
+            batches = ChunkBatchSampler(SequentialSampler(chunks), self.batch_size, False, chunks)
+            return DataLoader(chunks, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
         batches = LengthBatchSampler(SequentialSampler(self.predict_set), self.batch_size, False, self.predict_set)
         return DataLoader(self.predict_set, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def chunked_predict_set(self, model: Any = None) -> ChunkedAudioDataset:
+        """The ``predict`` files as chunks of ``predict_chunk_seconds`` (see :mod:`polyfm.audio.chunked`),
+        on the grid of ``model`` (default: the trainer's): starts on multiples of its hop x pooling."""
+        from polyfm.audio.chunked import DEFAULT_OVERLAP_FRAMES, REACH_FRAMES, ChunkedAudioDataset
+
+        assert self.predict_set is not None and self.predict_chunk_seconds is not None
+        base = model if model is not None else _model_base(getattr(self, "trainer", None))
+        if base is None or not hasattr(base, "frontend"):
+            raise ConfigError("predict_chunk_seconds cuts files on the model's frame grid: run predict through a Trainer with a PANNs model "
+                              f"(got {type(base).__name__ if base is not None else 'no model'}), or leave predict_chunk_seconds unset")
+        rate, hop = int(base.sample_rate), int(base.frontend.hop_size)
+        align = hop * int(getattr(base, "pooling", 1))
+        chunk = int(round(self.predict_chunk_seconds * rate))
+        if self.predict_chunk_overlap_seconds is None:  # the default, unless the chunk is too short for it
+            overlap = min(DEFAULT_OVERLAP_FRAMES * hop, chunk // 2)
+        else:
+            overlap = int(round(self.predict_chunk_overlap_seconds * rate))
+        overlap_seconds = overlap / rate
+        minimum = max(int(base.min_samples()) if hasattr(base, "min_samples") else 0, 0) + align
+        if chunk < minimum or chunk - overlap < align:
+            raise ConfigError(
+                f"predict_chunk_seconds={self.predict_chunk_seconds} with predict_chunk_overlap_seconds={overlap_seconds}: {type(base).__name__} "
+                f"needs chunks of at least {minimum / rate:.2f} s that advance by at least its {align / rate:.2f} s grid "
+                f"(hop_size x {align // hop}); give a longer chunk or a smaller overlap")
+        if overlap < 2 * REACH_FRAMES * hop:
+            log.warning("predict_chunk_overlap_seconds=%g is under %g s (twice the %d frames %s sees to either side): outputs within %g s "
+                        "of the chunk boundaries differ from whole-file ones", overlap_seconds, 2 * REACH_FRAMES * hop / rate, REACH_FRAMES,
+                        type(base).__name__, REACH_FRAMES * hop / rate)
+        sample_rate = getattr(self, "sample_rate", rate)
+        if sample_rate != rate:
+            raise ConfigError(f"the data module reads audio at {sample_rate} Hz but {type(base).__name__} runs at {rate} Hz: set sample_rate={rate}")
+        return ChunkedAudioDataset(self.predict_set.paths, rate, chunk, overlap, hop, align, self.predict_set.min_samples)
 
     def train_dataloader(self) -> DataLoader[Any]:
         if not self.balanced:
@@ -792,12 +839,55 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         )
 
 
+def check_chunk_options(chunk_seconds: float | None, overlap_seconds: float | None, clip_seconds: float | None) -> None:
+    """``predict_chunk_seconds`` / ``predict_chunk_overlap_seconds`` as a data module takes them."""
+    if chunk_seconds is None:
+        if overlap_seconds is not None:
+            raise ConfigError(f"predict_chunk_overlap_seconds={overlap_seconds} is given without predict_chunk_seconds: "
+                              "give predict_chunk_seconds (e.g. 60) to predict long files in chunks, or drop the overlap")
+        return
+    if not chunk_seconds > 0:
+        raise ConfigError(f"predict_chunk_seconds must be positive seconds (or null for whole files at once); got {chunk_seconds}")
+    if clip_seconds is not None:
+        raise ConfigError(f"predict_chunk_seconds={chunk_seconds} runs whole files in chunks, predict_clip_seconds={clip_seconds} crops them: "
+                          "give one of the two")
+    if overlap_seconds is not None and not overlap_seconds >= 0:
+        raise ConfigError(f"predict_chunk_overlap_seconds must be 0 or more seconds; got {overlap_seconds}")
+    if overlap_seconds is not None and overlap_seconds >= chunk_seconds:
+        raise ConfigError(f"predict_chunk_overlap_seconds ({overlap_seconds}) must be less than predict_chunk_seconds ({chunk_seconds}): "
+                          "chunks have to advance")
+
+
+class ChunkBatchSampler(LengthBatchSampler):
+    """Batches of consecutive chunks of equal length (chunked prediction): chunks come in file
+    order, so the writer holds at most the files a batch spans, and every batch is one length."""
+
+    def batches(self) -> list[list[int]]:
+        batches: list[list[int]] = []
+        previous: Any = None
+        for index in self.sampler:
+            key = self.dataset.length_key(index)
+            if not batches or key != previous or len(batches[-1]) == self.batch_size:
+                batches.append([])
+            batches[-1].append(index)
+            previous = key
+        return batches
+
+
+def _model_base(trainer: Any) -> Any:
+    """The PANNs model the trainer runs (under PEFT's wrapper with LoRA, and an ensemble's first member), or None."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    members = getattr(module, "members", None)
+    if members is not None and len(members):
+        module = members[0]
+    encoder = getattr(module, "encoder", None)
+    return getattr(encoder, "base_model", encoder)
+
+
 def _model_min_samples(trainer: Any) -> int:
     """The shortest waveform the model being run takes (0 when there is none or it does not say):
     whole files shorter than that are padded, as ``tag_file`` pads them."""
-    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-    encoder = getattr(module, "encoder", None)
-    base = getattr(encoder, "base_model", encoder)  # under PEFT's wrapper with LoRA
+    base = _model_base(trainer)
     minimum = getattr(base, "min_samples", None)
     return int(minimum()) if callable(minimum) else 0
 
@@ -820,6 +910,11 @@ class AudioClipsDataModule(AudioDataModule):
     ``predict`` file at its full length, as PANNs' inference does (the CNNs pool over the
     whole time axis; SED gets frames for the whole recording), in batches of files of equal
     length; a number crops / pads every file to that many seconds from its start.
+    ``predict_chunk_seconds`` (every audio DataModule; with ``predict_clip_seconds`` unset):
+    whole files decoded and run in chunks of that many seconds overlapping by
+    ``predict_chunk_overlap_seconds`` (default 400 frames, 4 s at PANNs' 10 ms hop, at most half
+    the chunk), stitched back by :class:`~polyfm.audio.predict.AudioPredictionWriter` (see
+    :mod:`polyfm.audio.chunked`): memory bounded by the chunk, for hour-long recordings.
 
     Cross-validation (``fold``): with ``format="folds"`` the CSV's own folds (ESC-50's 1 .. 5):
     fold ``k`` is held out as both the validation and the test split and the other folds
@@ -838,6 +933,8 @@ class AudioClipsDataModule(AudioDataModule):
         test: str | None = None,
         predict: str | None = None,
         predict_clip_seconds: float | None = None,
+        predict_chunk_seconds: float | None = None,
+        predict_chunk_overlap_seconds: float | None = None,
         format: Literal["csv", "audioset", "folds", "folder"] = "csv",
         audio_root: str | None = None,
         class_labels_csv: str | None = None,
@@ -859,7 +956,8 @@ class AudioClipsDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
+        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds,
+                         predict_chunk_seconds, predict_chunk_overlap_seconds)
         self.train, self.val, self.test, self.format = train, val, test, format
         self.audio_root, self.class_labels_csv = audio_root, class_labels_csv
         self.val_folds, self.test_folds, self.label_separator = val_folds, test_folds, label_separator
@@ -980,6 +1078,8 @@ class FSDDDataModule(AudioDataModule):
         fold_seed: int = 0,
         predict: str | None = None,
         predict_clip_seconds: float | None = None,
+        predict_chunk_seconds: float | None = None,
+        predict_chunk_overlap_seconds: float | None = None,
         max_train_clips: int | None = None,
         random_crop: bool = True,
         cache: bool = False,
@@ -989,7 +1089,8 @@ class FSDDDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
+        super().__init__(balanced, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds,
+                         predict_chunk_seconds, predict_chunk_overlap_seconds)
         self.root, self.sample_rate, self.clip_seconds = root, sample_rate, clip_seconds
         if fold is not None and val_indices is not None:
             raise ConfigError(f"FSDDDataModule: fold={fold} holds out speakers as the validation split; leave val_indices unset (got {val_indices})")
@@ -1180,6 +1281,8 @@ class SoundEventDataModule(AudioDataModule):
         test: str | None = None,
         predict: str | None = None,
         predict_clip_seconds: float | None = None,
+        predict_chunk_seconds: float | None = None,
+        predict_chunk_overlap_seconds: float | None = None,
         audio_root: str | None = None,
         sample_rate: int = 32000,
         hop_size: int = 320,
@@ -1193,7 +1296,8 @@ class SoundEventDataModule(AudioDataModule):
         label_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(False, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds)
+        super().__init__(False, batch_size, num_workers, label_fraction, seed, predict, predict_clip_seconds,
+                         predict_chunk_seconds, predict_chunk_overlap_seconds)
         if fold is not None and val is not None:
             raise ConfigError(f"SoundEventDataModule: fold={fold} holds out files of {train} as the validation split; leave val unset (got val={val!r})")
         self.train, self.val, self.test, self.audio_root = train, val, test, audio_root
