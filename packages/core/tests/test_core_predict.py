@@ -118,3 +118,18 @@ def test_polyfm_predict_with_comma_separated_checkpoints_runs_the_ensemble(tmp_p
     with pytest.raises(SystemExit):
         lightning_main(["predict", *common, f"--trainer.default_root_dir={out}", f"--ckpt_path={checkpoints[0]},{tmp_path / 'nope.ckpt'}"])
     assert "nope.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_polyfm_predict_with_a_writer_does_not_also_keep_every_batch_in_memory(tmp_path: Path) -> None:
+    from polyfm.core.cli import run_polyfm_cli
+
+    common = ["-c", str(RECIPE), "--trainer.logger=false", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    plain = run_polyfm_cli(["predict", *common])
+    assert plain.trainer.predict_loop.return_predictions is True  # no writer: the return value is the output
+    writer = ["--trainer.callbacks+=polyfm.core.predict.PredictionFileWriter"]
+    written = run_polyfm_cli(["predict", *common, *writer])
+    assert any(type(c).__name__ == "PredictionFileWriter" for c in written.trainer.callbacks)
+    assert written.trainer.predict_loop.return_predictions is False
+    asked = run_polyfm_cli(["predict", *common, *writer, "--return_predictions=true"])
+    assert asked.trainer.predict_loop.return_predictions is True  # the user's choice stands

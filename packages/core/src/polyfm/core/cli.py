@@ -58,6 +58,15 @@ def polyfm_cli_class() -> type[Any]:
                 self.config_init["predict"]["ckpt_path"] = None
             elif len(paths) == 1:
                 self.config_init["predict"]["ckpt_path"] = paths[0]
+            # a writer puts the predictions in files; Lightning would also keep every batch's output in memory
+            # until the end (an hour of audio, a whole scene) for a return value the command line throws away.
+            # Lightning still hands an epoch-interval writer its batches.
+            from lightning.pytorch.callbacks import BasePredictionWriter
+
+            if self.config_init["predict"].get("return_predictions") is None and any(
+                isinstance(c, BasePredictionWriter) for c in getattr(self.trainer, "callbacks", [])
+            ):
+                self.config_init["predict"]["return_predictions"] = False
             self._resolve_last()
 
         before_validate = before_test = _resolve_last
