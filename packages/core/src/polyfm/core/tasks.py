@@ -378,8 +378,13 @@ class Regression(EncoderTask):
         loss = self.loss(self(batch["input"]), batch["target"])
         return self.log_train_loss(loss, batch, batch_idx, len(batch["target"]))
 
+    def evaluation_output(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One prediction per target row of ``batch`` (original units), for evaluation and
+        ``predict``; a subclass whose batches hold several inputs per item reduces them here."""
+        return self(batch["input"])
+
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        pred = self(batch["input"])
+        pred = self.evaluation_output(batch)
         target = batch["target"].reshape(pred.shape)
         self.log(f"{stage}/loss", self.loss(pred, target), batch_size=len(target), sync_dist=True)
         observed = ~torch.isnan(target)
@@ -394,7 +399,7 @@ class Regression(EncoderTask):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return {"prediction": self(batch["input"]), "meta": batch.get("meta")}
+        return {"prediction": self.evaluation_output(batch), "meta": batch.get("meta")}
 
 
 #: Label of pixels that count in no loss and no metric (torch's cross-entropy default).

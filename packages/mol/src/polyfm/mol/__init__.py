@@ -18,6 +18,8 @@ __all__ = [
     "read_molecule_sdf",
     "read_molecules",
     "MoleculePredictionWriter",
+    "MoleculeRegression",
+    "MoleculeClassification",
     "scaffold_split",
     "generate_conformers",
 ]
@@ -32,6 +34,8 @@ _WHERE = {
     "read_molecule_sdf": "polyfm.mol.data",
     "read_molecules": "polyfm.mol.data",
     "MoleculePredictionWriter": "polyfm.mol.predict",
+    "MoleculeRegression": "polyfm.mol.tasks",
+    "MoleculeClassification": "polyfm.mol.tasks",
     "scaffold_split": "polyfm.mol.data",
     "generate_conformers": "polyfm.mol.conformers",
 }

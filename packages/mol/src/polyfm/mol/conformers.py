@@ -136,6 +136,36 @@ class ConformerReport:
         return f"{self.total} conformers ({self.from_cache} from cache), {len(self.fallback_2d)} with 2D coordinates after ETKDG failed"
 
 
+def _fill(
+    jobs: Sequence[tuple[str, ConformerSettings]], cache: Path | None, workers: int
+) -> tuple[list[Conformer], int]:
+    """Conformers of ``(smiles, settings)`` jobs, in order: from the cache where present, the rest
+    embedded in ``workers`` processes (one pool for all jobs) and written to the cache. Also how
+    many came from the cache."""
+    results: list[Conformer | None] = [None] * len(jobs)
+    from_cache = 0
+    todo: list[int] = []
+    for i, (smi, settings) in enumerate(jobs):
+        path = _cache_path(cache, smi, settings) if cache is not None else None
+        if path is not None and path.exists():
+            try:
+                results[i] = _load(path)
+                from_cache += 1
+                continue
+            except (OSError, ValueError, KeyError):  # a corrupt cache entry is recomputed
+                log.warning("conformer cache entry %s is unreadable; recomputing", path)
+        todo.append(i)
+    work = [(jobs[i][0], jobs[i][1], None if cache is None else str(cache)) for i in todo]
+    if workers > 1 and len(work) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            computed = list(pool.map(_embed_job, work, chunksize=max(1, len(work) // (4 * workers))))
+    else:
+        computed = [_embed_job(job) for job in work]
+    for i, conformer in zip(todo, computed, strict=True):
+        results[i] = conformer
+    return [c for c in results if c is not None], from_cache
+
+
 def generate_conformers(
     smiles: Sequence[str],
     settings: ConformerSettings | None = None,
@@ -147,28 +177,9 @@ def generate_conformers(
     2D are logged with a count (their indices are in the report)."""
     settings = settings or ConformerSettings()
     cache = Path(cache_dir) if cache_dir is not None else None
-    results: list[Conformer | None] = [None] * len(smiles)
-    report = ConformerReport(total=len(smiles))
-    todo: list[int] = []
-    for i, smi in enumerate(smiles):
-        path = _cache_path(cache, smi, settings) if cache is not None else None
-        if path is not None and path.exists():
-            try:
-                results[i] = _load(path)
-                report.from_cache += 1
-                continue
-            except (OSError, ValueError, KeyError):  # a corrupt cache entry is recomputed
-                log.warning("conformer cache entry %s is unreadable; recomputing", path)
-        todo.append(i)
-    jobs = [(smiles[i], settings, None if cache is None else str(cache)) for i in todo]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            computed = list(pool.map(_embed_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-    else:
-        computed = [_embed_job(job) for job in jobs]
-    for i, conformer in zip(todo, computed, strict=True):
-        results[i] = conformer
-    report.fallback_2d = [i for i, c in enumerate(results) if c is not None and not c.is_3d]
+    results, from_cache = _fill([(smi, settings) for smi in smiles], cache, workers)
+    report = ConformerReport(total=len(smiles), from_cache=from_cache)
+    report.fallback_2d = [i for i, c in enumerate(results) if not c.is_3d]
     if report.fallback_2d:
         log.warning(
             "%d of %d molecules fell back to 2D coordinates (ETKDG failed): indices %s",
@@ -176,7 +187,95 @@ def generate_conformers(
             len(smiles),
             report.fallback_2d[:20],
         )
-    return [c for c in results if c is not None], report
+    return results, report
+
+
+def embed_2d(smiles: str, remove_hs: bool = False) -> Conformer:
+    """RDKit 2D coordinates (z = 0) with hydrogens added, as the official Uni-Mol data scripts
+    add as the last of a molecule's 11 conformers (``smi2_2Dcoords``); ``is_3d=False``."""
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import AllChem
+
+    RDLogger.DisableLog("rdApp.*")
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError(f"RDKit cannot parse SMILES {smiles!r}")
+    mol = Chem.AddHs(mol)
+    AllChem.Compute2DCoords(mol)
+    atoms = [atom.GetSymbol() for atom in mol.GetAtoms()]
+    coords = mol.GetConformer().GetPositions().astype(np.float32)
+    if remove_hs:
+        keep = [i for i, a in enumerate(atoms) if a != "H"]
+        atoms, coords = [atoms[i] for i in keep], coords[keep]
+    return Conformer(atoms, coords, False, "2D coordinates (the 2D conformer)")
+
+
+def distinct_geometries(conformers: Sequence[Conformer], tolerance: float = 1e-2) -> int:
+    """How many of one molecule's conformers differ in geometry: two are the same when no
+    interatomic distance differs by more than ``tolerance`` Angstrom (Uni-Mol sees distances,
+    so a rotated or translated copy is no new conformer)."""
+    kept: list[np.ndarray] = []
+    for conformer in conformers:
+        xyz = np.asarray(conformer.coordinates, np.float64)
+        distances = np.linalg.norm(xyz[:, None, :] - xyz[None, :, :], axis=-1)
+        if not any(d.shape == distances.shape and np.abs(d - distances).max(initial=0.0) <= tolerance for d in kept):
+            kept.append(distances)
+    return len(kept)
+
+
+@dataclass
+class ConformerSetReport:
+    total: int = 0  # molecules
+    per_molecule: int = 1
+    from_cache: int = 0  # conformers
+    fallback_2d: list[int] = field(default_factory=list)  # molecules of which an ETKDG seed fell back to 2D
+    distinct: list[int] = field(default_factory=list)  # distinct geometries per molecule
+
+    @property
+    def repeated(self) -> list[int]:
+        """Molecules with fewer distinct geometries than conformers (the repeats are kept)."""
+        return [i for i, n in enumerate(self.distinct) if n < self.per_molecule]
+
+
+def generate_conformer_sets(
+    smiles: Sequence[str],
+    count: int,
+    settings: ConformerSettings | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    add_2d: bool = False,
+) -> tuple[list[list[Conformer]], ConformerSetReport]:
+    """``count`` conformers per molecule (Uni-Mol's multi-conformer protocol): ETKDG with seeds
+    ``settings.seed``, ``settings.seed + 1``, ... (each cached as :func:`generate_conformers`
+    caches one, so the first is the single-conformer path's), and with ``add_2d`` the last one
+    RDKit's 2D coordinates instead (the official data: 10 ETKDG + 1 2D, ``conf_size=11``).
+
+    A molecule always gets ``count`` conformers. When seeds give the same geometry (rigid or
+    tiny molecules) the repeats are kept, so each seed keeps its weight in the average, and the
+    molecules are counted in the report (``repeated``) and logged."""
+    from dataclasses import replace
+
+    settings = settings or ConformerSettings()
+    cache = Path(cache_dir) if cache_dir is not None else None
+    seeds = [settings.seed + k for k in range(count - int(add_2d))]
+    jobs = [(smi, replace(settings, seed=seed)) for seed in seeds for smi in smiles]
+    flat, from_cache = _fill(jobs, cache, workers)
+    n = len(smiles)
+    sets = [[flat[k * n + i] for k in range(len(seeds))] for i in range(n)]
+    report = ConformerSetReport(total=n, per_molecule=count, from_cache=from_cache)
+    report.fallback_2d = [i for i, confs in enumerate(sets) if any(not c.is_3d for c in confs)]
+    if add_2d:
+        for i, smi in enumerate(smiles):
+            sets[i].append(embed_2d(smi, settings.remove_hs))
+    report.distinct = [distinct_geometries(confs) for confs in sets]
+    if report.fallback_2d:
+        log.warning(
+            "%d of %d molecules fell back to 2D coordinates for at least one ETKDG seed: indices %s",
+            len(report.fallback_2d),
+            n,
+            report.fallback_2d[:20],
+        )
+    return sets, report
 
 
 def unimol_features(

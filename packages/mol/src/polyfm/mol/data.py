@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from polyfm.core.data import DictDataModule, check_fold, fold_indices
+from polyfm.core.data import DictDataModule, EpochSeededSampler, ResumableDataLoader, check_fold, fold_indices
 from polyfm.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -689,20 +689,99 @@ class ChemBERTaCollate:
 
 
 class UniMolCollate:
+    """Right-pads Uni-Mol inputs. Molecules with several conformers (:class:`ConformerSet`, the
+    evaluation and prediction path of ``num_conformers > 1``) put each conformer in a row of the
+    input, molecule after molecule, and ``batch["conformer_molecule"]`` gives each row's molecule
+    (its place in ``target`` and ``meta``), for the tasks of :mod:`polyfm.mol.tasks` to average."""
+
     def __init__(self, pad_idx: int) -> None:
         self.pad_idx = pad_idx
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         from polyfm.mol.conformers import collate_unimol
 
-        return {
-            "input": collate_unimol([it["features"] for it in items], self.pad_idx),
-            "target": torch.stack([it["target"] for it in items]),
-            "meta": [it["meta"] for it in items],
-        }
+        batch = {"target": torch.stack([it["target"] for it in items]), "meta": [it["meta"] for it in items]}
+        if not any(isinstance(it["features"], ConformerSet) for it in items):
+            return {"input": collate_unimol([it["features"] for it in items], self.pad_idx), **batch}
+        rows: list[dict[str, np.ndarray]] = []
+        owner: list[int] = []
+        for position, item in enumerate(items):
+            features = item["features"]
+            each = [features[c] for c in range(len(features))] if isinstance(features, ConformerSet) else [features]
+            rows.extend(each)
+            owner.extend([position] * len(each))
+        return {"input": collate_unimol(rows, self.pad_idx), **batch, "conformer_molecule": torch.tensor(owner, dtype=torch.long)}
+
+
+class ConformerSet:
+    """One molecule's conformers as Uni-Mol inputs, featurised when asked for (K sets of pair
+    matrices per molecule would multiply the memory by K). Every conformer keeps the same atoms
+    when the molecule is cropped to ``max_atoms`` (one seed per molecule)."""
+
+    def __init__(self, conformers: Sequence[Any], dictionary: Any, max_atoms: int, seed: int) -> None:
+        self.conformers, self.dictionary, self.max_atoms, self.seed = list(conformers), dictionary, max_atoms, seed
+
+    def __len__(self) -> int:
+        return len(self.conformers)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        from polyfm.mol.conformers import unimol_features
+
+        conformer = self.conformers[index]
+        return unimol_features(conformer.atoms, conformer.coordinates, self.dictionary, self.max_atoms, seed=self.seed)
+
+
+class ConformerDraws(Dataset[dict[str, Any]]):
+    """Training items with one conformer each: index ``i * K + c`` is conformer ``c`` of item ``i``
+    of ``dataset`` (whose features are :class:`ConformerSet` of ``K``). :class:`ConformerDrawSampler`
+    picks ``c``; the choice travels in the index, so DataLoader workers need no epoch of their own."""
+
+    def __init__(self, dataset: Dataset[dict[str, Any]], per_molecule: int) -> None:
+        self.dataset, self.per_molecule = dataset, per_molecule
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        molecule, conformer = divmod(int(index), self.per_molecule)
+        item = dict(self.dataset[molecule])
+        item["features"] = item["features"][conformer]
+        return item
+
+
+class ConformerDrawSampler(EpochSeededSampler):
+    """The training order of :class:`polyfm.core.data.EpochSeededSampler` (a function of
+    (seed, epoch), so resumed runs, mid-epoch too, see what uninterrupted ones do), each molecule
+    with one of its ``per_molecule`` conformers drawn uniformly from a generator seeded by
+    (seed, epoch): a new draw each epoch, the same draws on every run with that seed. Yields
+    ``molecule * per_molecule + conformer`` for :class:`ConformerDraws`."""
+
+    def __init__(self, length: int, per_molecule: int, seed: int = 0) -> None:
+        super().__init__(length, seed)
+        self.per_molecule = per_molecule
+
+    def draws(self, epoch: int) -> np.ndarray:
+        """The conformer each molecule gets in ``epoch`` (by molecule, not by position in the
+        order, so leaving the first batches out on a resume changes none of the others)."""
+        return np.random.default_rng([self.seed, epoch, 0x434F4E46]).integers(0, self.per_molecule, self.length)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        chosen = self.draws(self.epoch)
+        return iter([i * self.per_molecule + int(chosen[i]) for i in super().__iter__()])
 
 
 # ----------------------------------------------------------------------------- featurisers
+
+
+def check_atoms_left(atom_counts: Sequence[int], smiles: Sequence[str], named: Sequence[str], path: str | os.PathLike[str] | None) -> None:
+    """H2, [H+]: without hydrogens nothing is left (unimol_tools would give NaN coordinates)."""
+    empty = [f"{named[i]} {smiles[i]!r}" for i, count in enumerate(atom_counts) if not count]
+    if empty:
+        raise DataError(
+            f"{len(empty)} molecules have no atoms left once hydrogens are removed (remove_hs=True): {', '.join(empty[:10])}. "
+            "Drop them from the file, or use a model with hydrogens (remove_hs=False).",
+            path=path,
+        )
 
 
 class Featuriser:
@@ -778,7 +857,10 @@ class UniMolFeaturiser(Featuriser):
     ``max_atoms_policy``: ``"crop"`` keeps a seeded random subset of ``max_atoms`` atoms
     (what unimol_tools does, counted and logged), ``"error"`` refuses such molecules.
     ``conformers="from_file"`` uses an SD file's own 3D coordinates instead of ETKDG
-    (hydrogens as on the ETKDG path: all of them, or none with ``remove_hs``)."""
+    (hydrogens as on the ETKDG path: all of them, or none with ``remove_hs``).
+    ``num_conformers > 1``: ``featurise(i)`` is a :class:`ConformerSet` of that many conformers
+    (:func:`polyfm.mol.conformers.generate_conformer_sets`); repeated geometries are kept and
+    counted in ``repeated_conformer_rows`` (row -> distinct conformers)."""
 
     def __init__(
         self,
@@ -792,12 +874,18 @@ class UniMolFeaturiser(Featuriser):
         conformer_workers: int = 1,
         conformer_timeout: int = 10,
         conformers: ConformerSource = "etkdg",
+        num_conformers: int = 1,
+        conformer_2d: bool = False,
     ) -> None:
         from polyfm.mol.models.unimol import UniMolDictionary
 
         if conformers not in ("etkdg", "from_file"):
             raise ConfigError(f"conformers={conformers!r}: use 'etkdg' (generated) or 'from_file' (an SD file's own 3D coordinates).")
+        check_conformer_options(num_conformers, conformer_2d, conformers)
         self.conformer_source = conformers
+        self.num_conformers, self.conformer_2d = num_conformers, conformer_2d
+        # rows of molecules whose conformers repeat a geometry -> how many distinct ones they have
+        self.repeated_conformer_rows: dict[int, int] = {}
 
         self.dictionary = UniMolDictionary.official() if dictionary is None else UniMolDictionary.load(dictionary)
         self.remove_hs, self.max_atoms, self.max_atoms_policy = remove_hs, max_atoms, max_atoms_policy
@@ -815,6 +903,8 @@ class UniMolFeaturiser(Featuriser):
         from polyfm.mol.conformers import ConformerSettings, generate_conformers, unimol_features
 
         named = list(names) if names is not None else [f"row {r}" for r in rows]
+        if self.num_conformers > 1:
+            return self.prepare_sets(smiles, rows, named, names is not None, path)
         if self.conformer_source == "from_file":
             conformers = self.file_conformers(conformers, rows, named, path)
             self.fallback_2d_rows = []
@@ -824,25 +914,12 @@ class UniMolFeaturiser(Featuriser):
             )
             conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
             self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
-        empty = [f"{named[i]} {smiles[i]!r}" for i, conf in enumerate(conformers) if not conf.atoms]
-        if empty:  # H2, [H+]: without hydrogens nothing is left (unimol_tools would give NaN coordinates)
-            raise DataError(
-                f"{len(empty)} molecules have no atoms left once hydrogens are removed (remove_hs=True): {', '.join(empty[:10])}. "
-                "Drop them from the file, or use a model with hydrogens (remove_hs=False).",
-                path=path,
-            )
+        check_atoms_left([len(conf.atoms) for conf in conformers], smiles, named, path)
         features = []
         self.cropped_rows = []
         for i, conf in enumerate(conformers):
             if len(conf.atoms) > self.max_atoms:
-                if self.max_atoms_policy == "error":
-                    message = (f"{smiles[i]!r} has {len(conf.atoms)} atoms{'' if self.remove_hs else ' (with hydrogens)'}, more than "
-                               f"max_atoms={self.max_atoms}. Raise max_atoms, use remove_hs=True, or max_atoms_policy='crop'.")  # fmt: skip
-                    # a CSV row goes in DataError's own "file, row N" place; an SD record is named with its title
-                    if names is None:
-                        raise DataError(message, path=path, row=rows[i])
-                    raise DataError(f"{named[i]}: {message}", path=path)
-                self.cropped_rows.append(rows[i])
+                self.too_many_atoms(len(conf.atoms), smiles[i], rows[i], named[i] if names is not None else None, path)
             features.append(
                 unimol_features(conf.atoms, conf.coordinates, self.dictionary, self.max_atoms, seed=self.conformer_seed + i)
             )
@@ -858,6 +935,56 @@ class UniMolFeaturiser(Featuriser):
                 "%d molecules use 2D coordinates (ETKDG failed): rows %s", len(self.fallback_2d_rows), self.fallback_2d_rows[:20]
             )
         return features.__getitem__
+
+    def prepare_sets(self, smiles: Sequence[str], rows: Sequence[int], named: Sequence[str], by_name: bool,
+                     path: str | os.PathLike[str] | None) -> Callable[[int], Any]:  # fmt: skip
+        """``num_conformers`` ETKDG conformers per molecule (the last one 2D with ``conformer_2d``),
+        featurised per draw (:class:`ConformerSet`)."""
+        from polyfm.mol.conformers import ConformerSettings, generate_conformer_sets
+
+        settings = ConformerSettings(seed=self.conformer_seed, remove_hs=self.remove_hs, mmff=self.mmff, timeout=self.conformer_timeout)
+        sets, report = generate_conformer_sets(smiles, self.num_conformers, settings, self.conformer_cache, self.conformer_workers,
+                                               add_2d=self.conformer_2d)  # fmt: skip
+        self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
+        self.repeated_conformer_rows = {rows[i]: report.distinct[i] for i in report.repeated}
+        check_atoms_left([len(confs[0].atoms) for confs in sets], smiles, named, path)
+        features = []
+        self.cropped_rows = []
+        for i, confs in enumerate(sets):
+            atoms = len(confs[0].atoms)  # the same atoms in every conformer of a molecule
+            if atoms > self.max_atoms:
+                self.too_many_atoms(atoms, smiles[i], rows[i], named[i] if by_name else None, path)
+            features.append(ConformerSet(confs, self.dictionary, self.max_atoms, self.conformer_seed + i))
+        log.info("%d molecules x %d conformers (%s), %d conformers from the cache", len(smiles), self.num_conformers,
+                 f"{self.num_conformers - 1} ETKDG + 1 2D" if self.conformer_2d else "ETKDG", report.from_cache)  # fmt: skip
+        if self.repeated_conformer_rows:
+            log.warning(
+                "%d of %d molecules have fewer than %d distinct conformers (the ETKDG seeds gave the same geometry, as for "
+                "rigid or small molecules); the repeats are kept, each counting once in the draws and the average: "
+                "rows (distinct conformers) %s",
+                len(self.repeated_conformer_rows),
+                len(smiles),
+                self.num_conformers,
+                list(self.repeated_conformer_rows.items())[:20],
+            )
+        if self.cropped_rows:
+            log.warning("%d molecules exceed max_atoms=%d and were cropped to a random subset of atoms (rows %s)",
+                        len(self.cropped_rows), self.max_atoms, self.cropped_rows[:20])  # fmt: skip
+        if self.fallback_2d_rows:
+            log.warning("%d molecules use 2D coordinates for at least one ETKDG seed (ETKDG failed): rows %s",
+                        len(self.fallback_2d_rows), self.fallback_2d_rows[:20])  # fmt: skip
+        return features.__getitem__
+
+    def too_many_atoms(self, atoms: int, smiles: str, row: int, name: str | None, path: str | os.PathLike[str] | None) -> None:
+        """A molecule over ``max_atoms``: an error (``max_atoms_policy="error"``) or counted as cropped."""
+        if self.max_atoms_policy == "error":
+            message = (f"{smiles!r} has {atoms} atoms{'' if self.remove_hs else ' (with hydrogens)'}, more than "
+                       f"max_atoms={self.max_atoms}. Raise max_atoms, use remove_hs=True, or max_atoms_policy='crop'.")  # fmt: skip
+            # a CSV row goes in DataError's own "file, row N" place; an SD record is named with its title
+            if name is None:
+                raise DataError(message, path=path, row=row)
+            raise DataError(f"{name}: {message}", path=path)
+        self.cropped_rows.append(row)
 
     def file_conformers(self, conformers: Sequence[Any] | None, rows: Sequence[int], names: Sequence[str] | None = None,
                         path: str | os.PathLike[str] | None = None) -> list[Any]:  # fmt: skip
@@ -893,6 +1020,22 @@ class UniMolFeaturiser(Featuriser):
         return UniMolCollate(self.dictionary.pad)
 
 
+def check_conformer_options(num_conformers: int, conformer_2d: bool, conformers: str = "etkdg", model: str = "unimol") -> None:
+    """The multi-conformer options that are wrong whatever the data."""
+    if num_conformers < 1:
+        raise ConfigError(f"num_conformers={num_conformers}: give 1 (one ETKDG conformer) or more (Uni-Mol's protocol: 11).")
+    if num_conformers == 1 and not conformer_2d:
+        return
+    if model != "unimol":
+        raise ConfigError(f"num_conformers / conformer_2d are for model='unimol' (3D input); {model} reads SMILES only: leave them unset.")
+    if conformers == "from_file":
+        raise ConfigError(f"num_conformers={num_conformers} with conformers='from_file': an SD file gives one conformer per "
+                          "record; use num_conformers=1, or conformers='etkdg' to generate several.")  # fmt: skip
+    if conformer_2d and num_conformers < 2:
+        raise ConfigError("conformer_2d=True makes the last of num_conformers the 2D one, so it needs num_conformers >= 2 "
+                          "(the official Uni-Mol data: num_conformers=11, 10 ETKDG + 1 2D).")  # fmt: skip
+
+
 def make_featuriser(model: str, **options: Any) -> Featuriser:
     if model == "chemberta":
         keys = ("tokenizer", "tokenizer_kind", "max_length")
@@ -909,6 +1052,8 @@ def make_featuriser(model: str, **options: Any) -> Featuriser:
             "conformer_workers",
             "conformer_timeout",
             "conformers",
+            "num_conformers",
+            "conformer_2d",
         )
         return UniMolFeaturiser(**{k: v for k, v in options.items() if k in keys})
     raise ConfigError(f"unknown model {model!r}: use chemberta or unimol.")
@@ -927,6 +1072,10 @@ class MoleculeDataModule(DictDataModule):
     (training split, NaN-aware). ``predict_path``: a CSV of new molecules for ``predict``
     (default: the test split); ``polyfm.mol.predict.MoleculePredictionWriter`` writes the results.
     ``conformers="from_file"`` (Uni-Mol, SD files) feeds each record's own 3D coordinates instead of ETKDG's.
+    ``num_conformers=K`` (Uni-Mol, ETKDG): K conformers per molecule (seeds ``conformer_seed`` + 0..K-1;
+    with ``conformer_2d`` the last is RDKit's 2D coordinates, the official 10 + 1), one drawn per molecule
+    and epoch in training (:class:`ConformerDrawSampler`), all K in each evaluation and prediction batch
+    for :mod:`polyfm.mol.tasks` to average per molecule (other tasks are refused).
 
     Cross-validation (``fold`` 0 .. ``num_folds`` - 1, ``polyfm cv``): with ``fold`` set it takes
     precedence over ``split_fractions``. Molecules are dealt into ``num_folds`` folds by
@@ -960,6 +1109,8 @@ class MoleculeDataModule(DictDataModule):
         conformer_workers: int = 1,
         conformer_timeout: int = 10,
         conformers: ConformerSource = "etkdg",
+        num_conformers: int = 1,
+        conformer_2d: bool = False,
         batch_size: int = 32,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -969,6 +1120,7 @@ class MoleculeDataModule(DictDataModule):
         num_folds: int = 5,
     ) -> None:
         check_fold_options(fold, num_folds, split)
+        check_conformer_options(num_conformers, conformer_2d, conformers, model)
         self.featuriser = make_featuriser(
             model,
             tokenizer=tokenizer,
@@ -984,7 +1136,10 @@ class MoleculeDataModule(DictDataModule):
             conformer_workers=conformer_workers,
             conformer_timeout=conformer_timeout,
             conformers=conformers,
+            num_conformers=num_conformers,
+            conformer_2d=conformer_2d,
         )
+        self.num_conformers = num_conformers
         if conformers == "from_file" and model != "unimol":
             raise ConfigError(f"conformers='from_file' is for model='unimol' (3D input); {model} reads SMILES only: leave conformers unset.")
         super().__init__(
@@ -1069,9 +1224,36 @@ class MoleculeDataModule(DictDataModule):
         return subset(self.split[0]), subset(self.split[1]), subset(self.split[2])
 
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None and self.num_conformers > 1:  # before the conformers are generated
+            self.check_conformer_task(self.trainer.lightning_module)
         super().setup(stage)
         if stage == "fit" and self.trainer is not None:
             self.check_task(self.trainer.lightning_module)
+
+    def check_conformer_task(self, task: Any) -> None:
+        """With several conformers an evaluation batch holds K rows per molecule; a task that
+        does not average them by molecule would score conformers, or fail on the shapes."""
+        if not getattr(task, "averages_conformers", False):
+            raise ConfigError(
+                f"num_conformers={self.num_conformers} needs a task that averages each molecule's conformers: "
+                f"{type(task).__name__} does not. Use polyfm.mol.tasks.MoleculeRegression or MoleculeClassification "
+                "(same arguments as polyfm.core.tasks' Regression / Classification), or num_conformers=1."
+            )
+
+    def train_dataloader(self) -> Any:
+        """One conformer per molecule and draw (:class:`ConformerDrawSampler`) with ``num_conformers > 1``."""
+        if self.num_conformers == 1 or self.train_set is None:
+            return super().train_dataloader()
+        return ResumableDataLoader(
+            ConformerDraws(self.train_set, self.num_conformers),
+            batch_size=self.batch_size,
+            sampler=ConformerDrawSampler(len(self.train_set), self.num_conformers, self.seed),  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=self.collate_fn,
+            drop_last=False,
+        )
 
     def check_task(self, task: Any) -> None:
         """A recipe's task names its targets and their statistics; fitting it to another CSV's

@@ -53,6 +53,10 @@ def predict_smiles(
             out = torch.sigmoid(out)
         elif hasattr(task, "num_classes"):
             out = out.softmax(-1)
+        if "conformer_molecule" in batch:  # num_conformers > 1: each molecule's mean output (probability), as the tasks do
+            from polyfm.mol.tasks import molecule_mean
+
+            out = molecule_mean(out.float(), batch["conformer_molecule"], len(batch["target"]))
         outputs.append(out.float().cpu())
     return torch.cat(outputs).numpy()
 
