@@ -182,6 +182,22 @@ def load_image(
 
     Returns the normalised ``(C, H, W)`` and, with ``nodata="fill"``, the valid-pixel mask."""
     array, descriptions, nodata_values = read_raster_nodata(path, expected_bands=len(bands), window=window)
+    return prepare_image(array, descriptions, nodata_values, path, bands, band_indices, normalization, scale, nodata)
+
+
+def prepare_image(
+    array: np.ndarray[Any, Any],
+    descriptions: Sequence[str | None],
+    nodata_values: Sequence[float | None],
+    path: Path,
+    bands: Sequence[str],
+    band_indices: Sequence[int] | None,
+    normalization: Normalization | None,
+    scale: float = 1.0,
+    nodata: NodataPolicy = "error",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What :func:`load_image` does after reading: the file's raw ``(C, H, W)`` values (as read,
+    e.g. a chip cut from a row strip read once) ordered, scaled, checked and normalised."""
     order = order_by_descriptions(descriptions, bands, path)
     if order is not None and order != list(range(len(order))):
         array, nodata_values = array[order], [nodata_values[i] for i in order]
@@ -421,13 +437,15 @@ class GeoTiffChips(Dataset[dict[str, Any]]):
     """Overlapping chips of whole GeoTIFFs, for predicting scenes too large for one pass.
 
     Each file is cut on a grid of ``chip_size`` chips every ``stride`` pixels
-    (:func:`chip_starts`, torchgeo's ``GridGeoSampler`` rule); only each chip's window is read
-    (rasterio windows), so a 10980 x 10980 Sentinel-2 scene is never loaded whole. Chips that
+    (:func:`chip_starts`, torchgeo's ``GridGeoSampler`` rule); the file is read one row of chips
+    at a time (a rasterio window of ``chip_size`` rows by the full width, kept while that row's
+    chips are cut from it), so a 10980 x 10980 Sentinel-2 scene is never loaded whole. Chips that
     overhang the raster are padded (mirrored) to the full size; the prediction writer crops them
     back. Samples: ``input`` ``(C, chip_size, chip_size)``, ``meta`` (the file), ``chip``
     (``[top, left, scene_height, scene_width, chip_number, chips_in_scene]``, what
     :class:`polyfm.geo.predict.GeoPredictionWriter` needs to stitch the scene), and with
-    ``nodata="fill"`` a ``valid`` mask (false on padding too). Chips of one file come in a row."""
+    ``nodata="fill"`` a ``valid`` mask (false on padding too). Chips of one file come together, row
+    of chips after row of chips (the order in which the writer streams the scene to its file)."""
 
     def __init__(
         self,
@@ -462,6 +480,7 @@ class GeoTiffChips(Dataset[dict[str, Any]]):
             self.shapes.append((height, width))
             corners = [(top, left) for top in chip_starts(height, chip_size, stride) for left in chip_starts(width, chip_size, stride)]
             self.chips += [(index, top, left, number, len(corners)) for number, (top, left) in enumerate(corners)]
+        self._strip: tuple[tuple[int, int], np.ndarray[Any, Any], list[str | None], list[float | None]] | None = None
 
     def __len__(self) -> int:
         return len(self.chips)
@@ -473,7 +492,15 @@ class GeoTiffChips(Dataset[dict[str, Any]]):
         path, (height, width) = self.files[file_index], self.shapes[file_index]
         window = Window(left, top, min(self.chip_size, width - left), min(self.chip_size, height - top))
         try:
-            x, valid = load_image(path, self.bands, self.band_indices, self.normalization, self.scale, self.nodata, window=window)
+            strip = self._strip
+            if strip is None or strip[0] != (file_index, top):
+                # one read per row of chips (the full width, chip_size rows: the stride plus the overlap), not one per chip:
+                # memory is bounded by a strip, and compressed blocks are decoded once rather than once per overlapping chip
+                self._strip = strip = None  # never keep the previous strip alive beside the new one
+                strip = self._strip = ((file_index, top), *read_raster_nodata(path, len(self.bands), Window(0, top, width, window.height)))
+            _, raw, descriptions, nodata_values = strip
+            x, valid = prepare_image(raw[:, :, left : left + window.width], descriptions, nodata_values, path, self.bands, self.band_indices,
+                                     self.normalization, self.scale, self.nodata)
         except DataError as exc:  # say where in the scene, not only which scene
             raise DataError(f"{exc} (in the chip at rows {top}..{top + window.height}, columns {left}..{left + window.width})") from exc
         sample: dict[str, Any] = {"input": _pad_to(x, self.chip_size).contiguous(), "meta": str(path),

@@ -14,8 +14,9 @@
   pixels of the input (``valid`` false) written as the file's nodata value; optionally the
   class probabilities beside it (``<stem>_probabilities.tif``, one band per class). Inputs cut
   into overlapping chips (:class:`polyfm.geo.data.GeoTiffChips`) are stitched back: each chip's
-  probabilities are added into the scene's accumulator with a centre-weighted window, and the
-  scene is written as soon as its last chip arrived (one scene in memory at a time).
+  probabilities are added into a strip of the scene with a centre-weighted window, and rows no
+  later chip touches are written out (rasterio windowed writes into temporary files renamed when
+  the scene's last chip arrived), so memory is bounded by a strip, not by the scene.
 
 Predictions of :class:`polyfm.core.predict.Ensemble` carry the members' spread: classification
 rows get ``std_<class>`` and ``score_std`` columns, segmentation a ``<stem>_uncertainty.tif``
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -39,6 +41,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from polyfm.core.errors import ConfigError, DataError
+from polyfm.core.files import atomic_path
 from polyfm.core.predict import PredictionFileWriter
 
 FIELDS_GEO = ["crs", "left", "bottom", "right", "top", "width", "height"]
@@ -68,22 +71,127 @@ def blending_weights(height: int, width: int, blending: str = "gaussian") -> tor
     return weights.clamp_min(float(weights[weights > 0].min())).float()
 
 
-class _SceneAccumulator:
-    """One scene's blended class probabilities while its chips arrive."""
+class _SceneFiles:
+    """The GeoTIFFs of one scene's prediction (class ids; probabilities and the ensemble spread when
+    asked for), each open in a temporary file beside its final path (core's ``atomic_path``) and
+    written row block by row block; renamed onto the final paths only when every row is written,
+    so a failed or killed predict never leaves a partial map under the final name."""
 
-    def __init__(self, source: Path, height: int, width: int, classes: int, chips: int, with_std: bool) -> None:
-        self.source, self.height, self.width, self.chips = source, height, width, chips
-        self.probabilities = torch.zeros(classes, height, width)
-        self.std = torch.zeros(classes, height, width) if with_std else None
-        self.weight = torch.zeros(height, width)
+    def __init__(self, source: Path, folder: Path, name: str, profile: dict[str, Any], names: list[str], probabilities: bool,
+                 uncertainty: bool, members: Any) -> None:
+        import rasterio
+
+        self.source, self.height, self.width = source, int(profile["height"]), int(profile["width"])
+        classes = len(names)
+        self.dtype, self.nodata = ("uint8", 255) if classes < 255 else ("uint16", 65535)
+        self.paths: list[Path] = []
+        self._stack = ExitStack()
+        try:
+            def open_(path: Path, **kwargs: Any) -> Any:
+                temporary = self._stack.enter_context(atomic_path(path))
+                self.paths.append(path)
+                return self._stack.enter_context(rasterio.open(temporary, "w", **profile, **kwargs))
+
+            self.labels = open_(folder / f"{name}.tif", count=1, dtype=self.dtype, nodata=self.nodata)
+            self.labels.set_band_description(1, "class")
+            self.labels.update_tags(1, classes=",".join(names))
+            self.probabilities: Any = None
+            if probabilities:
+                self.probabilities = open_(folder / f"{name}_probabilities.tif", count=classes, dtype="float32")
+                for band, class_name in enumerate(names, start=1):
+                    self.probabilities.set_band_description(band, class_name)
+            self.uncertainty = open_(folder / f"{name}_uncertainty.tif", count=1, dtype="float32", nodata=math.nan) if uncertainty else None
+            if self.uncertainty is not None:
+                self.uncertainty.set_band_description(1, "std of the predicted class's probability across ensemble members")
+                self.uncertainty.update_tags(1, members=str(int(members)) if members is not None else "")
+        except BaseException:
+            self.abort()
+            raise
+        self.rows_written = 0
+
+    def write(self, top: int, probabilities: torch.Tensor, std: torch.Tensor | None, valid: torch.Tensor | None,
+              labels: torch.Tensor | None = None) -> None:
+        """Rows ``top ..`` of the scene, as ``(C, rows, W)`` blended probabilities (float32)."""
+        from rasterio.windows import Window
+
+        if top != self.rows_written:  # rows in order, each once: a compressed block is never rewritten
+            raise DataError(f"rows from {top} written after rows 0..{self.rows_written}", path=self.source)
+        rows = probabilities.shape[-2]
+        window = Window(0, top, self.width, rows)
+        array = _class_map(probabilities, self.dtype) if labels is None else labels.numpy().astype(self.dtype)
+        # an ensemble: how much its members disagree on the class it chose (read before nodata overwrites class ids)
+        spread = None if std is None or self.uncertainty is None else _at_class(std, array)
+        invalid = None if valid is None else ~valid.numpy().astype(bool)
+        if invalid is not None:
+            array[invalid] = self.nodata
+        self.labels.write(array, 1, window=window)
+        if self.probabilities is not None:
+            self.probabilities.write(probabilities.numpy(), window=window)  # float32 already: no copy
+        if spread is not None and self.uncertainty is not None:
+            if invalid is not None:
+                spread[invalid] = math.nan
+            self.uncertainty.write(spread, 1, window=window)
+        self.rows_written += rows
+
+    def commit(self) -> list[Path]:
+        """Close the files and rename them onto their final paths (all rows must be written)."""
+        if self.rows_written != self.height:
+            self.abort()
+            raise DataError(f"only rows 0..{self.rows_written} of {self.height} were predicted, so the map was not written", path=self.source)
+        self._stack.close()  # in reverse: each dataset is closed before its temporary file is flushed and renamed
+        return self.paths
+
+    def abort(self) -> None:
+        """Close and delete the temporary files; nothing appears at the final paths."""
+        stop = _Aborted()
+        self._stack.__exit__(type(stop), stop, None)  # atomic_path removes its temporary file when the block fails
+
+
+class _Aborted(Exception):
+    """Passed to the open files' context managers so that they discard, not commit."""
+
+
+#: rows of a scene's output written at once while its chips stream in: the output's block height,
+#: so every compressed block is written once, whole
+_BLOCK_ROWS = 256
+
+
+class _StreamedScene:
+    """One scene's blended class probabilities while its chips arrive, held for a strip of rows only.
+
+    Chips come row of chips after row of chips (:class:`polyfm.geo.data.GeoTiffChips`): when a
+    chip starts at row ``top``, no later chip touches the rows above it, so those rows are final.
+    The buffer holds ``chip rows + one block`` rows of the full width; whole blocks of final rows
+    are divided by their weights and written (:class:`_SceneFiles`), and the rest moves up.
+    Memory: ``4 x (classes + 1) x (chip + 256) x width`` bytes instead of the scene's
+    ``4 x (classes + 1) x height x width``; sums and the division are the same as for a scene
+    held whole, in the same order, so the output is the same to the bit."""
+
+    def __init__(self, source: Path, height: int, width: int, classes: int, chips: int, with_std: bool, chip_rows: int,
+                 files: _SceneFiles, block_rows: int = _BLOCK_ROWS) -> None:
+        self.source, self.height, self.width, self.chips, self.files = source, height, width, chips, files
+        self.block_rows = block_rows
+        self.capacity = min(height, chip_rows + block_rows)
+        self.top = 0  # the scene row held in the buffer's first row
+        self.probabilities = torch.zeros(classes, self.capacity, width)
+        self.std = torch.zeros(classes, self.capacity, width) if with_std else None
+        self.weight = torch.zeros(self.capacity, width)
         self.valid: torch.Tensor | None = None
         self.received = 0
 
     def add(self, top: int, left: int, probabilities: torch.Tensor, std: torch.Tensor | None, valid: torch.Tensor | None,
             weights: torch.Tensor) -> None:
+        if top < self.top:
+            raise DataError(f"a chip at row {top} arrived after rows 0..{self.top} were written: the predict loader must give each file's chips "
+                            "row of chips after row of chips (GeoTiffChips in order, no shuffling)", path=self.source)
         # an edge chip overhangs the raster (padded by the reader): keep only its part inside
         h, w = min(probabilities.shape[-2], self.height - top), min(probabilities.shape[-1], self.width - left)
-        rows, cols, weight = slice(top, top + h), slice(left, left + w), weights[:h, :w]
+        if top + h > self.top + self.capacity:  # rows above this chip are final: write whole blocks of them
+            self._flush((top - self.top) // self.block_rows * self.block_rows)
+        if top + h > self.top + self.capacity:
+            raise DataError(f"a chip of {h} rows does not fit the {self.capacity}-row strip sized by the scene's first chip: all chips of a "
+                            "scene must have one size", path=self.source)
+        rows, cols, weight = slice(top - self.top, top - self.top + h), slice(left, left + w), weights[:h, :w]
         self.probabilities[:, rows, cols] += probabilities[:, :h, :w] * weight
         if self.std is not None:
             if std is None:
@@ -92,18 +200,30 @@ class _SceneAccumulator:
         self.weight[rows, cols] += weight
         if valid is not None:
             if self.valid is None:
-                self.valid = torch.zeros(self.height, self.width, dtype=torch.bool)
+                self.valid = torch.zeros(self.capacity, self.width, dtype=torch.bool)
             self.valid[rows, cols] |= valid[:h, :w].bool()
         self.received += 1
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not bool((self.weight > 0).all()):
-            raise DataError(f"{int((self.weight == 0).sum())} pixels were covered by no chip; predict with a stride <= chip size", path=self.source)
-        # in place: a Sentinel-2 scene's accumulator is gigabytes, a copy would double it
-        self.probabilities.div_(self.weight)
-        if self.std is not None:
-            self.std.div_(self.weight)
-        return self.probabilities, self.std
+    def _flush(self, rows: int) -> None:
+        """Write the buffer's first ``rows`` rows (final) and move the others up."""
+        if rows <= 0:
+            return
+        weight = self.weight[:rows]
+        if not bool((weight > 0).all()):
+            raise DataError(f"{int((weight == 0).sum())} pixels were covered by no chip; predict with a stride <= chip size", path=self.source)
+        self.files.write(self.top, self.probabilities[:, :rows] / weight, None if self.std is None else self.std[:, :rows] / weight,
+                         None if self.valid is None else self.valid[:rows])
+        keep = self.capacity - rows
+        for buffer in (self.probabilities, self.std, self.weight, self.valid):
+            if buffer is not None:
+                buffer[..., :keep, :] = buffer[..., rows:, :].clone()
+                buffer[..., keep:, :] = 0
+        self.top += rows
+
+    def finish(self) -> list[Path]:
+        """Write the remaining rows and commit the files (after the scene's last chip)."""
+        self._flush(self.height - self.top)
+        return self.files.commit()
 
 
 #: rows per block when a scene-sized map is reduced (argmax, gather): no scene-sized int64 temporaries
@@ -156,7 +276,7 @@ class GeoPredictionWriter(PredictionFileWriter):
     def reset(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self._used_names: set[str] = set()
-        self._scene: _SceneAccumulator | None = None
+        self._scene: _StreamedScene | None = None
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
         self._rasters: dict[str, tuple[Any, Any, int, int]] = {}
 
@@ -264,6 +384,7 @@ class GeoPredictionWriter(PredictionFileWriter):
     def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._scene is not None:
             scene, self._scene = self._scene, None
+            scene.files.abort()
             raise DataError(f"predict ended after {scene.received} of the {scene.chips} chips of this scene, so its map was not written; "
                             "predict every chip (no limit_predict_batches)", path=scene.source)
         if not self.rows:
@@ -272,6 +393,12 @@ class GeoPredictionWriter(PredictionFileWriter):
         geo = [f for f in FIELDS_GEO if f in frame.columns]
         frame = frame[[c for c in frame.columns if c not in geo] + geo]
         self.write_table(self.table(trainer), frame)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # a predict that fails mid-scene (or is interrupted) deletes the scene's temporary files: no partial map anywhere
+        if self._scene is not None:
+            scene, self._scene = self._scene, None
+            scene.files.abort()
 
     # -- dense outputs -----------------------------------------------------------------------------
     @staticmethod
@@ -291,15 +418,20 @@ class GeoPredictionWriter(PredictionFileWriter):
             raise DataError(f"chips of {source.name} arrived after {scene.received} of the {scene.chips} chips of this scene: the predict "
                             "loader must keep each file's chips together (GeoTiffChips in order, no shuffling)", path=scene.source)
         if scene is None:
-            scene = self._scene = _SceneAccumulator(source, height, width, probabilities.shape[0], count, std is not None)
+            files = self._open_files(trainer, module, source, probabilities.shape[0], std is not None, members)
+            scene = self._scene = _StreamedScene(source, height, width, probabilities.shape[0], count, std is not None, probabilities.shape[-2], files)
         key = (probabilities.shape[-2], probabilities.shape[-1])
         if key not in self._weights:
             self._weights[key] = blending_weights(*key, self.blending)
-        scene.add(top, left, probabilities, std, valid, self._weights[key])
-        if scene.received == scene.chips:
+        try:
+            scene.add(top, left, probabilities, std, valid, self._weights[key])
+            if scene.received == scene.chips:
+                self._scene = None
+                self.written += scene.finish()
+        except BaseException:
             self._scene = None
-            mean, mean_std = scene.result()
-            self._write_scene(trainer, module, source, mean, mean_std, scene.valid, labels=None, members=members)
+            scene.files.abort()
+            raise
 
     def _name(self, source: Path) -> str:
         """``<stem>``, or ``<parent>_<stem>`` when two inputs share a stem (class folders)."""
@@ -311,58 +443,32 @@ class GeoPredictionWriter(PredictionFileWriter):
         self._used_names.add(name)
         return name
 
-    def _write_scene(
-        self, trainer: L.Trainer, module: L.LightningModule, source: Path, probabilities: torch.Tensor, std: torch.Tensor | None,
-        valid: torch.Tensor | None, labels: torch.Tensor | None, members: Any,
-    ) -> None:
-        import rasterio
-
+    def _open_files(self, trainer: L.Trainer, module: L.LightningModule, source: Path, classes: int, with_std: bool, members: Any) -> _SceneFiles:
+        """The scene's output files, open for windowed writes on the input's grid (CRS, transform, size)."""
         crs, transform, height, width = self._raster(source)
-        if tuple(probabilities.shape[-2:]) != (height, width):
-            raise DataError(f"the prediction is {tuple(probabilities.shape[-2:])} but the input is {(height, width)}; predict on whole files "
-                            "or on chips (predict_chip_size) so the output lies on the input's grid", path=source)
-        classes = probabilities.shape[0]
         names = self.class_names(trainer, module, classes, default=_class_default)
-        dtype, nodata = ("uint8", 255) if classes < 255 else ("uint16", 65535)
-        array = _class_map(probabilities, dtype) if labels is None else labels.numpy().astype(dtype)
-        # an ensemble: how much its members disagree on the class it chose (read before nodata overwrites class ids)
-        spread = None if std is None else _at_class(std, array)
-        invalid = None if valid is None else ~valid.numpy().astype(bool)
-        if invalid is not None:
-            array[invalid] = nodata
-        folder, name = self.folder(trainer), self._name(source)
         profile: dict[str, Any] = {"driver": "GTiff", "height": height, "width": width, "crs": crs, "transform": transform, "compress": "deflate",
                                    "BIGTIFF": "IF_SAFER"}  # a scene's probabilities pass 4 GB from ~9 classes at 10980 x 10980
         if min(height, width) >= 256:  # internal tiles: GIS tools read a window without decoding whole strips
             profile.update(tiled=True, blockxsize=256, blockysize=256)
+        return _SceneFiles(source, self.folder(trainer), self._name(source), profile, names, self.write_probabilities, with_std, members)
 
-        def write_labels(path: Path) -> None:
-            with rasterio.open(path, "w", count=1, dtype=dtype, nodata=nodata, **profile) as out:
-                out.write(array, 1)
-                out.set_band_description(1, "class")
-                out.update_tags(1, classes=",".join(names))
-
-        self.write_file(folder / f"{name}.tif", write_labels)
-        if self.write_probabilities:
-
-            def write_probabilities(path: Path) -> None:
-                with rasterio.open(path, "w", count=classes, dtype="float32", **profile) as out:
-                    out.write(probabilities.numpy())  # float32 already: no scene-sized copy
-                    for band, class_name in enumerate(names, start=1):
-                        out.set_band_description(band, class_name)
-
-            self.write_file(folder / f"{name}_probabilities.tif", write_probabilities)
-        if spread is not None:
-            if invalid is not None:
-                spread[invalid] = math.nan
-
-            def write_uncertainty(path: Path) -> None:
-                with rasterio.open(path, "w", count=1, dtype="float32", nodata=math.nan, **profile) as out:
-                    out.write(spread, 1)
-                    out.set_band_description(1, "std of the predicted class's probability across ensemble members")
-                    out.update_tags(1, members=str(int(members)) if members is not None else "")
-
-            self.write_file(folder / f"{name}_uncertainty.tif", write_uncertainty)
+    def _write_scene(
+        self, trainer: L.Trainer, module: L.LightningModule, source: Path, probabilities: torch.Tensor, std: torch.Tensor | None,
+        valid: torch.Tensor | None, labels: torch.Tensor | None, members: Any,
+    ) -> None:
+        """A whole file's prediction (the model saw the whole file), written in one go."""
+        _, _, height, width = self._raster(source)
+        if tuple(probabilities.shape[-2:]) != (height, width):
+            raise DataError(f"the prediction is {tuple(probabilities.shape[-2:])} but the input is {(height, width)}; predict on whole files "
+                            "or on chips (predict_chip_size) so the output lies on the input's grid", path=source)
+        files = self._open_files(trainer, module, source, probabilities.shape[0], std is not None, members)
+        try:
+            files.write(0, probabilities, std, valid, labels)
+        except BaseException:
+            files.abort()
+            raise
+        self.written += files.commit()
 
 
 def raster_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
