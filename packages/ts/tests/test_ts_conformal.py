@@ -136,6 +136,17 @@ def test_ts_intervals_cover_iid_noise_at_nominal_rate(tmp_path: Path) -> None:
     np.testing.assert_allclose((scaled["x1_hi"] - scaled["x1"]).to_numpy(), (table["x1_hi"] - table["x1"]).to_numpy() / dm.scaler.std[1],
                                rtol=1e-3)
 
+    # the DataFrame API: forecast(..., half_widths=) frames the next horizon with the same half-widths
+    from polyfm.ts.forecast import forecast
+
+    widths = writer.half_widths[str(tmp_path / "noisy.csv")]
+    ahead = forecast(task.model, frame, columns=names, scaler=dm.scaler, half_widths=widths)
+    assert list(ahead.columns) == ["date", *names, "x0_lo", "x1_lo", "x0_hi", "x1_hi"] and len(ahead) == HORIZON
+    np.testing.assert_allclose(ahead[["x0_hi", "x1_hi"]].to_numpy() - ahead[names].to_numpy(), widths, rtol=1e-6)
+    np.testing.assert_allclose(ahead[names].to_numpy() - ahead[["x0_lo", "x1_lo"]].to_numpy(), widths, rtol=1e-6)
+    with pytest.raises(ConfigError, match="half_widths of shape"):
+        forecast(task.model, frame, columns=names, scaler=dm.scaler, half_widths=widths[:, :1])
+
 
 def test_ts_intervals_widen_with_horizon_on_a_random_walk(tmp_path: Path) -> None:
     """A random walk: the error of step h grows like sqrt(h), so do the calibrated half-widths; past the end

@@ -208,9 +208,12 @@ def forecast(
     freq_token: int | None = None,
     on_missing: Literal["error", "interpolate", "mask"] = "error",
     timestamp_format: str | None = None,
+    half_widths: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Forecast the next horizon after the last row of ``data``; returns a DataFrame with the future
     timestamps (``timestamp_column``) and one column per forecast channel, in the data's units.
+    ``half_widths`` ``(horizon, forecast channels)`` in the data's units (a series' entry of
+    ``polyfm.ts.predict.interval_half_widths``: split-conformal) adds ``<channel>_lo`` / ``_hi``.
 
     The model's last ``context_length`` rows are used (a shorter history is left-padded and marked
     unobserved). ``scaler`` (e.g. ``dm.scaler`` of the fine-tuning data) is applied before and
@@ -259,7 +262,15 @@ def forecast(
     targets = config.prediction_channel_indices or list(range(len(series.columns)))
     if scaler is not None:
         prediction = scaler.inverse(prediction, targets)
-    out = pd.DataFrame(prediction, columns=[series.columns[i] for i in targets])
+    names = [series.columns[i] for i in targets]
+    out = pd.DataFrame(prediction, columns=names)
+    if half_widths is not None:
+        width = np.asarray(half_widths, dtype=np.float64)
+        if width.shape != prediction.shape:
+            raise ConfigError(f"half_widths of shape {width.shape} do not match the forecast's (horizon {horizon}, {len(names)} channels "
+                              f"{names}): pass the series' entry of interval_half_widths for this model and data.")
+        out[[f"{n}_lo" for n in names]] = prediction - width
+        out[[f"{n}_hi" for n in names]] = prediction + width
     out.insert(0, timestamp_column or "step", series.future_timestamps(len(series) - 1, horizon))
     return out
 
@@ -282,7 +293,7 @@ def plot_forecast(
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - optional dependency
         raise ImportError("plot_forecast needs matplotlib: pip install 'polyfm-ts[plot]'") from exc
-    column = column or [c for c in predicted.columns if c != timestamp_column][-1]
+    column = column or [c for c in predicted.columns if c != timestamp_column and not c.endswith(("_lo", "_hi"))][-1]
     recent = history.iloc[-history_points:] if history_points else history
     recent = recent.assign(**{timestamp_column: pd.to_datetime(recent[timestamp_column])})
     if truth is not None:
@@ -292,6 +303,9 @@ def plot_forecast(
     if truth is not None:
         ax.plot(truth[timestamp_column], truth[column], color="tab:green", lw=1.0, label="truth")
     ax.plot(predicted[timestamp_column], predicted[column], color="tab:red", lw=1.5, label="forecast")
+    if f"{column}_lo" in predicted and f"{column}_hi" in predicted:  # prediction intervals (forecast(half_widths=...))
+        ax.fill_between(predicted[timestamp_column], predicted[f"{column}_lo"], predicted[f"{column}_hi"], color="tab:red", alpha=0.2,
+                        lw=0, label="interval")  # fmt: skip
     ax.axvline(predicted[timestamp_column].iloc[0], color="0.6", ls="--", lw=0.8)
     ax.set_ylabel(column)
     ax.legend(loc="upper left", frameon=False, ncol=3)
