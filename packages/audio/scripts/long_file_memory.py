@@ -1,4 +1,4 @@
-"""Peak memory of ``polyfm predict`` on one long recording, whole file vs chunked.
+"""Peak memory of ``polyfm predict`` (or ``tag_file``) on one long recording, whole file vs chunked.
 
 Writes a synthetic recording (noise with a 1 kHz tone every minute, 16-bit PCM WAV) to a
 temporary folder, then runs ``trainer.predict`` with :class:`AudioPredictionWriter` on a
@@ -9,6 +9,9 @@ for each chunked run, the largest difference of its framewise output from the wh
 whether the event lists are equal::
 
     OMP_NUM_THREADS=1 .venv/bin/python packages/audio/scripts/long_file_memory.py --minutes 10 --chunk-seconds 60
+
+``--api tag_file`` measures :func:`polyfm.audio.inference.tag_file` (``chunk_seconds``) instead of
+``trainer.predict``, comparing the framewise and clip outputs (there is no event list).
 
 No timing or memory figure here is asserted by a test (they depend on the machine).
 """
@@ -81,11 +84,36 @@ def run_one(folder: Path, chunk_seconds: float | None, base_channels: int) -> di
     return {"chunk_seconds": chunk_seconds, "baseline_mb": round(baseline), "peak_mb": round(peak_mb()), "seconds": round(seconds, 1), "events": events}
 
 
+def run_tag_file(folder: Path, chunk_seconds: float | None, base_channels: int) -> dict[str, float | int | None]:
+    import numpy as np
+    import torch
+
+    from polyfm.audio.inference import tag_file
+    from polyfm.audio.models import Cnn14_DecisionLevelMax
+
+    out = folder / f"out-{chunk_seconds}"
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Cnn14_DecisionLevelMax(base_channels=base_channels, classes_num=10).eval()
+    baseline = peak_mb()
+    start = time.perf_counter()
+    result = tag_file(model, folder / "recording" / "long.wav", chunk_seconds=chunk_seconds)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "framewise.npy", result["output"]["framewise_output"][0].numpy())
+    np.save(out / "clipwise.npy", result["output"]["clipwise_output"][0].numpy())
+    return {"api": "tag_file", "chunk_seconds": chunk_seconds, "baseline_mb": round(baseline), "peak_mb": round(peak_mb()), "seconds": round(seconds, 1)}
+
+
 def compare(folder: Path, chunk: str) -> dict[str, float | bool]:
     """The chunked run's framewise output and event list against the whole file's."""
     import numpy as np
 
     whole, chunked = (np.load(folder / f"out-{mode}" / "framewise.npy") for mode in ("None", chunk))
+    if (folder / "out-None" / "clipwise.npy").exists():  # tag_file: no event list
+        clips = [np.load(folder / f"out-{mode}" / "clipwise.npy") for mode in ("None", chunk)]
+        return {"framewise_max_abs_diff": float(np.abs(whole - chunked).max()), "frames": len(chunked),
+                "clipwise_max_abs_diff": float(np.abs(clips[0] - clips[1]).max())}
     events = [(folder / f"out-{mode}" / "predictions" / "predictions_events.tsv").read_text() for mode in ("None", chunk)]
     return {"framewise_max_abs_diff": float(np.abs(whole - chunked).max()), "frames": len(chunked), "same_events": events[0] == events[1]}
 
@@ -96,11 +124,13 @@ def main() -> None:
     parser.add_argument("--chunk-seconds", type=float, nargs="+", default=[60.0], help="chunk lengths to run besides the whole file")
     parser.add_argument("--base-channels", type=int, default=64, help="64: the released width")
     parser.add_argument("--skip-whole", action="store_true", help="chunked runs only")
+    parser.add_argument("--api", choices=["predict", "tag_file"], default="predict", help="trainer.predict or tag_file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:  # one measurement, in this fresh process
         folder, chunk = args.child.split("|")
-        print(json.dumps(run_one(Path(folder), None if chunk == "whole" else float(chunk), args.base_channels)))
+        run = run_tag_file if args.api == "tag_file" else run_one
+        print(json.dumps(run(Path(folder), None if chunk == "whole" else float(chunk), args.base_channels)))
         return
     import numpy as np
     import soundfile as sf
@@ -114,7 +144,8 @@ def main() -> None:
         write_recording(folder / "recording" / "long.wav", args.minutes)
         modes = ([] if args.skip_whole else ["whole"]) + [str(c) for c in args.chunk_seconds]
         for mode in modes:
-            result = subprocess.run([sys.executable, __file__, "--child", f"{folder}|{mode}", "--base-channels", str(args.base_channels)],
+            result = subprocess.run([sys.executable, __file__, "--child", f"{folder}|{mode}", "--base-channels", str(args.base_channels),
+                                     "--api", args.api],
                                     capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 print(json.dumps({"mode": mode, "error": result.returncode, "stderr": result.stderr[-2000:]}))

@@ -235,3 +235,82 @@ def test_excel_manifests_with_byte_order_mark_and_crlf(tmp_path: Path) -> None:
     assert read_fold_csv(tmp_path / "esc50.csv", [1])[1:] == ([0], ["dog"])
     (tmp_path / "class_labels_indices.csv").write_bytes(b"\xef\xbb\xbfindex,mid,display_name\r\n0,/m/a,Speech\r\n")
     assert audioset_labels(tmp_path / "class_labels_indices.csv") == ["Speech"]
+
+
+# ----------------------------------------------------------------------------- odd files, every reader
+
+
+def _odd_files(tmp_path: Path) -> dict[str, tuple[Path, int]]:
+    """Files as they come: (path, source rate)."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for name, rate, channels, subtype, seconds in [
+        ("stereo.wav", 32000, 2, "PCM_16", 2.0), ("u8.wav", 32000, 1, "PCM_U8", 2.0), ("pcm24.wav", 16000, 1, "PCM_24", 2.0),
+        ("stereo44.flac", 44100, 2, "PCM_16", 2.0), ("short44.flac", 44100, 1, "PCM_16", 0.1),
+    ]:  # fmt: skip
+        path = tmp_path / name
+        sf.write(path, (0.3 * rng.standard_normal((int(seconds * rate) + 7, channels))).clip(-1, 1), rate, subtype=subtype)
+        written[name] = (path, rate)
+    return written
+
+
+def test_odd_files_decode_the_same_whole_and_in_chunks(tmp_path: Path) -> None:
+    """Stereo, 8-bit, 24-bit, 44.1 kHz stereo FLAC and a 0.1 s FLAC: the dataset's whole-file
+    sample is ``load_audio``'s (mixed down, resampled to 32 kHz, the 8-bit file on its 1/128
+    steps), a chunk read anywhere equals the whole file's samples, and ``tag_file`` runs each
+    whole and in (short, seamed) chunks to the same frame count (the short file: one chunk
+    zero-padded to the model's minimum, as whole)."""
+    from polyfm.audio.chunked import ChunkedAudioDataset, read_span, resampled_length
+    from polyfm.audio.inference import tag_file
+    from polyfm.audio.models import Cnn14_DecisionLevelMax
+
+    torch.manual_seed(0)
+    model = Cnn14_DecisionLevelMax(base_channels=4, classes_num=3).eval()
+    for name, (path, rate) in _odd_files(tmp_path).items():
+        whole = load_audio(path, 32000)
+        assert len(whole) == resampled_length(sf.info(str(path)).frames, rate, 32000), name
+        item = AudioClipDataset([path], None, clip_seconds=None, check="full")[0]["input"]
+        torch.testing.assert_close(item, whole, atol=0, rtol=0)
+        for start, stop in ((0, 999), (len(whole) // 2 - 500, len(whole) // 2 + 777), (len(whole) - 1234, len(whole))):
+            start = max(start, 0)
+            torch.testing.assert_close(read_span(path, start, stop, 32000), whole[start:stop], atol=1e-6, rtol=0, msg=name)
+        chunks = ChunkedAudioDataset([path], 32000, 32000, 8000, 320, 10240, model.min_samples())
+        assert all(torch.isfinite(chunk["input"]).all() for chunk in chunks)
+        a, b = tag_file(model, path)["output"], tag_file(model, path, chunk_seconds=1.0, chunk_overlap_seconds=0.5)["output"]
+        assert a["framewise_output"].shape == b["framewise_output"].shape == (1, 1 + max(len(whole), model.min_samples()) // 320, 3)
+    native = load_audio(tmp_path / "u8.wav", 32000).numpy() * 128
+    np.testing.assert_allclose(native, np.round(native), atol=1e-4)  # 8-bit: 256 levels
+
+
+def test_silence_and_empty_files_in_every_reader(tmp_path: Path) -> None:
+    """Silence (all zeros, no NaN) is kept, flagged by check="full", and gives finite outputs;
+    a zero-length, missing or undecodable file is a DataError naming it in every reader,
+    the chunked one included (it raised libsndfile's own error for missing / undecodable files)."""
+    from polyfm.audio.chunked import ChunkedAudioDataset
+    from polyfm.audio.inference import tag_file
+    from polyfm.audio.models import Cnn14_DecisionLevelMax
+
+    torch.manual_seed(0)
+    model = Cnn14_DecisionLevelMax(base_channels=4, classes_num=3).eval()
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.zeros(64000, np.float32), 32000)
+    dataset = AudioClipDataset([silence], None, clip_seconds=None, check="full")
+    assert dataset.silent == [str(silence)] and dataset[0]["input"].abs().max() == 0
+    for options in ({}, {"chunk_seconds": 1.0, "chunk_overlap_seconds": 0.5}):
+        out = tag_file(model, silence, **options)["output"]
+        assert all(torch.isfinite(value).all() for value in out.values())
+    files = _bad_files(tmp_path)
+    missing = tmp_path / "missing.wav"
+    for path, message in ((files["empty"], "zero-length"), (missing, "not found"), (files["garbage"], "cannot decode"), (files["truncated"], "truncated WAV")):
+        readers = {
+            "dataset": lambda p=path: AudioClipDataset([p], None, clip_seconds=None)[0],
+            "chunks": lambda p=path: ChunkedAudioDataset([p], 32000, 32000, 8000, 320, 10240, 9920),
+            "tag_file": lambda p=path: tag_file(model, p),
+            "tag_file in chunks": lambda p=path: tag_file(model, p, chunk_seconds=1.0, chunk_overlap_seconds=0.5),
+        }
+        if path != files["truncated"]:  # load_audio decodes what is there; the header checks name truncation
+            readers["load_audio"] = lambda p=path: load_audio(p)
+        for reader, read in readers.items():
+            with pytest.raises(DataError, match=message) as info:
+                read()
+            assert str(path) in str(info.value), (reader, path)

@@ -154,3 +154,69 @@ def test_cnn14_emb512_layout_loads_and_matches(tmp_path) -> None:
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
     spec = {w.name: w for w in WEIGHTS}["panns-cnn14-emb512"]
     assert spec.config["embedding_size"] == 512 and spec.primary_file == path.name
+
+
+# ----------------------------------------------------------------------------- adversarial sweep
+
+CONFIG_16K = {"sample_rate": 16000, "window_size": 512, "hop_size": 160, "mel_bins": 64, "fmin": 50, "fmax": 8000, "classes_num": 527}
+CONFIG_8K = {"sample_rate": 8000, "window_size": 256, "hop_size": 80, "mel_bins": 64, "fmin": 50, "fmax": 4000, "classes_num": 527}
+RELEASED = {"32k": (Cnn14, CONFIG_32K), "16k": (Cnn14_16k, CONFIG_16K), "8k": (Cnn14_8k, CONFIG_8K)}
+
+
+def _noise(batch: int, samples: int) -> torch.Tensor:
+    return 0.3 * torch.randn(batch, samples, generator=torch.Generator().manual_seed(samples))
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_clip_length_edges_against_panns_inference(name: str) -> None:
+    """Below half a window (reflect padding) and below the 32 frames the trunk pools, panns_inference
+    fails inside torch (a padding or pooling RuntimeError); ours raises a ValueError saying the
+    shortest clip. From ``min_samples()`` (31 hops: exactly 32 frames) on, odd lengths included, equal."""
+    cls, config = RELEASED[name]
+    ref, ours = _pair(reference.Cnn14, cls, config)
+    hop, window = config["hop_size"], config["window_size"]
+    assert ours.min_samples() == 31 * hop
+    for samples in (1, window // 2, window // 2 + 1, window, 31 * hop - 1):
+        x = _noise(1, samples)
+        with torch.no_grad():
+            with pytest.raises(RuntimeError):
+                ref(x)
+            with pytest.raises(ValueError, match=rf"too short for window_size={window}|at least {31 * hop} samples"):
+                ours(x)
+    for samples in (31 * hop, 31 * hop + 1, 32 * hop + 7, 101 * hop - 1):
+        x = _noise(1, samples)
+        with torch.no_grad():
+            expected, got = ref(x), ours(x)
+        for key in ("clipwise_output", "embedding"):
+            torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0, msg=f"{samples} samples: {key}")
+
+
+def test_batch_rows_equal_single_clip_runs() -> None:
+    """Batch 1 vs many: each row of a batch of 4 (an odd length) equals the clip run alone, and the reference's batch."""
+    ref, ours = _pair(reference.Cnn14, Cnn14)
+    x = _noise(4, 32000 + 17)
+    with torch.no_grad():
+        batch, expected = ours(x), ref(x)
+        singles = [ours(x[i : i + 1]) for i in range(4)]
+    for key in ("clipwise_output", "embedding"):
+        # float rounding only (the convolutions sum in another order per batch size): measured 1.2e-6
+        torch.testing.assert_close(batch[key], torch.cat([s[key] for s in singles]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[key], expected[key], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_decision_level_max_framewise_length_at_each_rate(name: str) -> None:
+    """panns_inference's Cnn14_DecisionLevelMax built at 32 / 16 / 8 kHz vs ours with the same
+    arguments: ``framewise_output`` has the log-mel's ``1 + samples // hop`` frames (segments
+    repeated 32 times, padded with the last one; none padded at exactly 64 frames), and equals
+    the reference's at the shortest clip, at 64 frames, one sample short of 65 and at odd lengths."""
+    _, config = RELEASED[name]
+    ref, ours = _pair(reference.Cnn14_DecisionLevelMax, Cnn14_DecisionLevelMax, config, ours_config=config)
+    hop = config["hop_size"]
+    for samples in (31 * hop, 63 * hop, 64 * hop - 1, 95 * hop + 5):
+        x = _noise(2, samples)
+        with torch.no_grad():
+            expected, got = ref(x), ours(x)
+        assert got["framewise_output"].shape == expected["framewise_output"].shape == (2, 1 + samples // hop, 527)
+        for key in ("framewise_output", "clipwise_output"):
+            torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0, msg=f"{samples} samples: {key}")

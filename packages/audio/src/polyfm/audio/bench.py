@@ -111,7 +111,7 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor) -> Step:
     def step() -> object:
         optimizer.zero_grad(set_to_none=True)
         loss = F.binary_cross_entropy(model(x)["clipwise_output"], target)
-        loss.backward()
+        torch.autograd.backward(loss)  # loss.backward(), whose torch signature is unannotated
         optimizer.step()
         return loss
 
@@ -145,10 +145,12 @@ def _model(family: Family, reference: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     if reference:
         assert family.reference is not None
-        return getattr(load_panns_reference(), family.reference)(*family.reference_args)
+        reference_model: torch.nn.Module = getattr(load_panns_reference(), family.reference)(*family.reference_args)
+        return reference_model
     from polyfm.audio.models import MODELS
 
-    return MODELS[family.name]()
+    model: torch.nn.Module = MODELS[family.name]()
+    return model
 
 
 def _builder(family: Family, mode: str, reference: bool, batch: int, seconds: float) -> Callable[[torch.device], Step]:

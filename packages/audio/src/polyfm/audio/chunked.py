@@ -25,6 +25,7 @@ frames) sit on the whole file's grid: away from chunk edges the outputs are the 
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +36,8 @@ import torch
 from torch.utils.data import Dataset
 
 from polyfm.core.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 #: how far (in frames) a Cnn14_DecisionLevelMax frame output sees to either side: beyond 192
 #: frames of a chunk's edge its outputs equal the whole file's to float rounding (measured:
@@ -53,6 +56,52 @@ class ChunkSpan(NamedTuple):
     stop: int
     keep_from: int
     keep_to: int
+
+
+class ChunkGeometry(NamedTuple):
+    """How a model's input is cut: ``chunk`` samples overlapping by ``overlap``, starts on multiples
+    of ``align`` (``hop`` x the model's pooling), all at ``rate``."""
+
+    rate: int
+    chunk: int
+    overlap: int
+    hop: int
+    align: int
+
+
+def chunk_geometry(model: Any, chunk_seconds: float, overlap_seconds: float | None,
+                   names: tuple[str, str] = ("predict_chunk_seconds", "predict_chunk_overlap_seconds")) -> ChunkGeometry:
+    """Chunks of ``chunk_seconds`` overlapping by ``overlap_seconds`` (None: the default 400 frames,
+    at most half a chunk) on the grid of the PANNs ``model``; ``names`` are the options as the
+    caller takes them, for the errors. Refuses chunks shorter than the model takes or that do
+    not advance by its grid; warns when the overlap is under twice the model's reach."""
+    if not hasattr(model, "frontend"):
+        raise ConfigError(f"{names[0]} cuts files on the model's frame grid: it needs a PANNs model "
+                          f"(got {type(model).__name__ if model is not None else 'no model'}), or leave {names[0]} unset")
+    if not chunk_seconds > 0:
+        raise ConfigError(f"{names[0]} must be positive seconds; got {chunk_seconds}")
+    if overlap_seconds is not None and not 0 <= overlap_seconds < chunk_seconds:
+        raise ConfigError(f"{names[1]} must be 0 or more seconds and less than {names[0]} ({chunk_seconds}): chunks have to advance; "
+                          f"got {overlap_seconds}")
+    rate, hop = int(model.sample_rate), int(model.frontend.hop_size)
+    align = hop * int(getattr(model, "pooling", 1))
+    chunk = int(round(chunk_seconds * rate))
+    if overlap_seconds is None:  # the default, unless the chunk is too short for it
+        overlap = min(DEFAULT_OVERLAP_FRAMES * hop, chunk // 2)
+    else:
+        overlap = int(round(overlap_seconds * rate))
+    overlap_seconds = overlap / rate
+    minimum = max(int(model.min_samples()) if hasattr(model, "min_samples") else 0, 0) + align
+    if chunk < minimum or chunk - overlap < align:
+        raise ConfigError(
+            f"{names[0]}={chunk_seconds} with {names[1]}={overlap_seconds}: {type(model).__name__} "
+            f"needs chunks of at least {minimum / rate:.2f} s that advance by at least its {align / rate:.2f} s grid "
+            f"(hop_size x {align // hop}); give a longer chunk or a smaller overlap")
+    if overlap < 2 * REACH_FRAMES * hop:
+        log.warning("%s=%g is under %g s (twice the %d frames %s sees to either side): outputs within %g s "
+                    "of the chunk boundaries differ from whole-file ones", names[1], overlap_seconds, 2 * REACH_FRAMES * hop / rate,
+                    REACH_FRAMES, type(model).__name__, REACH_FRAMES * hop / rate)
+    return ChunkGeometry(rate, chunk, overlap, hop, align)
 
 
 def file_frames(samples: int, hop: int) -> int:
@@ -140,14 +189,15 @@ class ChunkedAudioDataset(Dataset[dict[str, Any]]):
     prediction pads it."""
 
     def __init__(self, paths: list[Path], sample_rate: int, chunk: int, overlap: int, hop: int, align: int, min_samples: int = 0) -> None:
+        from polyfm.audio.data import check_audio_header
+
         self.paths, self.sample_rate, self.hop, self.min_samples = list(paths), sample_rate, hop, min_samples
         self.chunks: list[tuple[int, int, ChunkSpan, int]] = []  # (file, chunk number, span, file frames)
         self.counts: list[int] = []
         for number, path in enumerate(self.paths):
-            info = sf.info(str(path))
+            # missing, undecodable, truncated or empty files: a DataError naming the file (not libsndfile's own)
+            info = check_audio_header(path)
             samples = resampled_length(info.frames, info.samplerate, sample_rate)
-            if samples == 0:
-                raise DataError("zero-length audio (0 frames). Remove it from the manifest.", path=path)
             padded = max(samples, min_samples) if samples <= chunk else samples
             spans = plan_chunks(samples, chunk, overlap, hop, align)
             if len(spans) == 1:
@@ -172,4 +222,4 @@ class ChunkedAudioDataset(Dataset[dict[str, Any]]):
         return {"input": waveform, "meta": str(self.paths[number]), "chunk": torch.tensor(info, dtype=torch.long)}
 
 
-__all__ = ["ChunkSpan", "ChunkedAudioDataset", "DEFAULT_OVERLAP_FRAMES", "REACH_FRAMES", "file_frames", "plan_chunks", "read_span", "resampled_length"]
+__all__ = ["ChunkGeometry", "ChunkSpan", "ChunkedAudioDataset", "chunk_geometry", "DEFAULT_OVERLAP_FRAMES", "REACH_FRAMES", "file_frames", "plan_chunks", "read_span", "resampled_length"]

@@ -32,9 +32,9 @@ import math
 import re
 import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import numpy as np
 import soundfile as sf
@@ -210,6 +210,8 @@ def load_audio(
     offset with ``random_crop``), shorter ones zero-padded at the end (as PANNs).
     """
     path = Path(path)
+    if not path.is_file():  # libsndfile says "System error"
+        raise DataError("audio file not found; check the path (and the manifest's audio_root).", path=path)
     try:
         data, source_rate = sf.read(str(path), dtype="float32")  # (frames,) for mono, (frames, channels) else
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
@@ -331,7 +333,7 @@ class AudioClipDataset(Dataset[dict[str, Any]]):
     def target(self, label: Label) -> torch.Tensor:
         if self.multilabel:
             vector = torch.zeros(self.num_classes or 0)
-            vector[list(label if isinstance(label, list) else [label])] = 1.0  # type: ignore[list-item]
+            vector[list(label if isinstance(label, list) else [label])] = 1.0
             return vector
         return torch.tensor(label, dtype=torch.long)
 
@@ -356,6 +358,12 @@ class AudioClipDataset(Dataset[dict[str, Any]]):
         return item
 
 
+class LengthKeyed(Protocol):
+    """What :class:`LengthBatchSampler` reads from its dataset: a key that equal-length items share."""
+
+    def length_key(self, index: int) -> tuple[Any, ...]: ...
+
+
 class LengthBatchSampler(BatchSampler):
     """Batches of files that decode to the same length, for whole-file prediction.
 
@@ -367,7 +375,7 @@ class LengthBatchSampler(BatchSampler):
     ``sampler`` is the order of the dataset indices (Lightning re-creates this sampler for
     predict with its own, so it is an argument)."""
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool = False, dataset: AudioClipDataset | None = None) -> None:
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool = False, dataset: LengthKeyed | None = None) -> None:
         super().__init__(sampler, batch_size, drop_last)
         if dataset is None:
             raise ConfigError("LengthBatchSampler needs the dataset whose file lengths it groups.")
@@ -622,7 +630,8 @@ def read_folder(
         unknown = [p.name for p in subfolders if p.name not in classes]
         if unknown:
             raise DataError(f"sub-folder(s) {unknown} are not among the classes {classes}.", path=root)
-        paths, labels = [], []
+        paths: list[Path] = []
+        labels: list[Label] = []
         for folder in subfolders:
             label = classes.index(folder.name)
             for path in sorted(folder.rglob("*")):
@@ -674,7 +683,8 @@ def read_fsdd(root: str | Path, split: Literal["train", "test", "all"], indices:
     The dataset's own split: index 0-4 test, 5-49 train. ``indices`` narrows further."""
     root = Path(root)
     folder = root / "recordings" if (root / "recordings").is_dir() else root
-    paths, labels = [], []
+    paths: list[Path] = []
+    labels: list[Label] = []
     for path in sorted(folder.glob("*.wav")):
         match = FSDD_NAME.match(path.name)
         if not match:
@@ -757,7 +767,8 @@ class AudioDataModule(OptionalValidation, DictDataModule):
             from polyfm.core.data import label_fraction_indices
 
             labels = self.train_labels()
-            indices = label_fraction_indices(labels if labels is not None else len(train), self.label_fraction, self.seed)
+            # cast: torch's Dataset declares no __len__; every dataset build() returns here has one
+            indices = label_fraction_indices(labels if labels is not None else len(cast(Sized, train)), self.label_fraction, self.seed)
             train = Subset(train, indices.tolist())
         self.train_set = train
 
@@ -786,39 +797,22 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         self.predict_set.min_samples = _model_min_samples(getattr(self, "trainer", None))
         if self.predict_chunk_seconds is not None:
             chunks = self.chunked_predict_set()
-            batches = ChunkBatchSampler(SequentialSampler(chunks), self.batch_size, False, chunks)
-            return DataLoader(chunks, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
+            chunk_batches = ChunkBatchSampler(SequentialSampler(chunks), self.batch_size, False, chunks)
+            return DataLoader(chunks, batch_sampler=chunk_batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
         batches = LengthBatchSampler(SequentialSampler(self.predict_set), self.batch_size, False, self.predict_set)
         return DataLoader(self.predict_set, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def chunked_predict_set(self, model: Any = None) -> ChunkedAudioDataset:
         """The ``predict`` files as chunks of ``predict_chunk_seconds`` (see :mod:`polyfm.audio.chunked`),
         on the grid of ``model`` (default: the trainer's): starts on multiples of its hop x pooling."""
-        from polyfm.audio.chunked import DEFAULT_OVERLAP_FRAMES, REACH_FRAMES, ChunkedAudioDataset
+        from polyfm.audio.chunked import ChunkedAudioDataset, chunk_geometry
 
         assert self.predict_set is not None and self.predict_chunk_seconds is not None
         base = model if model is not None else _model_base(getattr(self, "trainer", None))
         if base is None or not hasattr(base, "frontend"):
             raise ConfigError("predict_chunk_seconds cuts files on the model's frame grid: run predict through a Trainer with a PANNs model "
                               f"(got {type(base).__name__ if base is not None else 'no model'}), or leave predict_chunk_seconds unset")
-        rate, hop = int(base.sample_rate), int(base.frontend.hop_size)
-        align = hop * int(getattr(base, "pooling", 1))
-        chunk = int(round(self.predict_chunk_seconds * rate))
-        if self.predict_chunk_overlap_seconds is None:  # the default, unless the chunk is too short for it
-            overlap = min(DEFAULT_OVERLAP_FRAMES * hop, chunk // 2)
-        else:
-            overlap = int(round(self.predict_chunk_overlap_seconds * rate))
-        overlap_seconds = overlap / rate
-        minimum = max(int(base.min_samples()) if hasattr(base, "min_samples") else 0, 0) + align
-        if chunk < minimum or chunk - overlap < align:
-            raise ConfigError(
-                f"predict_chunk_seconds={self.predict_chunk_seconds} with predict_chunk_overlap_seconds={overlap_seconds}: {type(base).__name__} "
-                f"needs chunks of at least {minimum / rate:.2f} s that advance by at least its {align / rate:.2f} s grid "
-                f"(hop_size x {align // hop}); give a longer chunk or a smaller overlap")
-        if overlap < 2 * REACH_FRAMES * hop:
-            log.warning("predict_chunk_overlap_seconds=%g is under %g s (twice the %d frames %s sees to either side): outputs within %g s "
-                        "of the chunk boundaries differ from whole-file ones", overlap_seconds, 2 * REACH_FRAMES * hop / rate, REACH_FRAMES,
-                        type(base).__name__, REACH_FRAMES * hop / rate)
+        rate, chunk, overlap, hop, align = chunk_geometry(base, self.predict_chunk_seconds, self.predict_chunk_overlap_seconds)
         sample_rate = getattr(self, "sample_rate", rate)
         if sample_rate != rate:
             raise ConfigError(f"the data module reads audio at {sample_rate} Hz but {type(base).__name__} runs at {rate} Hz: set sample_rate={rate}")

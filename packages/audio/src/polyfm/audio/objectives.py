@@ -36,7 +36,8 @@ class AudioSetTagging(nn.Module):
     # An explicit signature: LightningCLI (jsonargparse) checks objectives against the
     # Objective protocol, and nn.Module's own __call__(*args, **kwargs) does not match it.
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         waveform, target = batch["input"], batch["target"].float()
@@ -70,4 +71,5 @@ class ContrastiveAudio(InfoNCE):
     # An explicit signature: LightningCLI (jsonargparse) checks objectives against the
     # Objective protocol, and nn.Module's own __call__(*args, **kwargs) does not match it.
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -185,7 +185,7 @@ class SoundEventDetection(EncoderTask):
         super().__init__(encoder, adaptation, optim)
         self.save_hyperparameters(ignore=["encoder"])
         self.num_classes, self.class_names, self.threshold = num_classes, class_names, threshold
-        self.head = nn.Linear(encoder.feature_dim, num_classes)
+        self.head = nn.Linear(self.encoder.feature_dim, num_classes)  # as core's Classification: the adapted encoder (Any)
         self.metrics = nn.ModuleDict(
             {
                 stage: torchmetrics.MetricCollection(
@@ -235,7 +235,7 @@ class SoundEventDetection(EncoderTask):
         if target.dim() == 3:
             target = align_frames(target, out["framewise_logits"].shape[1])
             probs = torch.sigmoid(out["framewise_logits"]).reshape(-1, self.num_classes)
-            metrics = self.metrics[f"{stage}_"]
+            metrics = cast(torchmetrics.MetricCollection, self.metrics[f"{stage}_"])  # ModuleDict items are typed Module
             metrics.update(probs, torch.nan_to_num(target, nan=-1).reshape(-1, self.num_classes).long())
             self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=len(target))
             if stage == "test":

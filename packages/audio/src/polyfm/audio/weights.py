@@ -19,13 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from polyfm.core.errors import CheckpointError
 from polyfm.core.weights import StateDict, WeightSpec, load_checkpoint_file, unwrap_state_dict
+
+if TYPE_CHECKING:  # the models import this module when loading checkpoints
+    from polyfm.audio.models.base import PannsModel
+    from polyfm.audio.models.frontend import LogMelFrontEnd
 
 STFT_REAL = "spectrogram_extractor.stft.conv_real.weight"
 STFT_IMAG = "spectrogram_extractor.stft.conv_imag.weight"
@@ -68,7 +71,7 @@ def torchlibrosa_frontend_state(window_size: int, mel_fb: torch.Tensor) -> State
     }
 
 
-def check_torchlibrosa_frontend(tensors: Mapping[str, torch.Tensor], frontend: nn.Module, source: str = "checkpoint") -> None:
+def check_torchlibrosa_frontend(tensors: Mapping[str, torch.Tensor], frontend: LogMelFrontEnd, source: str = "checkpoint") -> None:
     """Refuse a checkpoint whose front end was built for another configuration.
 
     The STFT size is read from the DFT bases, the sample rate / fmin / fmax / mel bins
@@ -114,10 +117,10 @@ def _tolerance(tensor: torch.Tensor, float32: float, scale: float = 1.0) -> floa
     return float32
 
 
-def to_panns_state_dict(model: nn.Module) -> StateDict:
+def to_panns_state_dict(model: PannsModel) -> StateDict:
     """Our model's state dict in the official layout, torchlibrosa tensors included."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    frontend = model.frontend  # type: ignore[attr-defined]
+    frontend = model.frontend
     state.update(torchlibrosa_frontend_state(frontend.window_size, frontend.mel_fb))
     return state
 

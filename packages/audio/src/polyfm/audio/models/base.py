@@ -31,14 +31,14 @@ TRANSFER_PREFIX, TRANSFER_HEAD = "base.", "fc_transfer."
 LIGHTNING_PREFIXES = ("model.", "encoder.")
 
 
-def init_layer(layer: nn.Module) -> None:
+def init_layer(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
     """PANNs' initialisation: Xavier-uniform weights, zero bias."""
     nn.init.xavier_uniform_(layer.weight)
-    if getattr(layer, "bias", None) is not None:
+    if layer.bias is not None:
         nn.init.zeros_(layer.bias)
 
 
-def init_bn(bn: nn.Module) -> None:
+def init_bn(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
     nn.init.ones_(bn.weight)
     nn.init.zeros_(bn.bias)
 
@@ -56,6 +56,9 @@ class PannsModel(Encoder, PretrainedMixin):
     family: str = "panns"
     #: how many times the conv blocks halve time and mel bins (Cnn14: five 2x2 poolings)
     pooling: int = 32
+    #: the head every family builds (declared here for the shared clip_head)
+    fc1: nn.Linear
+    fc_audioset: nn.Linear
 
     def __init__(
         self,
@@ -92,7 +95,8 @@ class PannsModel(Encoder, PretrainedMixin):
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         """Log-mel normalised by ``bn0`` over mel bins: ``(B, 1, frames, mel_bins)``."""
         x = self.frontend(waveform)
-        return self.bn0(x.transpose(1, 3)).transpose(1, 3)
+        normalised: torch.Tensor = self.bn0(x.transpose(1, 3)).transpose(1, 3)
+        return normalised
 
     def check_size(self, x: torch.Tensor) -> None:
         """PANNs fails deep inside the pooling on too short clips or too few mel bins; say why instead."""
@@ -121,6 +125,22 @@ class PannsModel(Encoder, PretrainedMixin):
         x = torch.mean(x, dim=3)
         return torch.amax(x, dim=2) + torch.mean(x, dim=2)
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv blocks: ``(B, 1, frames, mel_bins)`` -> ``(B, C, frames / pooling, mel_bins / pooling)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no trunk")
+
+    def time_map(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The trunk's output averaged over mel bins, ``(B, C, frames // pooling)``: the last
+        map with a time axis before the clip pooling (or the segment head), in eval mode
+        (no augmentation). Chunked inference (:func:`polyfm.audio.inference.tag_file`) runs this
+        per chunk and stitches it on the file's grid; :meth:`head_from_map` finishes it."""
+        return torch.mean(self.trunk(self.log_mel(self.as_waveform(waveform))), dim=3)
+
+    def head_from_map(self, x: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
+        """``forward``'s outputs from a :meth:`time_map` ``(B, C, steps)`` of input with ``frames``
+        log-mel frames: max + mean over time, then :meth:`clip_head`."""
+        return self.clip_head(torch.amax(x, dim=2) + torch.mean(x, dim=2))
+
     def clip_head(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """``fc1`` -> embedding, ``fc_audioset`` -> clipwise output, as PANNs."""
         x = nn.functional.dropout(pooled, p=self.head_dropout, training=self.training)
@@ -130,7 +150,8 @@ class PannsModel(Encoder, PretrainedMixin):
         return {"clipwise_output": torch.sigmoid(logits), "embedding": embedding, "logits": logits}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x)["embedding"]
+        embedding: torch.Tensor = self(x)["embedding"]
+        return embedding
 
     def num_frames(self, num_samples: int) -> int:
         return self.frontend.num_frames(num_samples)
@@ -154,12 +175,12 @@ class PannsModel(Encoder, PretrainedMixin):
         """Name the constructor arguments a registry checkpoint needs and this model lacks
         (``Cnn14(pretrained="panns-cnn14-16k")`` would otherwise fail on the mel filters)."""
         frontend = self.frontend
-        have = {
+        have: dict[str, float | None] = {
             "sample_rate": frontend.sample_rate, "window_size": frontend.window_size, "hop_size": frontend.hop_size,
             "mel_bins": frontend.mel_bins, "fmin": frontend.fmin, "fmax": frontend.fmax,
             "embedding_size": getattr(self, "feature_dim", None),
         }  # fmt: skip
-        wrong = {k: v for k, v in spec.config.items() if k in have and float(have[k]) != float(v)}
+        wrong = {k: v for k, v in spec.config.items() if k in have and ((mine := have[k]) is None or float(mine) != float(v))}
         if wrong:
             needed = ", ".join(f"{k}={v}" for k, v in wrong.items())
             built = ", ".join(f"{k}={have[k]}" for k in wrong)

@@ -58,11 +58,16 @@ class Cnn10(PannsModel):
     def block_names(self) -> list[str]:
         return ["bn0", "conv_block1", "conv_block2", "conv_block3", "conv_block4", "fc1"]
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv blocks 1-4 with PANNs' dropout: ``(B, 1, T, F)`` -> ``(B, C, T/16, F/16)``."""
+        self.check_size(x)
+        for block in (self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4):
+            x = block(x, pool_size=(2, 2), pool_type="avg")
+            x = F.dropout(x, p=self.block_dropout, training=self.training)
+        return x
+
     def forward(self, input: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.log_mel(self.as_waveform(input))
         self.check_size(x)
         x = self.augment(x, mixup_lambda)
-        for block in (self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4):
-            x = block(x, pool_size=(2, 2), pool_type="avg")
-            x = F.dropout(x, p=self.block_dropout, training=self.training)
-        return self.clip_head(self.pool_clip(x))
+        return self.clip_head(self.pool_clip(self.trunk(x)))

@@ -41,7 +41,10 @@ class Cnn14_DecisionLevelMax(Cnn14):  # noqa: N801 - PANNs' own class name
 
     def segment_features(self, x: torch.Tensor) -> torch.Tensor:
         """Trunk output smoothed over time: ``(B, 1, T, F)`` -> ``(B, segments, channels)``."""
-        x = torch.mean(self.trunk(x), dim=3)
+        return self.smooth_segments(torch.mean(self.trunk(x), dim=3))
+
+    def smooth_segments(self, x: torch.Tensor) -> torch.Tensor:
+        """A time map ``(B, C, segments)`` smoothed over time (max-pool + avg-pool, width 3) -> ``(B, segments, C)``."""
         x = F.max_pool1d(x, kernel_size=3, stride=1, padding=1) + F.avg_pool1d(x, kernel_size=3, stride=1, padding=1)
         x = F.dropout(x, p=self.head_dropout, training=self.training)
         return x.transpose(1, 2)
@@ -50,7 +53,12 @@ class Cnn14_DecisionLevelMax(Cnn14):  # noqa: N801 - PANNs' own class name
         x = self.log_mel(self.as_waveform(input))
         frames_num = x.shape[2]
         x = self.augment(x, mixup_lambda)
-        x = torch.relu(self.fc1(self.segment_features(x)))
+        return self.head_from_map(torch.mean(self.trunk(x), dim=3), frames_num)
+
+    def head_from_map(self, x: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
+        """The segment head on a time map ``(B, C, segments)``; frames repeat segments up to ``frames``."""
+        frames_num = frames
+        x = torch.relu(self.fc1(self.smooth_segments(x)))
         segment_embedding = F.dropout(x, p=self.head_dropout, training=self.training)
         segment_logits = self.fc_audioset(segment_embedding)
         segmentwise_output = torch.sigmoid(segment_logits)

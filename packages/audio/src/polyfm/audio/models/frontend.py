@@ -56,6 +56,9 @@ class LogMelFrontEnd(nn.Module):
     derived from the configuration, so they never enter a state dict.
     """
 
+    window: torch.Tensor  # buffers, declared for type checkers (register_buffer sets them)
+    mel_fb: torch.Tensor
+
     def __init__(
         self,
         sample_rate: int = 32000,
@@ -107,7 +110,7 @@ class LogMelFrontEnd(nn.Module):
             onesided=True,
         )  # (B, freq_bins, frames)
         mel = torch.matmul(power.transpose(-1, -2), self.mel_fb)  # (B, frames, mel_bins)
-        log_mel = torchaudio.functional.amplitude_to_DB(mel, multiplier=10.0, amin=self.amin, db_multiplier=self.db_offset, top_db=None)
+        log_mel: torch.Tensor = torchaudio.functional.amplitude_to_DB(mel, multiplier=10.0, amin=self.amin, db_multiplier=self.db_offset, top_db=None)
         if self.top_db is not None:
             log_mel = torch.maximum(log_mel, log_mel.amax() - self.top_db)  # torchlibrosa clamps over the whole batch
         return log_mel[:, None]

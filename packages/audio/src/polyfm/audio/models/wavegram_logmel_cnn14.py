@@ -109,10 +109,17 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
         a = self.pre_block2(a, pool_size=4)
         a = self.pre_block3(a, pool_size=4)
         a = a.reshape(a.shape[0], -1, 32, a.shape[-1]).transpose(2, 3)
-        return self.pre_block4(a, pool_size=(2, 1))
+        wavegram: torch.Tensor = self.pre_block4(a, pool_size=(2, 1))
+        return wavegram
 
     def forward(self, input: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        waveform = self.as_waveform(input)
+        return self.clip_head(self.pool_clip(self.branches(self.as_waveform(input), mixup_lambda)))
+
+    def time_map(self, waveform: torch.Tensor) -> torch.Tensor:
+        return torch.mean(self.branches(self.as_waveform(waveform), None), dim=3)
+
+    def branches(self, waveform: torch.Tensor, mixup_lambda: torch.Tensor | None) -> torch.Tensor:
+        """Log-mel and wavegram branches joined after ``conv_block1``, then blocks 2-6: ``(B, samples)`` -> ``(B, C, T/32, F/32)``."""
         if waveform.shape[-1] < self.min_samples():
             raise ValueError(
                 f"{type(self).__name__} needs clips of at least {self.min_samples()} samples "
@@ -133,4 +140,4 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
         for index, block in enumerate((self.conv_block2, self.conv_block3, self.conv_block4, self.conv_block5, self.conv_block6)):
             x = block(x, pool_size=(1, 1) if index == 4 else (2, 2), pool_type="avg")
             x = F.dropout(x, p=self.block_dropout, training=self.training)
-        return self.clip_head(self.pool_clip(x))
+        return x
