@@ -368,3 +368,61 @@ def test_medseg_prediction_writer_reads_every_channel_file_of_a_case(tmp_path) -
     (written,) = (tmp_path / "out").glob("*.nii.gz")  # the validation case (no test list, no predict_files)
     assert written.name.endswith("_0000.nii.gz") and nib.load(str(written)).shape == (20, 18, 10)
     assert json.loads(written.with_name(written.name.replace(".nii.gz", ".json")).read_text())["labels"] == {"0": "background", "1": "lesion"}
+
+
+def test_medseg_label_stored_in_another_orientation_is_reoriented_onto_the_image(tmp_path, caplog) -> None:
+    """A label map on the image's voxels but saved in another axis order and direction (a tool writing SRA beside
+    an LPS scan) trains on the same targets as the label written on the image's grid; a label in another
+    orientation that is *not* the same voxels (shifted by a voxel) is still refused."""
+    from polyfm.medseg.data import segmentation_transforms
+
+    path = _dataset(tmp_path, n=1)
+    label_file = tmp_path / "labelsTr" / "case0.nii.gz"
+    original = nib.load(str(label_file))
+    start, end = nib.orientations.io_orientation(original.affine), nib.orientations.axcodes2ornt(("S", "R", "A"))
+    reoriented = original.as_reoriented(nib.orientations.ornt_transform(start, end))
+    assert reoriented.shape == (12, 24, 20)
+    other = tmp_path / "labelsTr" / "case0_sra.nii.gz"
+    nib.save(reoriented, str(other))
+    pipeline = segmentation_transforms(False, [16, 16, 8], num_classes=3, pixdim=None)
+    image = str(tmp_path / "imagesTr" / "case0.nii.gz")
+    expected = pipeline({"image": image, "label": str(label_file)})["target"]
+    with caplog.at_level("INFO", logger="polyfm.medseg.data"):
+        got = pipeline({"image": image, "label": str(other)})["target"]
+    assert "case0_sra.nii.gz: stored in another orientation" in caplog.text
+    assert torch.equal(got, expected) and int(expected.sum()) > 0
+    shifted = reoriented.affine.copy()
+    shifted[:3, 3] += reoriented.affine[:3, 0]  # one voxel along the first axis: other voxels, not a reordering
+    nib.save(nib.Nifti1Image(np.asarray(reoriented.dataobj), shifted), str(other))
+    description = json.loads(path.read_text())
+    description["training"][0]["label"] = "./labelsTr/case0_sra.nii.gz"
+    path.write_text(json.dumps(description))
+    with pytest.raises(DataError, match=r"case0_sra.nii.gz: image and label grids differ"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], cache="memory").setup()
+
+
+def test_medseg_label_map_must_fit_the_class_names(tmp_path) -> None:
+    path = _dataset(tmp_path)
+    with pytest.raises(ConfigError, match=r"label_map=\{1: 1, 2: 2\}\) sends \{2: 2\} to classes past the 2 of class_names"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], label_map={1: 1, 2: 2}, class_names=["background", "liver"])
+    with pytest.raises(ConfigError, match=r"negative ids are not labels"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], label_map={-1: 1, 2: 2})
+    with pytest.raises(DataError, match=r"outside 0..1 \(2 classes: dataset.json's 'labels', or class_names\)"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], class_names=["background", "liver"], cache="memory").setup()
+
+
+def test_medseg_remap_labels_ignores_huge_stray_ids() -> None:
+    """The lookup table is sized by label_map, not by the largest voxel value (a corrupt map holding 2**40
+    would ask for 8 TB): ids past the map are background."""
+    from polyfm.medseg.data import RemapLabels
+
+    label = torch.tensor([[0, 5, 1, 2**40]])
+    assert RemapLabels({5: 1, 1: 2})({"label": label})["label"].tolist() == [[0, 1, 2, 0]]
+
+
+def test_medseg_channel_files_on_different_grids_are_named(tmp_path) -> None:
+    root = tmp_path / "raw"
+    path = _nnunet_v2_dataset(root, ["la_001", "la_002"])
+    _save(root / "imagesTr" / "la_002_0001.nii.gz", np.zeros((20, 18, 8), np.float32))  # one channel cropped differently
+    with pytest.raises(DataError, match=r"la_002_0000.nii.gz, .*la_002_0001.nii.gz: the 2 channel files .* one grid"):
+        SegmentationDataModule(str(path), roi_size=[16, 16, 8], in_channels=2, modality="MR", cache="memory", val_fraction=0.5).setup()

@@ -555,3 +555,41 @@ def test_medseg_unetr_checkpoint_from_older_monai_loads(tmp_path, caplog) -> Non
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
         assert model.bottleneck_features(x).shape == (1, 48, 4, 4, 4) and model.forward_features(x).shape == (1, 48)
+
+
+def test_medseg_nnunet_checkpoint_fine_tunes_for_another_class_count(tmp_path, caplog) -> None:
+    """nnU-Net's own fine-tuning (-pretrained_weights) skips the .seg_layers.; here the class-specific layers of
+    another class count stay fresh and everything else loads, through from_pretrained(out_channels=...) and through
+    a recipe's VolumeSegmentation(pretrained=...), deep supervision included (its skip_layers alias the heads)."""
+    from polyfm.medseg.tasks import VolumeSegmentation
+
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(_nnunet_checkpoint([4, 8, 16], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], classes=3), path)
+    source = DynUNet.from_pretrained(path)  # 3 classes, as trained
+    encoder_keys = [k for k in source.state_dict() if k.startswith(("input_block.", "downsamples.", "bottleneck.", "upsamples."))]
+    for deep_supervision in (False, True):
+        with caplog.at_level("INFO", logger="polyfm.medseg.models.base"):
+            model = DynUNet.from_pretrained(path, out_channels=5, deep_supervision=deep_supervision)
+        assert "output_block.conv.conv.weight" in caplog.text and "keep their fresh initialisation" in caplog.text
+        task = VolumeSegmentation(DynUNet(**{**source.config, "deep_supervision": deep_supervision}), num_classes=5, pretrained=str(path))
+        for network in (model, task.model):
+            assert network.output_block.conv.conv.weight.shape[0] == 5
+            for key in encoder_keys:
+                torch.testing.assert_close(network.state_dict()[key], source.state_dict()[key], msg=key)
+        if deep_supervision:  # MONAI's skip layers still point at the (fresh, 5-class) supervision heads
+            assert task.model.skip_layers.next_layer.super_head is task.model.deep_supervision_heads[0]
+            assert task.model.train()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 5, 16, 16, 16)
+        caplog.clear()
+
+
+def test_medseg_swinvit_ssl_weights_at_full_size_load_into_v2(tmp_path) -> None:
+    """The released configuration (feature_size 48, depths 2, 2, 2, 2) into use_v2=True, against MONAI's load_from."""
+    path = tmp_path / "model_swinvit.pt"
+    torch.save(_official_swinvit_checkpoint(48, (2, 2, 2, 2), with_heads=True), path)
+    ours = SwinUNETR.from_pretrained(path, out_channels=3, use_v2=True)  # feature_size 48 is our default
+    reference = monai_nets.SwinUNETR(in_channels=1, out_channels=3, feature_size=48, use_v2=True)
+    reference.load_from(torch.load(path, weights_only=True))
+    loaded = [k for k in reference.state_dict() if k.startswith("swinViT.") and not re.match(r"swinViT\.layers\dc\.", k)]
+    assert len(loaded) > 100
+    for key in loaded:
+        torch.testing.assert_close(ours.state_dict()[key], reference.state_dict()[key], msg=key)

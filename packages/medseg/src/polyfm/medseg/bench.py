@@ -34,9 +34,14 @@ import monai.networks.nets as monai_nets
 import nibabel as nib
 import numpy as np
 import torch
-from monai import transforms as mt
-from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.inferers.utils import sliding_window_inference
+from monai.losses.dice import DiceCELoss
+from monai.transforms.compose import Compose
+from monai.transforms.croppad.dictionary import RandCropByPosNegLabeld, SpatialPadd
+from monai.transforms.intensity.dictionary import RandShiftIntensityd, ScaleIntensityRanged
+from monai.transforms.io.dictionary import LoadImaged
+from monai.transforms.spatial.dictionary import Orientationd, RandFlipd, Spacingd
+from monai.transforms.utility.dictionary import EnsureChannelFirstd
 
 import polyfm.medseg.models as our_nets
 from polyfm.core.bench import BenchCase
@@ -64,7 +69,8 @@ class Family:
     def build(self, ours: bool) -> torch.nn.Module:
         torch.manual_seed(0)  # the same weights on both sides
         args = {"spatial_dims": 3, "in_channels": 1, "out_channels": self.classes, **self.config}
-        return getattr(our_nets, self.name)(**args) if ours else getattr(monai_nets, self.name)(**args, **self.extra)
+        network: torch.nn.Module = getattr(our_nets, self.name)(**args) if ours else getattr(monai_nets, self.name)(**args, **self.extra)
+        return network
 
 
 #: MedNeXt-S, kernel 3 (``monai.networks.nets.MedNeXtS``), every argument given so both classes build it
@@ -100,7 +106,7 @@ def families(quick: bool) -> list[Family]:
     ]  # fmt: skip
 
 
-def _autocast(device: torch.device):  # noqa: ANN202
+def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -111,7 +117,7 @@ def _patches(device: torch.device, batch: int, roi: Sequence[int], classes: int)
     return x, y
 
 
-def _task(family: Family, roi: Sequence[int], device: torch.device) -> Any:
+def _task(family: Family, roi: Sequence[int], device: torch.device) -> VolumeSegmentation:
     return VolumeSegmentation(
         family.build(ours=True), family.classes, roi_size=list(roi), sw_batch_size=SW_BATCH, overlap=OVERLAP
     ).to(device)
@@ -134,15 +140,17 @@ def _train(family: Family, ours: bool, batch: int, roi: Sequence[int]) -> Make:
             def forward_loss() -> torch.Tensor:
                 output = network(x)
                 if family.deep_supervision:  # MONAI's dynunet pipeline: heads stacked on dim 1
-                    return sum(0.5**i * loss_fn(p, y) for i, p in enumerate(torch.unbind(output, dim=1)))  # type: ignore[return-value]
-                return loss_fn(output, y)
+                    total: torch.Tensor = sum(0.5**i * loss_fn(p, y) for i, p in enumerate(torch.unbind(output, dim=1)))
+                    return total
+                loss: torch.Tensor = loss_fn(output, y)
+                return loss
 
         optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
         def step() -> object:
             with _autocast(device):
                 loss = forward_loss()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss
@@ -161,7 +169,9 @@ def _sliding(family: Family, ours: bool, volume: Sequence[int], roi: Sequence[in
             network = family.build(ours=False).to(device).eval()
 
             def infer(x: torch.Tensor) -> torch.Tensor:
-                return sliding_window_inference(x, list(roi), SW_BATCH, network, overlap=OVERLAP, mode="gaussian")
+                logits = sliding_window_inference(x, list(roi), SW_BATCH, network, overlap=OVERLAP, mode="gaussian")
+                assert isinstance(logits, torch.Tensor)  # a tensor network gives a tensor (MONAI's type allows tuples and dicts)
+                return logits
 
         def step() -> object:
             with torch.no_grad(), _autocast(device):
@@ -205,8 +215,9 @@ class NiftiPairs:
                 image = rng.normal(-300, 200, self.shape) + organ * 350
                 label = organ.astype(np.uint8) + (organ & (grid[2] > centre[2, 0, 0, 0])).astype(np.uint8)
                 paths = {key: f"{self._folder.name}/case_{index}_{key}.nii.gz" for key in ("image", "label")}
-                nib.save(nib.Nifti1Image(image.astype(np.int16), affine), paths["image"])
-                nib.save(nib.Nifti1Image(label, affine), paths["label"])
+                # nibabel leaves Nifti1Image's constructor unannotated
+                nib.save(nib.Nifti1Image(image.astype(np.int16), affine), paths["image"])  # type: ignore[no-untyped-call]
+                nib.save(nib.Nifti1Image(label, affine), paths["label"])  # type: ignore[no-untyped-call]
                 self._cases.append(paths)
         return self._cases
 
@@ -214,19 +225,19 @@ class NiftiPairs:
 def _reference_transforms(roi: Sequence[int], num_samples: int) -> Any:
     """MONAI's spleen / BTCV tutorial training transforms, with our defaults' values."""
     keys = ["image", "label"]
-    return mt.Compose(
+    return Compose(
         [
-            mt.LoadImaged(keys=keys),
-            mt.EnsureChannelFirstd(keys=keys),
-            mt.Orientationd(keys=keys, axcodes="RAS"),
-            mt.Spacingd(keys=keys, pixdim=(1.5, 1.5, 2.0), mode=("bilinear", "nearest")),
-            mt.ScaleIntensityRanged(keys=["image"], a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
-            mt.SpatialPadd(keys=keys, spatial_size=list(roi)),
-            mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=list(roi), pos=1, neg=1, num_samples=num_samples, image_key="image", image_threshold=0),
-            mt.RandFlipd(keys=keys, spatial_axis=[0], prob=0.10),
-            mt.RandFlipd(keys=keys, spatial_axis=[1], prob=0.10),
-            mt.RandFlipd(keys=keys, spatial_axis=[2], prob=0.10),
-            mt.RandShiftIntensityd(keys=["image"], offsets=0.10, prob=0.50),
+            LoadImaged(keys=keys),
+            EnsureChannelFirstd(keys=keys),
+            Orientationd(keys=keys, axcodes="RAS"),
+            Spacingd(keys=keys, pixdim=(1.5, 1.5, 2.0), mode=("bilinear", "nearest")),
+            ScaleIntensityRanged(keys=["image"], a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
+            SpatialPadd(keys=keys, spatial_size=list(roi)),
+            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=list(roi), pos=1, neg=1, num_samples=num_samples, image_key="image", image_threshold=0),
+            RandFlipd(keys=keys, spatial_axis=[0], prob=0.10),
+            RandFlipd(keys=keys, spatial_axis=[1], prob=0.10),
+            RandFlipd(keys=keys, spatial_axis=[2], prob=0.10),
+            RandShiftIntensityd(keys=["image"], offsets=0.10, prob=0.50),
         ]
     )  # fmt: skip
 

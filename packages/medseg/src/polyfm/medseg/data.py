@@ -32,9 +32,22 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from monai import transforms as mt
-from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.data.dataset import CacheDataset, Dataset, PersistentDataset
 from monai.data.meta_tensor import MetaTensor
+from monai.data.utils import list_data_collate
+from monai.transforms.compose import Compose
+from monai.transforms.croppad.dictionary import (
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandSpatialCropSamplesd,
+    SpatialPadd,
+)
+from monai.transforms.intensity.dictionary import NormalizeIntensityd, RandShiftIntensityd, ScaleIntensityRanged
+from monai.transforms.io.dictionary import LoadImaged
+from monai.transforms.spatial.array import Orientation
+from monai.transforms.spatial.dictionary import Orientationd, RandFlipd, Spacingd
+from monai.transforms.transform import MapTransform, Transform
+from monai.transforms.utility.dictionary import EnsureTyped, SqueezeDimd
 
 from polyfm.core.data import DictDataModule, EpochSeededSampler, fold_indices
 from polyfm.core.errors import ConfigError, DataError
@@ -211,7 +224,7 @@ def _case_name(data: Mapping[Hashable, Any], key: str = "image") -> str:
     return str(meta.get("filename_or_obj", data.get(f"{key}_path", "?")))
 
 
-class CheckCase(mt.MapTransform):
+class CheckCase(MapTransform):
     """Refuse a loaded case that would silently train on garbage; the error names it and says what to do.
 
     Runs after :class:`LoadVolumed` (channel first) on MetaTensors."""
@@ -250,6 +263,13 @@ class CheckCase(mt.MapTransform):
                 "(one-hot labels: take the argmax over channels and save that).",
                 path=label_name,
             )
+        if not _same_grid(image, label):
+            # a label written in another axis order / direction (a tool saving RAS beside an LPS scan) on
+            # the same voxels is reoriented onto the image's grid; any other difference is refused below
+            reoriented = _reoriented_onto(image, label)
+            if reoriented is not None:
+                log.info("%s: stored in another orientation than its image %s; reoriented onto the image's grid.", label_name, name)
+                d[self.label_key] = label = reoriented
         if tuple(image.shape[1:]) != tuple(label.shape[1:]):
             raise DataError(
                 f"image and label grids differ: image {name} has spatial shape {tuple(image.shape[1:])}, label "
@@ -257,7 +277,7 @@ class CheckCase(mt.MapTransform):
                 path=label_name,
             )
         image_affine, label_affine = np.asarray(image.affine), np.asarray(label.affine)
-        if not np.allclose(image_affine, label_affine, atol=1e-3, rtol=1e-4):
+        if not _same_grid(image, label):
             raise DataError(
                 f"image and label affines differ (image {name}:\n{image_affine.round(4)}\nlabel:\n{label_affine.round(4)}). "
                 "The label is not on the image's grid: resample it with the image as reference, or fix the header.",
@@ -268,7 +288,7 @@ class CheckCase(mt.MapTransform):
         if not torch.equal(values, rounded):  # NaN too: NaN != NaN
             off = ~((values - rounded).abs() <= LABEL_TOLERANCE)  # ~(<=) is True for NaN
             if bool(off.any()):
-                bad = values[off].unique()[:5].tolist()
+                bad = torch.unique(values[off])[:5].tolist()
                 raise DataError(
                     f"label values must be integers; found {bad} (more than {LABEL_TOLERANCE} from one). "
                     "Was the label map resampled with linear interpolation?",
@@ -279,17 +299,18 @@ class CheckCase(mt.MapTransform):
             values.copy_(rounded)
         low, high = torch.aminmax(values) if values.numel() else (values.new_zeros(()), None)  # one pass for both
         if bool(low < 0):
-            raise DataError(f"negative label values {values[values < 0].unique()[:5].tolist()}; labels are class ids 0..K-1.", path=label_name)
+            raise DataError(f"negative label values {torch.unique(values[values < 0])[:5].tolist()}; labels are class ids 0..K-1.", path=label_name)
         if self.num_classes is not None and self.label_map is None and int(values.max() if high is None else high) >= self.num_classes:
-            present = [int(v) for v in values.unique() if v >= self.num_classes][:10]
+            present = [int(v) for v in torch.unique(values) if v >= self.num_classes][:10]
             raise DataError(
-                f"label values {present} are outside 0..{self.num_classes - 1} (num_classes={self.num_classes}). Raise num_classes, "
-                "or pass label_map to keep only some structures (every unmapped id becomes background).",
+                f"label values {present} are outside 0..{self.num_classes - 1} ({self.num_classes} classes: dataset.json's 'labels', or "
+                "class_names). Name every class there (background first), or pass label_map to keep only some structures "
+                "(every unmapped id becomes background).",
                 path=label_name,
             )
 
 
-class LoadVolumed(mt.LoadImaged):
+class LoadVolumed(LoadImaged):
     """MONAI's ``LoadImaged`` (``image_only``, channel first) whose read errors name the file: a
     DataError instead of MONAI's "applying transform" RuntimeError around nibabel's message."""
 
@@ -302,35 +323,47 @@ class LoadVolumed(mt.LoadImaged):
             try:
                 d[key] = self._loader(d[key], reader)
             except Exception as exc:  # nibabel, pydicom and MONAI's reader choice raise many types
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if isinstance(d[key], list | tuple) and "for channel-wise concatenation" in str(exc):  # MONAI stacking the channel files
+                    raise DataError(
+                        f"the {len(d[key])} channel files of this case cannot be stacked as one {key} ({reason}). Every channel "
+                        "must be on one grid (shape and affine): resample the other channels onto the first one's.",
+                        path=", ".join(str(f) for f in d[key]),
+                    ) from exc
                 hint = " Files named '._*' are macOS metadata, not images: delete them." if Path(str(d[key])).name.startswith("._") else ""
                 raise DataError(
-                    f"cannot be read as the {key} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                    f"cannot be read as the {key} ({reason}). "
                     f"Expected a NIfTI file (.nii, .nii.gz) or a DICOM series folder; is it truncated?{hint}",
                     path=d[key],
                 ) from exc
         return d
 
 
-class RemapLabels(mt.MapTransform):
+class RemapLabels(MapTransform):
     """Keep some structures and renumber them (``{5: 1, 1: 2}``: liver -> 1, spleen -> 2); every other id -> 0."""
 
     def __init__(self, label_map: Mapping[int, int], key: str = "label") -> None:
         super().__init__(keys=[key])
         self.label_map = {int(k): int(v) for k, v in label_map.items()}
+        if any(v < 0 for v in (*self.label_map, *self.label_map.values())):
+            raise ConfigError(f"label_map={label_map}: map label ids (0, 1, ...) to classes (0, 1, ...); negative ids are not labels.")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             label = d[key]
-            table = torch.zeros(max(int(label.max()), max(self.label_map)) + 1, dtype=label.dtype)
+            # one slot per mapped id and a last one, 0, for every larger id: a stray huge value (a corrupt
+            # uint32 map) must not size the table; CheckCase has refused negative ids already
+            last = max(self.label_map) + 1
+            table = torch.zeros(last + 1, dtype=label.dtype)
             for source, target in self.label_map.items():
                 table[source] = target
-            remapped = table[torch.as_tensor(label).long()]
+            remapped = table[torch.as_tensor(label).long().clamp(0, last)]
             d[key] = MetaTensor(remapped, meta=label.meta, applied_operations=label.applied_operations) if isinstance(label, MetaTensor) else remapped
         return d
 
 
-class ToBatchKeys(mt.MapTransform):
+class ToBatchKeys(MapTransform):
     """MONAI's ``image``/``label`` -> the engine's ``input``/``target``/``meta`` (plain tensors)."""
 
     def __init__(self) -> None:
@@ -353,12 +386,31 @@ class ToDevice:
 
     def __init__(self, device: str | torch.device, keys: Sequence[str] = ("image", "label")) -> None:
         self.device = torch.device(device)
-        self.ensure = mt.EnsureTyped(keys=list(keys), device=self.device, track_meta=False, allow_missing_keys=True)
+        self.ensure = EnsureTyped(keys=list(keys), device=self.device, track_meta=False, allow_missing_keys=True)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         d.setdefault("image_path", _case_name(d))
         return dict(self.ensure(d))
+
+
+def _same_grid(image: MetaTensor, label: MetaTensor) -> bool:
+    """One spatial shape and one affine (within header rounding)."""
+    same_shape = tuple(image.shape[1:]) == tuple(label.shape[1:])
+    return same_shape and bool(np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3, rtol=1e-4))
+
+
+def _reoriented_onto(image: MetaTensor, label: MetaTensor) -> MetaTensor | None:
+    """``label`` reoriented to ``image``'s axis codes when that puts it exactly on the image's grid (the same
+    voxels stored in another axis order or direction), else None."""
+    import nibabel as nib
+
+    # nibabel leaves aff2axcodes unannotated
+    codes = "".join(nib.orientations.aff2axcodes(np.asarray(image.affine)))  # type: ignore[no-untyped-call]
+    if codes == "".join(nib.orientations.aff2axcodes(np.asarray(label.affine))):  # type: ignore[no-untyped-call]
+        return None  # same orientation: a grid that truly differs
+    reoriented = Orientation(axcodes=codes)(label)
+    return reoriented if isinstance(reoriented, MetaTensor) and _same_grid(image, reoriented) else None
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -376,12 +428,12 @@ def _all_finite(x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- transforms
 
 
-def intensity_transform(modality: str, a_min: float, a_max: float, keys: Sequence[str] = ("image",)) -> mt.MapTransform:
+def intensity_transform(modality: str, a_min: float, a_max: float, keys: Sequence[str] = ("image",)) -> MapTransform:
     """CT: clip the HU window [a_min, a_max] to [0, 1] (MONAI's CT recipes); MR: z-score over non-zero voxels per channel."""
     if modality.upper() == "CT":
-        return mt.ScaleIntensityRanged(keys=list(keys), a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
+        return ScaleIntensityRanged(keys=list(keys), a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
     if modality.upper() in ("MR", "MRI"):
-        return mt.NormalizeIntensityd(keys=list(keys), nonzero=True, channel_wise=True)
+        return NormalizeIntensityd(keys=list(keys), nonzero=True, channel_wise=True)
     raise DataError(f"Unknown modality {modality!r}: use 'CT' (HU window) or 'MR' (z-score normalisation).")
 
 
@@ -395,19 +447,19 @@ def preprocessing(
     pixdim: Sequence[float] | None,
     orientation: str | None,
     label_map: Mapping[int, int] | None,
-) -> list[mt.Transform]:
+) -> list[Transform]:
     """The deterministic, invertible part: load, check, remap, orient, resample, scale intensities."""
-    steps: list[mt.Transform] = [
+    steps: list[Transform] = [
         LoadVolumed(keys),
         CheckCase(in_channels=in_channels, num_classes=num_classes, label_map=label_map),
     ]
     if label_map and "label" in keys:
         steps.append(RemapLabels(label_map))
     if orientation:
-        steps.append(mt.Orientationd(keys=list(keys), axcodes=orientation))
+        steps.append(Orientationd(keys=list(keys), axcodes=orientation))
     if pixdim:
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-        steps.append(mt.Spacingd(keys=list(keys), pixdim=tuple(pixdim), mode=modes))
+        steps.append(Spacingd(keys=list(keys), pixdim=tuple(pixdim), mode=modes))
     steps.append(intensity_transform(modality, a_min, a_max))
     return steps
 
@@ -429,7 +481,7 @@ def segmentation_transforms(
     augment: bool = True,
     class_ratios: Sequence[float] | None = None,
     transform_device: str | None = None,
-) -> mt.Compose:
+) -> Compose:
     """MONAI's supervised 3D pipeline (as in the BTCV / spleen bundles); training adds padding to
     the patch size, positive/negative patch sampling around the labels (or, with ``class_ratios``,
     patches centred on each class in those proportions) and light augmentation.
@@ -438,26 +490,26 @@ def segmentation_transforms(
     the host as MetaTensors; the random crops and augmentation run on plain tensors, on
     ``transform_device`` when it is set (else on the host)."""
     keys = ["image", "label"]
-    steps = preprocessing(keys, in_channels, num_classes, modality, a_min, a_max, pixdim, orientation, label_map)
+    steps: list[Callable[..., Any]] = [*preprocessing(keys, in_channels, num_classes, modality, a_min, a_max, pixdim, orientation, label_map)]
     if train:
         # a 2D roi trains a 2D network on axial slices of the volumes (nnU-Net's 2D configuration);
         # evaluation then runs it slice by slice over whole volumes (VolumeSegmentation's SliceInferer)
         crop = [*roi_size, 1] if len(roi_size) == 2 else list(roi_size)
-        steps += [mt.SpatialPadd(keys=keys, spatial_size=crop)]
+        steps += [SpatialPadd(keys=keys, spatial_size=crop)]
         # the cache boundary: metadata-tracking MetaTensors above, plain tensors (on transform_device,
         # if set) below; MetaTensor bookkeeping was ~2/3 of each random crop's time
         steps.append(ToDevice(transform_device or "cpu", keys))  # a plain callable: Compose takes any
         if class_ratios is not None:  # balanced over classes: small organs get as many patches as the liver
-            steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=crop, ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image"))
+            steps.append(RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=crop, ratios=list(class_ratios), num_classes=len(class_ratios), num_samples=num_samples, image_key="image"))
         else:
-            steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=crop, pos=pos, neg=neg, num_samples=num_samples, image_key="image"))
+            steps.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=crop, pos=pos, neg=neg, num_samples=num_samples, image_key="image"))
         if len(roi_size) == 2:
-            steps.append(mt.SqueezeDimd(keys=keys, dim=3))
+            steps.append(SqueezeDimd(keys=keys, dim=3))
         if augment:
-            steps += [mt.RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(len(roi_size))]
-            steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
+            steps += [RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(len(roi_size))]
+            steps.append(RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
     steps.append(ToBatchKeys())
-    return mt.Compose(steps)
+    return Compose(steps)
 
 
 # ----------------------------------------------------------------------------- datamodules
@@ -477,7 +529,7 @@ def _data_errors_as_themselves() -> Iterator[None]:
         raise seen from None
 
 
-class CheckedDataset(torch.utils.data.Dataset):
+class CheckedDataset(torch.utils.data.Dataset[Any]):
     """A MONAI dataset whose DataErrors reach the user as themselves, not as MONAI's RuntimeError."""
 
     def __init__(self, dataset: Any) -> None:
@@ -565,6 +617,20 @@ class SegmentationDataModule(DictDataModule):
         self._check_fold_options()
         self.class_names = class_names or self._class_names(names)
         self.num_classes = len(self.class_names)
+        if self.label_map:
+            self._check_label_map(self.label_map)
+
+    def _check_label_map(self, label_map: dict[int, int]) -> None:
+        """label_map's ids and classes must be ids, and its classes must have names: else MONAI's one-hot fails
+        mid-training ("index 2 is out of bounds") or, worse, a negative id indexes the lookup table from its end."""
+        if min(*label_map, *label_map.values()) < 0:
+            raise ConfigError(f"SegmentationDataModule(label_map={label_map}): map label ids (0, 1, ...) to classes (0, 1, ...); negative ids are not labels.")
+        beyond = {k: v for k, v in label_map.items() if v >= self.num_classes}
+        if beyond:
+            raise ConfigError(
+                f"SegmentationDataModule(label_map={label_map}) sends {beyond} to classes past the {self.num_classes} of "
+                f"class_names={self.class_names}: give one name per class (background first), or renumber label_map to 1..{self.num_classes - 1}."
+            )
 
     def _class_names(self, names: list[str]) -> list[str]:
         if self.label_map:
@@ -581,17 +647,17 @@ class SegmentationDataModule(DictDataModule):
             )
         return names
 
-    def transforms(self, train: bool) -> mt.Compose:
+    def transforms(self, train: bool) -> Compose:
         return segmentation_transforms(
             train, self.roi_size, self.in_channels, self.num_classes, self.modality, self.a_min, self.a_max, self.pixdim,
             self.orientation, self.label_map, self.pos, self.neg, self.num_samples, self.augment, self.class_ratios,
             self.transform_device if train else None,
         )  # fmt: skip
 
-    def predict_preprocessing(self) -> mt.Compose:
+    def predict_preprocessing(self) -> Compose:
         """The deterministic preprocessing of the images to predict (no label); the prediction
         writer inverts it to put each label map back on its input's grid."""
-        return mt.Compose(preprocessing(["image"], self.in_channels, None, self.modality, self.a_min, self.a_max, self.pixdim, self.orientation, None))
+        return Compose(preprocessing(["image"], self.in_channels, None, self.modality, self.a_min, self.a_max, self.pixdim, self.orientation, None))
 
     def predict_cases(self) -> list[dict[str, Any]]:
         """What ``polyfm predict`` segments: ``predict_files`` (files, DICOM series or folders of them),
@@ -609,7 +675,7 @@ class SegmentationDataModule(DictDataModule):
         # a batch names its case by the first file (MONAI's filename_or_obj); the writer needs every channel file
         self.predict_images = {str(c["image"][0] if isinstance(c["image"], list) else c["image"]): c["image"] for c in cases}
         steps = [*self.predict_preprocessing().transforms, ToBatchKeys()]
-        return self._loader(_make_dataset(cases, mt.Compose(steps), "none", None), False)
+        return self._loader(_make_dataset(cases, Compose(steps), "none", None), False)
 
     def split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         description = json.loads(Path(self.dataset_json).read_text())
@@ -745,7 +811,7 @@ class SegmentationDataModule(DictDataModule):
                 path=self.dataset_json,
             )
         if train and self.transform_device is not None:
-            from monai.data import ThreadDataLoader
+            from monai.data.thread_buffer import ThreadDataLoader
 
             if self.num_workers:
                 log.info("transform_device=%s: the training loader runs in threads (num_workers=0, not %d).", self.transform_device, self.num_workers)
@@ -779,7 +845,7 @@ def _check_transform_device(device: str | None, cache: str) -> str | None:
     return device
 
 
-class RepeatedDataset(torch.utils.data.Dataset):
+class RepeatedDataset(torch.utils.data.Dataset[Any]):
     """Several passes over a few cached volumes per epoch (each pass draws fresh random crops)."""
 
     def __init__(self, dataset: Any, repeats: int) -> None:
@@ -859,17 +925,17 @@ class VolumeFolderDataModule(DictDataModule):
         self.modality, self.a_min, self.a_max, self.pixdim, self.orientation = modality, a_min, a_max, pixdim, orientation
         self.in_channels, self.cache, self.cache_dir = in_channels, cache, cache_dir
 
-    def build(self) -> tuple[torch.utils.data.Dataset, None, None]:
+    def build(self) -> tuple[torch.utils.data.Dataset[Any], None, None]:
         steps = preprocessing(["image"], self.in_channels, None, self.modality, self.a_min, self.a_max, self.pixdim, self.orientation, None)
         crop = [*self.roi_size, 1] if len(self.roi_size) == 2 else self.roi_size  # 2D roi: axial slices for 2D networks
         steps += [
-            mt.SpatialPadd(keys=["image"], spatial_size=crop),
-            mt.RandSpatialCropSamplesd(keys=["image"], roi_size=crop, num_samples=self.num_samples, random_size=False),
+            SpatialPadd(keys=["image"], spatial_size=crop),
+            RandSpatialCropSamplesd(keys=["image"], roi_size=crop, num_samples=self.num_samples, random_size=False),
         ]
         if len(self.roi_size) == 2:
-            steps.append(mt.SqueezeDimd(keys=["image"], dim=3))
+            steps.append(SqueezeDimd(keys=["image"], dim=3))
         steps.append(ToBatchKeys())
-        dataset = _make_dataset([{"image": v} for v in self.volumes], mt.Compose(steps), self.cache, self.cache_dir)
+        dataset = _make_dataset([{"image": v} for v in self.volumes], Compose(steps), self.cache, self.cache_dir)
         return (RepeatedDataset(dataset, self.repeats) if self.repeats > 1 else dataset), None, None
 
     def val_dataloader(self) -> Any:
@@ -894,10 +960,12 @@ def save_overlay_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import nibabel as nib
+    from matplotlib.patches import Rectangle
 
-    image = nib.as_closest_canonical(nib.load(str(image_path)))
+    # nibabel leaves as_closest_canonical, and numpy np.ma.masked_equal, unannotated
+    image = nib.as_closest_canonical(nib.load(str(image_path)))  # type: ignore[no-untyped-call]
     volume = np.clip((np.asarray(image.dataobj, dtype=np.float32) - a_min) / (a_max - a_min), 0, 1)
-    maps = {name: np.asarray(nib.as_closest_canonical(nib.load(str(p))).dataobj) for name, p in label_paths.items()}
+    maps = {name: np.asarray(nib.as_closest_canonical(nib.load(str(p))).dataobj) for name, p in label_paths.items()}  # type: ignore[no-untyped-call]
     slices = list(slices) if slices is not None else np.linspace(0, volume.shape[2] - 1, 4).round().astype(int).tolist()
     figure, axes = plt.subplots(len(maps), len(slices), figsize=(3 * len(slices), 3 * len(maps)), squeeze=False)
     n_classes = max(int(m.max()) for m in maps.values()) + 1
@@ -906,12 +974,12 @@ def save_overlay_png(
         for col, z in enumerate(slices):
             ax = axes[row][col]
             ax.imshow(np.rot90(volume[:, :, z]), cmap="gray")
-            masked = np.ma.masked_equal(np.rot90(labels[:, :, z]), 0)
+            masked = np.ma.masked_equal(np.rot90(labels[:, :, z]), 0)  # type: ignore[no-untyped-call]
             ax.imshow(masked, cmap=colours, vmin=0, vmax=max(n_classes - 1, 1), alpha=0.5, interpolation="nearest")
             ax.set_title(f"{name}, slice {z}", fontsize=9)
             ax.axis("off")
     if class_names:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colours(i), alpha=0.6) for i in range(1, len(class_names))]
+        handles = [Rectangle((0, 0), 1, 1, color=colours(i), alpha=0.6) for i in range(1, len(class_names))]
         figure.legend(handles, class_names[1:], loc="lower center", ncol=len(class_names) - 1, fontsize=9)
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     output_png = Path(output_png)

@@ -47,7 +47,9 @@ def is_nnunet_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
 def _architecture(checkpoint: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
     """(network class name, arch kwargs) from the plans saved in ``init_args``; (None, {}) without plans."""
     init = checkpoint.get("init_args")
-    plans = init.get("plans") if isinstance(init, Mapping) else None
+    if not isinstance(init, Mapping):
+        return None, {}
+    plans = init.get("plans")
     if not isinstance(plans, Mapping) or not isinstance(plans.get("configurations"), Mapping):
         return None, {}
     configurations, name = plans["configurations"], init.get("configuration")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses.dice import DiceCELoss
 from torch import nn
 
 from polyfm.core.errors import ConfigError
@@ -50,7 +50,8 @@ class ObjectiveModule(nn.Module):
     LightningCLI see that it implements ``polyfm.core.pretrain.Objective`` (nn.Module's is ``*args``)."""
 
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
 
 def _check_outputs(model: nn.Module, needed: int, objective: str) -> None:
@@ -100,7 +101,8 @@ class VolumeFusion(ObjectiveModule):
             for flat, k in zip(chosen.tolist(), coefficients.tolist(), strict=True):
                 position = np.unravel_index(flat, grid)
                 slices = [slice(offset[d] + int(position[d]) * block[d], offset[d] + (int(position[d]) + 1) * block[d]) for d in range(dims)]
-                mask[(i, 0, *slices)] = k
+                index: tuple[int | slice, ...] = (i, 0, *slices)
+                mask[index] = k
         alpha = mask.to(view1.dtype) / k_max
         return alpha * view1 + (1.0 - alpha) * view2, mask
 
@@ -237,13 +239,14 @@ class SwinSSL(ObjectiveModule):
         return (torch.logsumexp(sim, dim=1) - positives).mean()
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if not hasattr(model, "swin_features"):
+        swin_features = getattr(model, "swin_features", None)
+        if swin_features is None:
             raise ConfigError(f"SwinSSL pretrains a SwinUNETR's Swin-ViT; got {type(model).__name__}. Use VolumeFusion or MaskedVolumeInpainting for CNN U-Nets.")
         x = batch["input"]
         x1, rot1 = rotate_batch(x)
         x2, rot2 = rotate_batch(x)
-        rot1_p, con1, rec1 = self.heads(model.swin_features(aug_rand(x1)))
-        rot2_p, con2, rec2 = self.heads(model.swin_features(aug_rand(x2)))
+        rot1_p, con1, rec1 = self.heads(swin_features(aug_rand(x1)))
+        rot2_p, con2, rec2 = self.heads(swin_features(aug_rand(x2)))
         rotation = F.cross_entropy(torch.cat([rot1_p, rot2_p]), torch.cat([rot1, rot2]))
         contrastive = self.contrast(con1, con2)
         reconstruction = F.l1_loss(torch.cat([rec1, rec2]), torch.cat([x1, x2]))

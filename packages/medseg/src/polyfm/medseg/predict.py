@@ -25,8 +25,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from monai import transforms as mt
 from monai.data.meta_tensor import MetaTensor
+from monai.transforms.compose import Compose
+from monai.transforms.post.array import FillHoles
+from monai.transforms.post.dictionary import Invertd
+from numpy.typing import NDArray
 
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.files import atomic_path
@@ -41,12 +44,12 @@ ProbabilityDtype = Literal["float32", "uint8"]
 
 
 def postprocess_labels(
-    labels: np.ndarray,
+    labels: NDArray[Any],
     keep_largest: Sequence[int] | None = None,
     fill_holes: Sequence[int] | None = None,
     min_component_size: int = 0,
     connectivity: int = 1,
-) -> np.ndarray:
+) -> NDArray[Any]:
     """Clean a label map ``(*S)`` of class ids; removed voxels become background (0).
 
     ``fill_holes``: labels whose enclosed background holes are filled (MONAI ``FillHoles``);
@@ -60,7 +63,7 @@ def postprocess_labels(
         raise ConfigError(f"connectivity={connectivity} must be between 1 (faces) and {labels.ndim} (corners) for a {labels.ndim}D label map")
     out = np.array(labels, copy=True)
     if fill_holes:
-        filled = mt.FillHoles(applied_labels=[int(v) for v in fill_holes], connectivity=connectivity)(torch.as_tensor(out[None].astype(np.int64)))
+        filled = FillHoles(applied_labels=[int(v) for v in fill_holes], connectivity=connectivity)(torch.as_tensor(out[None].astype(np.int64)))
         out = np.asarray(filled[0]).astype(labels.dtype)
     structure = ndimage.generate_binary_structure(labels.ndim, connectivity)
     for value in [int(v) for v in np.unique(out) if v != 0]:
@@ -104,7 +107,7 @@ class PostProcessing:
     def active(self) -> bool:
         return bool(self.keep_largest or self.fill_holes or self.min_component_size)
 
-    def __call__(self, labels: np.ndarray) -> np.ndarray:
+    def __call__(self, labels: NDArray[Any]) -> NDArray[Any]:
         return postprocess_labels(labels, self.keep_largest, self.fill_holes, self.min_component_size, self.connectivity)
 
     def record(self) -> dict[str, Any]:
@@ -118,7 +121,7 @@ class PostProcessing:
 # ----------------------------------------------------------------------------- back onto the input grid
 
 
-def _invert_to_input_grid(values: torch.Tensor, data: dict[Hashable, Any], pre: mt.Compose, image_path: str | Path, nearest: bool) -> tuple[np.ndarray, Any]:
+def _invert_to_input_grid(values: torch.Tensor, data: dict[Hashable, Any], pre: Compose, image_path: str | Path, nearest: bool) -> tuple[NDArray[Any], Any]:
     """``values`` ``(C, *S)`` on the preprocessed grid of ``data["image"]`` -> ``(C, *S_input)`` on the
     input's grid (``Invertd``: nearest for labels, linear for probabilities), and the inverted MetaTensor."""
     image = data["image"]
@@ -130,28 +133,32 @@ def _invert_to_input_grid(values: torch.Tensor, data: dict[Hashable, Any], pre: 
         )
     data = dict(data)
     data["pred"] = MetaTensor(values.detach().cpu().to(torch.float32), meta=dict(image.meta), applied_operations=list(image.applied_operations))
-    inverted = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=nearest)(data)["pred"]
+    inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=nearest)(data)["pred"]
     return np.asarray(inverted), inverted
 
 
-def _nifti_on_input_grid(array: np.ndarray, inverted: Any, image_path: str | Path) -> Any:
+def _nifti_on_input_grid(array: NDArray[Any], inverted: Any, image_path: str | Path) -> Any:
     """A NIfTI image of ``array`` (``(*S)`` or ``(*S, C)``) with the input's header, qform and sform
     (a NIfTI input), or the input's world affine (a DICOM series, from MONAI's reader, in RAS)."""
     import nibabel as nib
 
+    # nibabel leaves Nifti1Image's constructor, q/sform accessors and header copy unannotated: the
+    # no-untyped-call ignores below are for that, nothing else
     if str(image_path).lower().endswith(NIFTI_SUFFIXES):
         source = nib.load(str(image_path))
+        if not isinstance(source, nib.Nifti1Image):  # NIfTI-2 is a subclass; the reader already read it as NIfTI
+            raise DataError(f"is named as NIfTI but nibabel reads it as {type(source).__name__}: save it as NIfTI-1 or NIfTI-2.", path=image_path)
         if array.shape[:3] != source.shape[:3]:
             raise DataError(f"internal: inverted prediction {array.shape[:3]} does not match the input grid {source.shape[:3]}.", path=image_path)
-        header = source.header.copy()
+        header = source.header.copy()  # type: ignore[no-untyped-call]
         header.set_data_dtype(array.dtype)
-        out = nib.Nifti1Image(array, source.affine, header)
-        out.set_qform(source.get_qform(), int(source.header["qform_code"]))
-        out.set_sform(source.get_sform(), int(source.header["sform_code"]))
+        out = nib.Nifti1Image(array, source.affine, header)  # type: ignore[no-untyped-call]
+        out.set_qform(source.get_qform(), int(source.header["qform_code"]))  # type: ignore[no-untyped-call]
+        out.set_sform(source.get_sform(), int(source.header["sform_code"]))  # type: ignore[no-untyped-call]
     else:
-        out = nib.Nifti1Image(array, np.asarray(inverted.affine, dtype=np.float64))
-        out.set_qform(out.affine, 1)
-        out.set_sform(out.affine, 1)
+        out = nib.Nifti1Image(array, np.asarray(inverted.affine, dtype=np.float64))  # type: ignore[no-untyped-call]
+        out.set_qform(out.affine, 1)  # type: ignore[no-untyped-call]
+        out.set_sform(out.affine, 1)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -173,11 +180,11 @@ def _sidecar_path(output_path: Path) -> Path:
 def _save_label_map(
     labels: torch.Tensor,
     data: dict[Hashable, Any],
-    pre: mt.Compose,
+    pre: Compose,
     image_path: str | Path,
     output_path: str | Path,
     names: list[str],
-    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    postprocess: Callable[[NDArray[Any]], NDArray[Any]] | None = None,
     extra: dict[str, Any] | None = None,
     write: Callable[[Path, Callable[[Path], Any]], Any] | None = None,
 ) -> Path:
@@ -205,7 +212,7 @@ def _save_label_map(
 def _save_class_maps(
     maps: torch.Tensor,
     data: dict[Hashable, Any],
-    pre: mt.Compose,
+    pre: Compose,
     image_path: str | Path,
     output_path: Path,
     dtype: ProbabilityDtype,
@@ -267,7 +274,7 @@ def predict_to_nifti(
     postprocessing = PostProcessing.checked("predict_to_nifti", keep_largest, fill_holes, min_component_size, connectivity)
     if probability_dtype not in ("float32", "uint8"):
         raise ConfigError(f"predict_to_nifti(probability_dtype={probability_dtype!r}): use 'float32' or 'uint8'")
-    pre = mt.Compose(preprocessing(["image"], in_channels, None, modality, a_min, a_max, pixdim, orientation, None))
+    pre = Compose(preprocessing(["image"], in_channels, None, modality, a_min, a_max, pixdim, orientation, None))
     with _data_errors_as_themselves():
         data = pre({"image": str(image_path)})
     model = model.to(device).eval()
@@ -292,7 +299,7 @@ def predict_to_nifti(
 def write_case(
     labels: torch.Tensor,
     case: dict[Hashable, Any],
-    preprocess: mt.Compose,
+    preprocess: Compose,
     reference: str | Path,
     output: Path,
     names: list[str],
@@ -326,7 +333,7 @@ def _class_map_path(output: Path, postfix: str, kind: str) -> Path:
     return output.with_name(f"{base}_{kind}{suffix}")
 
 
-def write_label_map(labels: torch.Tensor, image: str | Path | list[str], output_path: str | Path, preprocess: mt.Compose, class_names: Sequence[str]) -> Path:
+def write_label_map(labels: torch.Tensor, image: str | Path | list[str], output_path: str | Path, preprocess: Compose, class_names: Sequence[str]) -> Path:
     """Write ``labels`` (``(1, *S)`` or ``(*S)`` class ids on the grid ``preprocess`` made of
     ``image``: a file, a DICOM series, or one file per channel) as NIfTI on the input's own grid, as
     :func:`predict_to_nifti` does; the preprocessing is run again on the input to know what to invert."""
@@ -335,9 +342,10 @@ def write_label_map(labels: torch.Tensor, image: str | Path | list[str], output_
     return _save_label_map(labels.reshape(1, *labels.shape[-(data["image"].ndim - 1) :]), data, preprocess, reference, output_path, list(class_names))
 
 
-def _preprocessed(image: str | Path | list[str], preprocess: mt.Compose) -> dict[Hashable, Any]:
+def _preprocessed(image: str | Path | list[str], preprocess: Compose) -> dict[Hashable, Any]:
     with _data_errors_as_themselves():
-        return preprocess({"image": [str(f) for f in image] if isinstance(image, list) else str(image)})
+        case: dict[Hashable, Any] = preprocess({"image": [str(f) for f in image] if isinstance(image, list) else str(image)})
+    return case
 
 
 def prediction_name(image_path: str | Path, postfix: str = "seg") -> str:

@@ -18,10 +18,15 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from polyfm.core.errors import DataError
+from polyfm.core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from polyfm.core.kit import DomainKit
 
 #: the organs the real-data examples segment (TotalSegmentator ids -> our classes); both kidneys are one class
 ORGANS = {"liver": (5,), "spleen": (1,), "kidneys": (2, 3)}
@@ -35,7 +40,7 @@ def organ_label_map(organs: dict[str, tuple[int, ...]] = ORGANS) -> dict[int, in
     return {source: index for index, ids in enumerate(organs.values(), start=1) for source in ids}
 
 
-def _phantom(rng: np.random.Generator, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _phantom(rng: np.random.Generator, shape: Sequence[int]) -> tuple[NDArray[Any], NDArray[Any]]:
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
     image = np.full(shape, -1000.0, np.float32)  # air
     body = ((grid[0] / 0.9) ** 2 + (grid[1] / 0.8) ** 2) < 1.0
@@ -64,12 +69,13 @@ def write_synthetic_dataset(folder: str | Path, n_labelled: int = 8, n_unlabelle
     for i in range(n_labelled + 2):
         image, label = _phantom(rng, shape)
         split, images, labels = ("training", "imagesTr", "labelsTr") if i < n_labelled else ("test", "imagesTs", "labelsTs")
-        nib.save(nib.Nifti1Image(image.astype(np.int16), AFFINE), str(root / images / f"phantom_{i:03d}.nii.gz"))
-        nib.save(nib.Nifti1Image(label, AFFINE), str(root / labels / f"phantom_{i:03d}.nii.gz"))
+        # nibabel leaves Nifti1Image's constructor unannotated
+        nib.save(nib.Nifti1Image(image.astype(np.int16), AFFINE), str(root / images / f"phantom_{i:03d}.nii.gz"))  # type: ignore[no-untyped-call]
+        nib.save(nib.Nifti1Image(label, AFFINE), str(root / labels / f"phantom_{i:03d}.nii.gz"))  # type: ignore[no-untyped-call]
         entries[split].append({"image": f"./{images}/phantom_{i:03d}.nii.gz", "label": f"./{labels}/phantom_{i:03d}.nii.gz"})
     for i in range(n_unlabelled):
         image, _ = _phantom(rng, shape)
-        nib.save(nib.Nifti1Image(image.astype(np.int16), AFFINE), str(root / "unlabelled" / f"scan_{i:03d}.nii.gz"))
+        nib.save(nib.Nifti1Image(image.astype(np.int16), AFFINE), str(root / "unlabelled" / f"scan_{i:03d}.nii.gz"))  # type: ignore[no-untyped-call]
     description = {"name": "phantoms", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "spleen"}, **entries}
     (root / "dataset.json").write_text(json.dumps(description, indent=1))
     return root / "dataset.json"
@@ -82,13 +88,21 @@ def write_slab_dataset(data_dir: str | Path, folder: str | Path, slabs: dict[str
     to the slab's first slice, so every slab is a valid volume on its own. Held-out slabs go
     to ``test`` (labelled)."""
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
     source = Path(data_dir) / "medseg"
     image_file, label_file = source / "example_ct_sm.nii.gz", source / "example_seg.nii.gz"
     for file in (image_file, label_file):
         if not file.exists():
             raise DataError("is missing: POLYFM_DATA_DIR must hold medseg/example_ct_sm.nii.gz and medseg/example_seg.nii.gz.", path=file)
-    image, label = nib.load(str(image_file)), nib.load(str(label_file))
+
+    def load(file: Path) -> SpatialImage:
+        loaded = nib.load(str(file))
+        if not isinstance(loaded, SpatialImage):
+            raise DataError(f"is a {type(loaded).__name__}, not a volume with an affine: it must be a NIfTI file.", path=file)
+        return loaded
+
+    image, label = load(image_file), load(label_file)
     image_data, label_data = np.asarray(image.dataobj), np.asarray(label.dataobj)
     root = Path(folder)
     entries: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
@@ -98,7 +112,7 @@ def write_slab_dataset(data_dir: str | Path, folder: str | Path, slabs: dict[str
         split = "test" if name in held_out else "training"
         for sub, data in (("images", image_data), ("labels", label_data)):
             (root / sub).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(data[..., z0:z1], affine), str(root / sub / f"{name}.nii.gz"))
+            nib.save(nib.Nifti1Image(data[..., z0:z1], affine), str(root / sub / f"{name}.nii.gz"))  # type: ignore[no-untyped-call]
         entries[split].append({"image": f"./images/{name}.nii.gz", "label": f"./labels/{name}.nii.gz"})
     names = {"0": "background", "1": "spleen", "2": "kidney_right", "3": "kidney_left", "4": "gallbladder", "5": "liver", "6": "stomach"}
     description = {"name": "totalsegmentator-example-slabs", "modality": {"0": "CT"}, "labels": names, **entries}
@@ -106,14 +120,15 @@ def write_slab_dataset(data_dir: str | Path, folder: str | Path, slabs: dict[str
     return root / "dataset.json"
 
 
-def demo_kit(data_dir: Path | None, quick: bool = False):  # noqa: ANN201 - DomainKit imported lazily
+def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
     """Pretrain a small 3D UNet with Volume Fusion, fine-tune on liver/spleen(/kidneys/stomach)."""
     from polyfm.core.adaptation import Adaptation
+    from polyfm.core.encoder import Encoder
     from polyfm.core.kit import DomainKit
     from polyfm.core.pretrain import Pretraining
     from polyfm.core.tasks import OptimConfig
     from polyfm.medseg.data import SegmentationDataModule, VolumeFolderDataModule
-    from polyfm.medseg.models import UNet
+    from polyfm.medseg.models import MedSegNet, UNet
     from polyfm.medseg.objectives import VolumeFusion
     from polyfm.medseg.tasks import VolumeSegmentation
 
@@ -136,7 +151,9 @@ def demo_kit(data_dir: Path | None, quick: bool = False):  # noqa: ANN201 - Doma
     def make_encoder() -> UNet:
         return UNet(spatial_dims=2, in_channels=1, out_channels=len(class_names), channels=channels, strides=(2, 2), num_res_units=1)
 
-    def make_pretraining(encoder: UNet) -> Pretraining:
+    def make_pretraining(encoder: Encoder) -> Pretraining:
+        if not isinstance(encoder, MedSegNet):  # the study hands back what make_encoder built
+            raise ConfigError(f"the medseg kit pretrains a polyfm.medseg.models network, got {type(encoder).__name__}.")
         objective = VolumeFusion(block_min=8, block_max=24)
         encoder.reset_head(objective.num_classes)
         return Pretraining(encoder, objective, OptimConfig(lr=3e-3, weight_decay=1e-4))
@@ -145,7 +162,7 @@ def demo_kit(data_dir: Path | None, quick: bool = False):  # noqa: ANN201 - Doma
         repeats = max(1, (10 if quick else 50) * 2 // len(pretrain_files))  # ~10 (quick) or 50 steps per epoch
         return VolumeFolderDataModule(files=pretrain_files, roi_size=roi, num_samples=8, repeats=repeats, a_min=-175.0, a_max=250.0, batch_size=2)
 
-    def make_task(encoder: UNet, adaptation: Adaptation) -> VolumeSegmentation:
+    def make_task(encoder: Encoder, adaptation: Adaptation) -> VolumeSegmentation:
         return VolumeSegmentation(
             encoder, len(class_names), roi_size=roi, sw_batch_size=16, slice_axis=2, adaptation=adaptation, class_names=class_names,
             optim=OptimConfig(lr=5e-3, weight_decay=1e-4),

@@ -24,13 +24,16 @@ from __future__ import annotations
 import csv
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from monai.inferers import SliceInferer, SlidingWindowInferer
-from monai.losses import DiceCELoss
-from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric, compute_dice
+from monai.inferers.inferer import SliceInferer, SlidingWindowInferer
+from monai.losses.dice import DiceCELoss
+from monai.metrics.hausdorff_distance import HausdorffDistanceMetric
+from monai.metrics.meandice import compute_dice
+from monai.metrics.surface_dice import SurfaceDiceMetric
 from torch import nn
 
 from polyfm.core.adaptation import Adaptation
@@ -68,31 +71,36 @@ class VolumeSegmentation(Segmentation):
         pretrained: str | None = None,
     ) -> None:
         check_flip_axes(tta_flip_axes, len(roi_size) if roi_size else 3)
-        if hasattr(model, "reset_head"):
-            model.reset_head(num_classes)
+        # duck-typed: any network with polyfm.medseg.models.MedSegNet's methods (getattr: nn.Module's
+        # __getattr__ would type them as tensors or modules)
+        reset_head, load_pretrained, head_names = (getattr(model, n, None) for n in ("reset_head", "load_pretrained", "head_names"))
+        if reset_head is not None:
+            reset_head(num_classes)
         if pretrained:  # the recipe built the network; its weights come from here (a head of another shape stays fresh)
-            if not hasattr(model, "load_pretrained"):
+            if load_pretrained is None:
                 raise ConfigError(f"pretrained={pretrained!r} needs a polyfm.medseg.models network, not {type(model).__name__}.")
-            model.load_pretrained(pretrained)
+            load_pretrained(pretrained)
         adaptation = adaptation or Adaptation()
-        heads = list(model.head_names()) if hasattr(model, "head_names") else []
+        heads = list(head_names()) if head_names is not None else []
         if adaptation.mode == "lora" and adaptation.lora_targets is None and heads:
             adaptation = _lora_outside_heads(model, adaptation, heads)
-        inferer = None
+        inferer: SlidingWindowInferer | None = None
         # MONAI's split: windows run on sw_device, the whole-volume logits are stitched on output_device
         # (MONAI's `device`; "cpu" keeps a large volume's logits off the GPU)
-        devices = {"sw_device": sw_device, "device": output_device}
         if (sw_device or output_device) and not roi_size:
             raise ConfigError(f"sw_device={sw_device!r} / output_device={output_device!r} need roi_size: they configure the sliding window.")
         if roi_size and slice_axis is not None:  # a 2D network over 3D volumes, one slice at a time
-            inferer = SliceInferer(spatial_dim=slice_axis, roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", **devices)
+            inferer = SliceInferer(
+                spatial_dim=slice_axis, roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", sw_device=sw_device, device=output_device
+            )  # fmt: skip
         elif roi_size:
-            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", **devices)
+            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", sw_device=sw_device, device=output_device)
         super().__init__(
             model=model,
             num_classes=num_classes,
             loss=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce),
-            inferer=inferer,
+            # MONAI types the result for networks that return tuples or dicts; ours give one tensor in eval mode
+            inferer=cast("Callable[..., torch.Tensor] | None", inferer),
             adaptation=adaptation,
             optim=optim,
             class_names=class_names,
@@ -127,8 +135,9 @@ class VolumeSegmentation(Segmentation):
                 f"has {data_classes} classes, background included: set --model.num_classes={data_classes} "
                 f"(VolumeSegmentation(num_classes={data_classes})), or change the data's label_map."
             )
-        if self.class_names is None and getattr(data, "class_names", None):
-            self.class_names = list(data.class_names)
+        data_names = getattr(data, "class_names", None)
+        if self.class_names is None and data_names:
+            self.class_names = list(data_names)
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-volume logits; with ``tta_flip_axes``, in test and predict, each window is run on
@@ -175,8 +184,10 @@ class VolumeSegmentation(Segmentation):
         # the per-case values are kept here and gathered across ranks by polyfm (gather_cases); MONAI's own
         # buffers would all-gather too, but count DistributedSampler's padded repeats as cases
         rows = self._case_rows["test"]
-        rows["hd95"].append(self.hd95(one_hot_pred, one_hot_target, **kwargs).float())
-        rows["surface_dice"].append(self.surface_dice(one_hot_pred, one_hot_target, **kwargs).float())
+        hd95, surface_dice = self.hd95(one_hot_pred, one_hot_target, **kwargs), self.surface_dice(one_hot_pred, one_hot_target, **kwargs)
+        assert isinstance(hd95, torch.Tensor) and isinstance(surface_dice, torch.Tensor)  # tensors in, a tensor out (MONAI's type allows lists)
+        rows["hd95"].append(hd95.float())
+        rows["surface_dice"].append(surface_dice.float())
         rows["dice"].append(compute_dice(one_hot_pred, one_hot_target, include_background=self.include_background))
         self._case_names_of["test"] += _batch_case_names(batch, len(labels))
 
@@ -242,7 +253,7 @@ class VolumeSegmentation(Segmentation):
     def on_test_epoch_end(self) -> None:
         columns = self._stage_columns("test")
         for metric in (self.hd95, self.surface_dice):  # the rows are in _case_rows; MONAI's copies go
-            metric.reset()
+            metric.reset()  # type: ignore[no-untyped-call]  # MONAI leaves the metrics' reset unannotated
         cases, case_names = self._gather("test", columns, self._case_names_of["test"])
         self._log_dice("test", cases)
         names = self.class_names or [str(i) for i in range(self.num_classes)]

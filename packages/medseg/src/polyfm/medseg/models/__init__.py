@@ -11,6 +11,6 @@ from polyfm.medseg.models.swin_unetr import SwinUNETR
 from polyfm.medseg.models.unet import UNet
 from polyfm.medseg.models.unetr import UNETR
 
-MODELS: dict[str, type] = {"unet": UNet, "basic_unet": BasicUNet, "dynunet": DynUNet, "mednext": MedNeXt, "segresnet": SegResNet, "swin_unetr": SwinUNETR, "unetr": UNETR}
+MODELS: dict[str, type[MedSegNet]] = {"unet": UNet, "basic_unet": BasicUNet, "dynunet": DynUNet, "mednext": MedNeXt, "segresnet": SegResNet, "swin_unetr": SwinUNETR, "unetr": UNETR}
 
 __all__ = ["MODELS", "BasicUNet", "DynUNet", "MedNeXt", "MedSegNet", "SegResNet", "SwinUNETR", "UNETR", "UNet"]

@@ -90,9 +90,9 @@ class MedSegNet(Encoder, PretrainedMixin):
 
     # -- checkpoints ------------------------------------------------------------------------
     @classmethod
-    def monai_class(cls) -> type:
+    def monai_class(cls) -> type[nn.Module]:
         """The MONAI class this family subclasses (what a bundle's ``network_def._target_`` names)."""
-        return next(base for base in cls.__mro__ if base.__module__.startswith("monai."))
+        return next(base for base in cls.__mro__ if base.__module__.startswith("monai.") and issubclass(base, nn.Module))
 
     @classmethod
     def monai_name(cls) -> str:
@@ -148,7 +148,9 @@ class MedSegNet(Encoder, PretrainedMixin):
             model = cls(**merged)
         except TypeError as exc:
             raise CheckpointError(f"{path}: cannot build {cls.__name__} from the configuration {merged}: {exc}") from exc
-        model._load_state(raw, file, spec)
+        # out_channels given: the classes of the task at hand; output layers of another class count stay fresh
+        # (as reset_head after loading; nnU-Net's own fine-tuning skips the .seg_layers. the same way)
+        model._load_state(raw, file, spec, task_head="out_channels" in config)
         return model
 
     def load_pretrained(self, name_or_path: str | Path) -> None:
@@ -173,8 +175,10 @@ class MedSegNet(Encoder, PretrainedMixin):
         state = self.fit_checkpoint(state, str(file))
         ignore_missing, ignore_unexpected = self.checkpoint_ignores(state)
         if task_head:  # a head of another class count: leave it out, it is rebuilt for the task anyway
-            heads = tuple(f"{h}." for h in self.head_names())
-            own = self.state_dict()
+            own = self.state_dict(keep_vars=True)
+            # a head's tensors also listed under other names (DynUNet's skip_layers...super_head) go with it
+            head_tensors = {id(v) for k, v in own.items() if k.startswith(tuple(f"{h}." for h in self.head_names()))}
+            heads = (*(f"{h}." for h in self.head_names()), *(k for k, v in own.items() if id(v) in head_tensors))
             other = sorted(k for k, v in state.items() if k.startswith(heads) and k in own and own[k].shape != v.shape)
             if other:
                 log.info("%s: the output layers (%s) have another shape here; they keep their fresh initialisation.", file, ", ".join(other))
@@ -190,8 +194,13 @@ class MedSegNet(Encoder, PretrainedMixin):
                     "polyfm.core.adaptation.merge_lora(task.model), and save task.model.state_dict()."
                 )
             raise CheckpointError(f"{exc}\n{hint.strip()}" if hint.strip() else str(exc)) from exc
-        # top-level modules, or Swin-ViT stages (a v2 model's layers{i}c are new to v1 SSL weights)
-        fresh = sorted({".".join(k.split(".")[: 2 if k.startswith("swinViT.") else 1]) for k in self.state_dict() if k not in state})
+        # top-level modules, or Swin-ViT stages (a v2 model's layers{i}c are new to v1 SSL weights); a tensor
+        # listed under two names (DynUNet's skip_layers) is named once, by its first name
+        tensors = self.state_dict(keep_vars=True)
+        loaded = {id(v) for k, v in tensors.items() if k in state}
+        first = {id(v): k for k, v in reversed(tensors.items())}
+        unloaded = [k for k, v in tensors.items() if id(v) not in loaded and first[id(v)] == k]
+        fresh = sorted({".".join(k.split(".")[: 2 if k.startswith("swinViT.") else 1]) for k in unloaded})
         if fresh:  # allowed by checkpoint_ignores (a decoder new to encoder-only weights): say so
             log.info("%s: %s not in the checkpoint; they keep their fresh initialisation.", file, ", ".join(fresh))
 

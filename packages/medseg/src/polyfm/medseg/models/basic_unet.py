@@ -7,9 +7,10 @@ Blocks, input first: ``conv_0``, ``down_1..4`` (``down_4`` is the bottleneck),
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from monai.networks.nets import BasicUNet as MonaiBasicUNet
+from monai.networks.nets.basic_unet import BasicUNet as MonaiBasicUNet
 
 from polyfm.medseg.models.base import MedSegNet
 
@@ -23,8 +24,8 @@ class BasicUNet(MonaiBasicUNet, MedSegNet):
         in_channels: int = 1,
         out_channels: int = 2,
         features: Sequence[int] = (32, 32, 64, 128, 256, 32),
-        act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
-        norm: str | tuple = ("instance", {"affine": True}),
+        act: str | tuple[Any, ...] = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+        norm: str | tuple[Any, ...] = ("instance", {"affine": True}),
         bias: bool = True,
         dropout: float = 0.0,
         upsample: str = "deconv",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.nets import DynUNet as MonaiDynUNet
+from monai.networks.nets.dynunet import DynUNet as MonaiDynUNet
 from monai.networks.nets.dynunet import DynUNetSkipLayer
 from torch import nn
 
@@ -39,8 +39,8 @@ class DynUNet(MonaiDynUNet, MedSegNet):
         upsample_kernel_size: Sequence[int | Sequence[int]] | None = None,
         filters: Sequence[int] | None = None,
         dropout: float | None = None,
-        norm_name: str | tuple = ("INSTANCE", {"affine": True}),
-        act_name: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+        norm_name: str | tuple[Any, ...] = ("INSTANCE", {"affine": True}),
+        act_name: str | tuple[Any, ...] = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
         deep_supervision: bool = False,
         deep_supr_num: int = 1,
         res_block: bool = False,
@@ -87,7 +87,8 @@ class DynUNet(MonaiDynUNet, MedSegNet):
         x = self.input_block(x)
         for down in self.downsamples:
             x = down(x)
-        return self.bottleneck(x)
+        features: torch.Tensor = self.bottleneck(x)
+        return features
 
     @classmethod
     def foreign_checkpoint(cls, checkpoint: dict[str, Any], file: Path) -> tuple[dict[str, Any], dict[str, Any]]:

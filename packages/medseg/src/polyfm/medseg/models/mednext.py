@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from monai.networks.nets import MedNeXt as MonaiMedNeXt
+from monai.networks.nets.mednext import MedNeXt as MonaiMedNeXt
 
 from polyfm.medseg.models.base import MedSegNet
 
@@ -83,6 +83,7 @@ class MedNeXt(MonaiMedNeXt, MedSegNet):
             if not isinstance(ratio, int) and len(ratio) != len(levels):  # MONAI would fail with an IndexError deep inside
                 raise ValueError(f"MedNeXt {key}={list(ratio)} needs one value per level ({len(levels)}), or one int.")
         resolved = {k: _listed(v) if k.endswith(("ratio", "down", "up")) else v for k, v in resolved.items()}
+        sizes: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}  # MONAI takes tuples
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -91,7 +92,7 @@ class MedNeXt(MonaiMedNeXt, MedSegNet):
             deep_supervision=deep_supervision,
             norm_type=norm_type,
             global_resp_norm=global_resp_norm,
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()},
+            **sizes,
         )
         self.config = {
             "variant": None if variant is None else str(variant).upper(), "spatial_dims": spatial_dims, "in_channels": in_channels,
@@ -122,4 +123,5 @@ class MedNeXt(MonaiMedNeXt, MedSegNet):
         x = self.stem(x)
         for stage, down in zip(self.enc_stages, self.down_blocks, strict=True):
             x = down(stage(x))
-        return self.bottleneck(x)
+        features: torch.Tensor = self.bottleneck(x)
+        return features

@@ -12,9 +12,10 @@ head ``conv_final.2``, the 1x1 convolution to the classes. Decoder levels *add* 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from monai.networks.nets import SegResNet as MonaiSegResNet
+from monai.networks.nets.segresnet import SegResNet as MonaiSegResNet
 
 from polyfm.medseg.models.base import MedSegNet
 
@@ -30,8 +31,8 @@ class SegResNet(MonaiSegResNet, MedSegNet):
         in_channels: int = 1,
         out_channels: int = 2,
         dropout_prob: float | None = None,
-        act: str | tuple = ("RELU", {"inplace": True}),
-        norm: str | tuple = ("GROUP", {"num_groups": 8}),
+        act: str | tuple[Any, ...] = ("RELU", {"inplace": True}),
+        norm: str | tuple[Any, ...] = ("GROUP", {"num_groups": 8}),
         norm_name: str = "",
         num_groups: int = 8,
         blocks_down: Sequence[int] = (1, 2, 2, 4),

@@ -17,9 +17,10 @@ Swin-ViT key strictly while the decoder starts from scratch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+from monai.networks.nets.swin_unetr import SwinUNETR as MonaiSwinUNETR
 
 from polyfm.medseg.models.base import MedSegNet
 
@@ -43,7 +44,7 @@ class SwinUNETR(MonaiSwinUNETR, MedSegNet):
         patch_size: int = 2,
         qkv_bias: bool = True,
         mlp_ratio: float = 4.0,
-        norm_name: str | tuple = "instance",
+        norm_name: str | tuple[Any, ...] = "instance",
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         dropout_path_rate: float = 0.0,
@@ -101,10 +102,12 @@ class SwinUNETR(MonaiSwinUNETR, MedSegNet):
 
     def swin_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last Swin-ViT stage, normalised as SwinUNETR's forward uses it ``(B, 16F, *S/32)``."""
-        return self.swinViT(x.contiguous(), self.normalize)[4]
+        stages: list[torch.Tensor] = self.swinViT(x.contiguous(), self.normalize)
+        return stages[4]
 
     def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder10(self.swin_features(x))
+        features: torch.Tensor = self.encoder10(self.swin_features(x))
+        return features
 
     # -- checkpoints ------------------------------------------------------------------------
     @classmethod

@@ -9,17 +9,24 @@ classes, so it is the head. The MONAI bundle ``spleen_ct_segmentation`` is this 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeGuard
 
 import torch
 from monai.networks.layers.simplelayers import SkipConnection
-from monai.networks.nets import UNet as MonaiUNet
+from monai.networks.nets.unet import UNet as MonaiUNet
 from torch import nn
 
 from polyfm.medseg.models.base import MedSegNet
 
 
-def _is_level(module: nn.Module) -> bool:
+def _is_level(module: nn.Module) -> TypeGuard[nn.Sequential]:
     return isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[1], SkipConnection)
+
+
+def _skip(level: nn.Sequential) -> SkipConnection:
+    skip = level[1]
+    assert isinstance(skip, SkipConnection)  # what _is_level checked
+    return skip
 
 
 class UNet(MonaiUNet, MedSegNet):
@@ -35,8 +42,8 @@ class UNet(MonaiUNet, MedSegNet):
         kernel_size: int = 3,
         up_kernel_size: int = 3,
         num_res_units: int = 2,
-        act: str | tuple = "PRELU",
-        norm: str | tuple = "INSTANCE",
+        act: str | tuple[Any, ...] = "PRELU",
+        norm: str | tuple[Any, ...] = "INSTANCE",
         dropout: float = 0.0,
         bias: bool = True,
         adn_ordering: str = "NDA",
@@ -64,26 +71,27 @@ class UNet(MonaiUNet, MedSegNet):
         }  # fmt: skip
         self.feature_dim = int(channels[-1])
 
-    def _levels(self) -> list[tuple[str, nn.Module]]:
-        """(prefix, level) from the top down; the last entry is the bottom layer itself."""
-        levels, prefix, node = [], "model", self.model
+    def _levels(self) -> tuple[list[tuple[str, nn.Sequential]], tuple[str, nn.Module]]:
+        """((prefix, level) from the top down, (prefix, the bottom layer))."""
+        levels: list[tuple[str, nn.Sequential]] = []
+        prefix, node = "model", self.model
         while _is_level(node):
             levels.append((prefix, node))
-            prefix, node = f"{prefix}.1.submodule", node[1].submodule
-        levels.append((prefix, node))
-        return levels
+            prefix, node = f"{prefix}.1.submodule", _skip(node).submodule
+        return levels, (prefix, node)
 
     def block_names(self) -> list[str]:
-        levels = self._levels()
-        downs = [f"{prefix}.0" for prefix, _ in levels[:-1]]
-        ups = [f"{prefix}.2" for prefix, _ in reversed(levels[:-1])]
-        return [*downs, levels[-1][0], *ups]
+        levels, (bottom, _) = self._levels()
+        downs = [f"{prefix}.0" for prefix, _ in levels]
+        ups = [f"{prefix}.2" for prefix, _ in reversed(levels)]
+        return [*downs, bottom, *ups]
 
     def head_names(self) -> list[str]:
         return ["model.2"]
 
     def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
-        levels = self._levels()
-        for _, level in levels[:-1]:
+        levels, (_, bottom) = self._levels()
+        for _, level in levels:
             x = level[0](x)
-        return levels[-1][1](x)
+        features: torch.Tensor = bottom(x)
+        return features

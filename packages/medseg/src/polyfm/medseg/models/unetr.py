@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from monai.networks.nets import UNETR as MonaiUNETR
+from monai.networks.nets.unetr import UNETR as MonaiUNETR
 
 from polyfm.medseg.models.base import MedSegNet
 
@@ -41,7 +42,7 @@ class UNETR(MonaiUNETR, MedSegNet):
         mlp_dim: int = 3072,
         num_heads: int = 12,
         proj_type: str = "conv",
-        norm_name: str | tuple = "instance",
+        norm_name: str | tuple[Any, ...] = "instance",
         conv_block: bool = True,
         res_block: bool = True,
         dropout_rate: float = 0.0,
@@ -80,7 +81,9 @@ class UNETR(MonaiUNETR, MedSegNet):
         return ["out"]
 
     def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_feat(self.vit(x)[0])
+        # MONAI leaves UNETR.proj_feat unannotated
+        features: torch.Tensor = self.proj_feat(self.vit(x)[0])  # type: ignore[no-untyped-call]
+        return features
 
     def fit_checkpoint(self, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         own = self.state_dict()
