@@ -265,3 +265,74 @@ def test_ts_spreadsheet_and_pandas_exports(tmp_path, caplog) -> None:
     assert "row-number column(s) ['Unnamed: 0']" in caplog.text and "DatetimeIndex" in caplog.text and "Latin-1" in caplog.text
     # selected explicitly, an unnamed column is data
     assert read_series(tmp_path / "with_index.csv", columns=["Unnamed: 0", "c0"]).columns == ["Unnamed: 0", "c0"]
+
+
+def _with_cell(frame: pd.DataFrame, column: str, rows, value) -> pd.DataFrame:
+    frame = frame.astype({column: object})
+    frame.loc[rows, column] = value
+    return frame
+
+
+def _step_change(frame: pd.DataFrame) -> pd.DataFrame:
+    """Hourly for 200 rows, then every 30 minutes: a logger whose interval was changed."""
+    half = frame.iloc[200:].assign(date=pd.date_range(frame["date"][199] + pd.Timedelta("30min"), periods=200, freq="30min"))
+    return pd.concat([frame.iloc[:200], half])
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda f: _with_cell(f.astype({"date": str}), "date", [30, 31], ""),
+         r"bad.csv, key 'date': data row 31 \(line 32\): the timestamp is missing .*2 such rows.*remove those rows"),
+        (lambda f: _step_change(f),
+         r"bad.csv: data row 201 \(line 202\): the sampling step changes from 0 days 01:00:00 \(data rows 1-200\) to "
+         r"0 days 00:30:00 .*resample\('h'\).*freq='30min' with on_gap='nan'"),
+        (lambda f: f.assign(c0=f["c0"].where(~f.index.isin(range(100, 181)))),
+         r"bad.csv, key 'c0': data row 101 \(line 102\): empty or non-finite value, the first of a run of 81 to data row 181 \(81 in the file\)"),
+        (lambda f: _with_cell(f, "c2", 77, "12.5 kW"), r"bad.csv, key 'c2': data row 78 \(line 79\): value '12.5 kW' is not numeric"),
+        (lambda f: _with_cell(f, "c1", 5, "1,5"), r"key 'c1': data row 6 \(line 7\): value '1,5' is not numeric"),
+        (lambda f: pd.concat([f.iloc[:100], f.iloc[99:100].assign(c0=99.0), f.iloc[100:]]),
+         r"bad.csv: data row 101 \(line 102\): timestamp 2020-01-05 03:00:00 repeats the previous row \(1 duplicates\).*on_duplicate="),
+        (lambda f: f.rename(columns={"c2": "c1"}), r"bad.csv, key 'c1': the header names column 'c1' 2 times \(columns \[3, 4\]\)"),
+    ],
+    ids=["empty-timestamp", "step-change", "nan-run", "unit-in-cell", "decimal-comma", "duplicate-conflicting", "repeated-header"],
+)
+def test_ts_bad_csv_errors_say_where_and_what_to_do(tmp_path, corrupt, match) -> None:
+    path = _write(corrupt(_frame()), tmp_path / "bad.csv")
+    with pytest.raises(DataError, match=match):
+        read_series(path)
+
+
+def test_ts_step_change_with_on_gap_nan_keeps_the_finer_grid(tmp_path) -> None:
+    """The documented handling of a step change: freq=<finer step> + on_gap='nan' puts the coarse part on the fine grid,
+    its missing half-hours empty (then on_missing applies); a single long gap is still a gap, not a step change."""
+    path = _write(_step_change(_frame()), tmp_path / "change.csv")
+    series = read_series(path, freq="30min", on_gap="nan", on_missing="mask")
+    assert series.step == pd.Timedelta("30min") and series.report["inserted_rows"] == 199 and len(series) == 599
+    gap = _write(_frame().drop(index=range(50, 60)), tmp_path / "gap.csv")
+    with pytest.raises(DataError, match=r"a gap in the 0 days 01:00:00 steps \(10 missing timestamps"):
+        read_series(gap)
+    sparse = _write(_frame().drop(index=range(101, 141, 2)), tmp_path / "sparse.csv")  # 20 steps of 2 h, then hourly again: gaps
+    with pytest.raises(DataError, match=r"data row 102 \(line 103\): .* a gap in the 0 days 01:00:00 steps \(20 missing"):
+        read_series(sparse)
+
+
+def test_ts_nan_runs_and_splits_without_windows(tmp_path, caplog) -> None:
+    """A long NaN run interpolated is logged with where it is; a channel never observed on the train split and an
+    evaluation split too short for the horizon are errors that say what to change."""
+    frame = _frame()
+    frame.loc[100:180, "c0"] = np.nan
+    path = _write(frame, tmp_path / "run.csv")
+    with caplog.at_level(logging.WARNING, logger="polyfm.ts"):
+        read_series(path, on_missing="interpolate")
+    assert "c0: 81, longest run 81 (data rows 101-181)" in caplog.text
+    masked = ForecastDataModule(path, context_length=48, horizon=12, split=[0.7, 0.1, 0.2], on_missing="mask")
+    masked.setup()  # windows whose future falls in the run are skipped and counted
+    assert masked.series.report["train_windows_skipped"] > 0 and torch.isfinite(masked.train_set[0]["past_values"]).all()
+    unobserved = _frame()
+    unobserved.loc[:290, "c1"] = np.nan
+    with pytest.raises(DataError, match=r"channel\(s\) \['c1'\] have no observed value in the train split: drop them"):
+        ForecastDataModule.from_frame(unobserved, name="u.csv", context_length=48, horizon=12, split=[0.7, 0.1, 0.2], on_missing="mask").setup()
+    with pytest.raises(DataError, match=r"short-val.csv: the val split \(data rows 361-380\) yields no window of context 48 \+ horizon 24: "
+                                        r"it has 20 rows, fewer than the horizon 24"):
+        ForecastDataModule.from_frame(_frame(), name="short-val.csv", context_length=48, horizon=24, split=[0.9, 0.05, 0.05]).setup()

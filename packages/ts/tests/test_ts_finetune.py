@@ -85,7 +85,12 @@ def test_ts_forecast_dataframe_in_dataframe_out(tmp_path) -> None:
         forecast(exo, frame)
     future = pd.DataFrame({"x1": np.linspace(0, 1, 16)})
     out = forecast(exo, frame, future_exogenous=future)
-    assert list(out.columns) == ["date", "x0"]
+    assert list(out.columns) == ["date", "x0"] and out["x0"].notna().all()
+    # an unknown future value would make the forecast NaN: refused, naming the row
+    with pytest.raises(DataError, match=r"key 'x1': future_exogenous row 11 \(of the 16 forecast steps\): an empty cell \(NaN\) .*6 such"):
+        forecast(exo, frame, future_exogenous=future.assign(x1=future["x1"].where(future.index < 10)))
+    with pytest.raises(DataError, match=r"future_exogenous row 3 .*'n/a' is not a finite number"):
+        forecast(exo, frame, future_exogenous=future.astype(object).assign(x1=lambda f: f["x1"].where(f.index != 2, "n/a")))
 
 
 def test_ts_exogenous_channel_mixing_fine_tunes(tmp_path) -> None:

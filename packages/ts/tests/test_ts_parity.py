@@ -195,3 +195,98 @@ def test_ts_parity_random_configurations() -> None:
             expected, got = reference(**inputs), ours(**inputs)
         assert torch.allclose(got["prediction_outputs"], expected.prediction_outputs, atol=1e-5, rtol=1e-5), config
         assert torch.allclose(got["loss"], expected.loss, atol=1e-5, rtol=1e-5), config
+
+
+# Long-context r2 shapes with every option a fine-tuning run may switch on at once, read from a hub-layout folder
+# that granite-tsfm wrote, with load-time overrides given to both libraries' from_pretrained.
+R2_LONG = dict(patch_length=128, patch_stride=128, d_model=32, decoder_d_model=16, num_layers=2, decoder_num_layers=1,
+               adaptive_patching_levels=3, num_input_channels=4)
+HUB_CASES = {
+    "ctx1024-h720-mix-decoder-exogenous-mixer-prefix-filter96": (
+        dict(R2_LONG, context_length=1024, prediction_length=720, decoder_mode="mix_channel", resolution_prefix_tuning=True,
+             frequency_token_vocab_size=10, enable_forecast_channel_mixing=True, exogenous_channel_indices=[3], fcm_use_mixer=True,
+             fcm_context_length=2, prediction_channel_indices=[0, 1, 2], prediction_filter_length=96), {}),
+    "ctx1536-h192-prefix-apl3-filter24-at-load": (
+        dict(R2_LONG, context_length=1536, prediction_length=192, resolution_prefix_tuning=True, frequency_token_vocab_size=10),
+        dict(prediction_filter_length=24)),
+    "ctx1536-h720-mix-channel-exogenous-two-filter48-at-load": (
+        dict(R2_LONG, context_length=1536, prediction_length=720, mode="mix_channel", decoder_mode="mix_channel",
+             enable_forecast_channel_mixing=True, exogenous_channel_indices=[0, 3], fcm_prepend_past=True, decoder_adaptive_patching_levels=2),
+        dict(prediction_filter_length=48)),
+    "ctx1024-h336-patch64-apl2-raw-residual": (
+        dict(R2_LONG, context_length=1024, prediction_length=336, patch_length=64, patch_stride=64, adaptive_patching_levels=2,
+             decoder_raw_residual=True, decoder_mode="mix_channel", resolution_prefix_tuning=True, frequency_token_vocab_size=10), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_CASES))
+def test_ts_parity_long_context_hub_folder_with_overrides(name: str, tmp_path) -> None:
+    """Forecasts (filtered before the exogenous mixer, as granite does), masked inputs and frequency tokens equal the reference."""
+    config, overrides = HUB_CASES[name]
+    _reference(config).save_pretrained(tmp_path)
+    reference = tinytimemixer.TinyTimeMixerForPrediction.from_pretrained(tmp_path, **overrides).eval()
+    ours = TTM.from_pretrained(tmp_path, **overrides).eval()
+    generator = torch.Generator().manual_seed(2)
+    length, horizon, channels = config["context_length"], config["prediction_length"], config["num_input_channels"]
+    inputs = {"past_values": torch.randn(3, length, channels, generator=generator) * 4 + 2,
+              "future_values": torch.randn(3, horizon, channels, generator=generator) * 4 + 2,
+              "past_observed_mask": (torch.rand(3, length, channels, generator=generator) > 0.1).float()}
+    if config.get("resolution_prefix_tuning"):
+        inputs["freq_token"] = torch.tensor([7, 5, 0])
+    with torch.no_grad():
+        expected, got = reference(**inputs), ours(**inputs)
+    output_length = overrides.get("prediction_filter_length", config.get("prediction_filter_length", horizon))
+    exogenous = config.get("exogenous_channel_indices") or []  # not forecast: their future is given
+    targets = config.get("prediction_channel_indices") or [c for c in range(channels) if c not in exogenous]
+    assert got["prediction_outputs"].shape == expected.prediction_outputs.shape == (3, output_length, len(targets))
+    torch.testing.assert_close(got["prediction_outputs"], expected.prediction_outputs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["loss"], expected.loss, atol=1e-5, rtol=1e-5)
+    if config.get("exogenous_channel_indices"):  # the data pipeline's future_known_values (targets zeroed) give the same forecast
+        known = torch.zeros_like(inputs["future_values"])
+        known[..., config["exogenous_channel_indices"]] = inputs["future_values"][..., config["exogenous_channel_indices"]]
+        rest = {k: v for k, v in inputs.items() if k != "future_values"}
+        with torch.no_grad():
+            torch.testing.assert_close(ours(**rest, future_known_values=known)["prediction_outputs"], expected.prediction_outputs,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_ts_parity_training_step_gradients() -> None:
+    """In train mode (BatchNorm on batch statistics, dropout off) loss and every parameter's gradient equal the reference's."""
+    config = dict(R2_LONG, context_length=1024, prediction_length=192, norm_mlp="BatchNorm", decoder_mode="mix_channel",
+                  resolution_prefix_tuning=True, frequency_token_vocab_size=10, enable_forecast_channel_mixing=True,
+                  exogenous_channel_indices=[3], fcm_use_mixer=True, fcm_context_length=2, prediction_filter_length=48,
+                  dropout=0.0, head_dropout=0.0, loss="mae")
+    reference = _reference(config).train()
+    ours = TTM.from_config(TTMConfig.from_dict(reference.config.to_dict())).train()
+    load_state_dict_checked(ours, reference.state_dict(), strict=True)
+    generator = torch.Generator().manual_seed(3)
+    inputs = {"past_values": torch.randn(4, 1024, 4, generator=generator) * 3 + 1, "future_values": torch.randn(4, 192, 4, generator=generator),
+              "freq_token": torch.tensor([7, 5, 1, 8])}
+    reference(**inputs).loss.backward()
+    ours(**inputs)["loss"].backward()
+    grads = {name: p.grad for name, p in ours.named_parameters()}
+    for name, p in reference.named_parameters():
+        assert (p.grad is None) == (grads[name] is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ts_parity_fine_tuning_overrides_keep_the_same_tensors(tmp_path) -> None:
+    """granite-tsfm's channel-mixing fine-tuning recipe on a univariate checkpoint (from_pretrained with a mix-channel decoder,
+    exogenous mixer, channel subset, ignore_mismatched_sizes): ours keeps exactly the tensors granite keeps and builds the same config."""
+    source = _reference(dict(R2_LONG, num_input_channels=1, context_length=1024, prediction_length=192))
+    source.save_pretrained(tmp_path)
+    overrides = dict(num_input_channels=3, decoder_mode="mix_channel", enable_forecast_channel_mixing=True, exogenous_channel_indices=[2],
+                     fcm_use_mixer=True, fcm_context_length=2, prediction_channel_indices=[0, 1], prediction_filter_length=96)
+    reference = tinytimemixer.TinyTimeMixerForPrediction.from_pretrained(tmp_path, ignore_mismatched_sizes=True, **overrides).eval()
+    ours = TTM.from_pretrained(tmp_path, **overrides).eval()
+    loaded, theirs, mine = source.state_dict(), reference.state_dict(), ours.state_dict()
+    assert set(theirs) == set(mine)
+    kept = {k for k in theirs if k in loaded and loaded[k].shape == theirs[k].shape and torch.equal(loaded[k], theirs[k])}
+    assert kept == {k for k in mine if k in loaded and loaded[k].shape == mine[k].shape and torch.equal(loaded[k], mine[k])}
+    assert {k.split(".")[0] for k in kept} >= {"backbone"} and len(kept) < len(mine)  # backbone kept, the new parts fresh
+    load_state_dict_checked(ours, theirs, strict=True)  # same fresh tensors: same forecast
+    x, y = torch.randn(2, 1024, 3), torch.randn(2, 192, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, future_values=y)["prediction_outputs"], reference(past_values=x, future_values=y).prediction_outputs,
+                                   atol=1e-5, rtol=1e-5)

@@ -55,7 +55,7 @@ def _inputs(config: dict[str, Any], batch: int, device: torch.device) -> dict[st
 def _reference_of(ours: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Module:
     from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig, TinyTimeMixerForPrediction
 
-    reference = TinyTimeMixerForPrediction(TinyTimeMixerConfig(**config))
+    reference: torch.nn.Module = TinyTimeMixerForPrediction(TinyTimeMixerConfig(**config))
     reference.load_state_dict(ours.state_dict(), strict=True)
     return reference
 
@@ -63,7 +63,8 @@ def _reference_of(ours: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Mod
 def _step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], train: bool, target: torch.Tensor) -> Step:
     def output() -> torch.Tensor:
         out = model(**inputs)
-        return out["prediction_outputs"] if isinstance(out, dict) else out.prediction_outputs
+        prediction: torch.Tensor = out["prediction_outputs"] if isinstance(out, dict) else out.prediction_outputs
+        return prediction
 
     if not train:
         model.eval()
@@ -79,7 +80,7 @@ def _step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], train: bool, 
     def train_step() -> object:
         optimizer.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(output(), target)
-        loss.backward()
+        torch.autograd.backward(loss)  # Tensor.backward is unannotated in torch; this is the typed function it calls
         optimizer.step()
         return loss
 

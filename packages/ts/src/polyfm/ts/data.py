@@ -6,9 +6,10 @@ The layout is the ETT one: a timestamp column and one numeric column per channel
     dm = ForecastDataModule("ETTh1.csv", context_length=512, horizon=96, label_fraction=0.05)
 
 Bad input never passes silently. By default each of these raises a ``DataError`` naming
-the file, the row and the column: a missing timestamp column, unparsable or duplicated
-timestamps, timestamps out of order, irregular steps, gaps, non-numeric cells, empty
-cells (NaN), a series too short for the split or the window. Where a handling makes
+the file, the row and the column: a missing timestamp column, missing, unparsable or duplicated
+timestamps, timestamps out of order, irregular steps, a change of the sampling step, gaps, non-numeric
+cells, a repeated header name, empty cells (NaN, with the run they start), a series too short for the
+split or the window. Where a handling makes
 sense it can be asked for, and is then counted and logged (logger ``polyfm.ts``):
 
 * ``on_duplicate="first"|"last"|"mean"``: keep one row per timestamp;
@@ -41,11 +42,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, cast
 
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import NDArray
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from polyfm.core.data import DictDataModule, expand_paths
@@ -58,7 +60,7 @@ OnDuplicate = Literal["error", "first", "last", "mean"]
 OnGap = Literal["error", "nan"]
 OnConstant = Literal["keep", "error", "drop"]
 # a fixed step (hourly, 15 minutes) or a calendar one (month end, business day); None without timestamps
-Step = pd.Timedelta | pd.DateOffset | None
+Step: TypeAlias = pd.Timedelta | pd.DateOffset | None
 
 # granite-tsfm's DEFAULT_FREQUENCY_MAPPING, by step length.
 _FREQUENCY_TOKEN_BY_STEP = {
@@ -80,7 +82,7 @@ def frequency_token(step: Step) -> int:
 class Series:
     """A checked multivariate series: ``values (T, C)`` float32 (NaN where unobserved)."""
 
-    values: np.ndarray
+    values: NDArray[Any]
     columns: list[str]
     timestamps: pd.DatetimeIndex | None
     step: Step
@@ -91,13 +93,14 @@ class Series:
         return len(self.values)
 
     @property
-    def observed(self) -> np.ndarray:
-        return ~np.isnan(self.values)
+    def observed(self) -> NDArray[np.bool_]:
+        observed: NDArray[np.bool_] = ~np.isnan(self.values)
+        return observed
 
     def origin_label(self, row: int) -> str:
         return f"{self.source}@{self.timestamps[row]}" if self.timestamps is not None else f"{self.source}@row{row + 1}"
 
-    def future_timestamps(self, after_row: int, horizon: int) -> pd.DatetimeIndex | np.ndarray:
+    def future_timestamps(self, after_row: int, horizon: int) -> pd.DatetimeIndex | NDArray[Any]:
         """Timestamps of the ``horizon`` steps after ``after_row`` (integer steps without timestamps)."""
         if self.timestamps is None or self.step is None:
             return np.arange(after_row + 1, after_row + 1 + horizon)
@@ -119,6 +122,8 @@ def load_frame(path: str | Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         if suffixes.endswith((".csv", ".csv.gz", ".txt")):
             return _read_csv(path)
+    except DataError:
+        raise
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot be parsed as {path.suffix.lstrip('.')}: {exc}", path=path) from exc
     raise DataError(f"unsupported format {path.suffix!r}; use .csv or .parquet.", path=path)
@@ -139,6 +144,13 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if separator is not None:
         log.warning("%s: columns separated by %r", path, separator)
         frame = pd.read_csv(path, sep=separator, **options)
+    if any(str(c).rpartition(".")[0] in frame.columns for c in frame.columns):  # pandas renames a repeated name 'a' to 'a.1'
+        names = [str(c) for c in pd.read_csv(path, sep=separator or ",", header=None, nrows=1, **options).iloc[0]]
+        repeated = next((c for c in names if names.count(c) > 1 and c != "nan"), None)  # "nan": empty header cells
+        if repeated is not None:
+            places = [i + 1 for i, c in enumerate(names) if c == repeated]
+            raise DataError(f"the header names column {repeated!r} {len(places)} times (columns {places}); pandas would read the "
+                            f"others as {repeated + '.1'!r}, ... Give each column its own name.", path=path, key=repeated)
     return frame
 
 
@@ -252,8 +264,10 @@ def read_series(
     if nan.any():
         if on_missing == "error":
             row, col = (int(v) for v in np.argwhere(nan)[0])
+            run = _run_length(nan[:, col], row)
+            where = f", the first of a run of {run} to data row {row + run}" if run > 1 else ""
             raise DataError(
-                f"{_row_text(label, row)}: empty or non-finite value ({int(nan.sum())} in the file). "
+                f"{_row_text(label, row)}: empty or non-finite value{where} ({int(nan.sum())} in the file). "
                 "Fill the gaps, or pass on_missing='interpolate' or 'mask'.",
                 path=label, key=selected[col],
             )
@@ -266,7 +280,7 @@ def read_series(
             values = filled.to_numpy(dtype=np.float64)
             report["interpolated_values"] = int(nan.sum())
             log.warning("%s: interpolated %d missing values (%s)", label, int(nan.sum()),
-                        ", ".join(f"{c}: {int(n)}" for c, n in zip(selected, nan.sum(0)) if n))
+                        ", ".join(f"{c}: {int(n)}{_longest_run_text(nan[:, i])}" for i, (c, n) in enumerate(zip(selected, nan.sum(0))) if n))
             if np.isnan(values).any():
                 bad_cols = [c for c, n in zip(selected, np.isnan(values).all(0)) if n]
                 raise DataError(f"column(s) {bad_cols} have no value at all; drop them with columns=[...].", path=label)
@@ -276,6 +290,21 @@ def read_series(
         else:
             raise ConfigError(f"on_missing={on_missing!r}: use 'error', 'interpolate' or 'mask'.")
     return Series(values.astype(np.float32), selected, timestamps, step, label, report)
+
+
+def _run_length(missing: NDArray[np.bool_], row: int) -> int:
+    """How many missing values in a row start at ``row``."""
+    after = np.flatnonzero(~missing[row:])
+    return int(after[0]) if len(after) else len(missing) - row
+
+
+def _longest_run_text(missing: NDArray[np.bool_]) -> str:
+    """', longest run 81 (data rows 101-181)' for the log: a long run interpolated is a straight line, worth seeing."""
+    edges = np.diff(np.concatenate(([0], missing.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    longest = int(np.argmax(ends - starts))
+    length = int(ends[longest] - starts[longest])
+    return f", longest run {length} (data rows {starts[longest] + 1}-{ends[longest]})" if length > 1 else ""
 
 
 EPOCH_UNITS = ("s", "ms", "us", "ns")
@@ -322,6 +351,14 @@ def _to_datetime(text: pd.Series, timestamp_format: str | None, dayfirst: bool =
 
 def _check_parsed(parsed: pd.Series, raw: pd.Series, label: str, column: str) -> pd.Series:
     bad = np.flatnonzero(parsed.isna().to_numpy())
+    empty = bad[raw.iloc[bad].isna().to_numpy() | raw.iloc[bad].astype(str).str.strip().isin(["", "nan", "NaN", "NaT", "None"]).to_numpy()]
+    if len(empty):  # a row without its timestamp cannot be placed in time
+        i = int(empty[0])
+        raise DataError(
+            f"{_row_text(label, i)}: the timestamp is missing (an empty or NaT cell; {len(empty)} such rows). Fill it in, or remove those rows "
+            "(the gap they leave is an error too, or empty rows with on_gap='nan').",
+            path=label, key=column,
+        )
     if len(bad):
         i = int(bad[0])
         raise DataError(
@@ -390,6 +427,27 @@ def _check_on_grid(
     return data, _step_of(offset), report
 
 
+def _step_change(deltas: NDArray[np.int64], min_run: int = 10) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Where the rows switch from one regular step to another (each held for ``min_run`` steps or more): the two runs
+    as (first, last) rows. A gap is one long step inside a run of equal ones, never a run of its own."""
+    change = np.flatnonzero(np.diff(deltas)) + 1
+    starts, ends = np.concatenate(([0], change)), np.concatenate((change, [len(deltas)]))
+    long = ends - starts >= min_run
+    runs = [(int(a), int(b)) for a, b in zip(starts[long], ends[long])]
+    steps = [int(deltas[a]) for a, _ in runs]
+    change_at = next((k for k, step in enumerate(steps) if step != steps[0]), None)
+    # a stretch in another step that returns to the first one (every other row missing for a while) is gaps, not a change
+    if change_at is None or steps[0] in steps[change_at:]:
+        return None
+    return runs[change_at - 1], runs[change_at]
+
+
+def _alias(step: pd.Timedelta) -> str:
+    from pandas.tseries.frequencies import to_offset
+
+    return str(to_offset(step).freqstr)
+
+
 def _check_time_axis(
     data: pd.DataFrame, label: str, on_duplicate: OnDuplicate, on_gap: OnGap, sort: bool, report: dict[str, int],
     offset: pd.DateOffset | None = None,
@@ -435,6 +493,18 @@ def _check_time_axis(
     step_ns = int(pd.Series(deltas).mode().iloc[0])
     step = pd.Timedelta(step_ns, unit="ns")
     irregular = np.flatnonzero(deltas % step_ns != 0)
+    change = _step_change(deltas)
+    if change is not None and (on_gap == "error" or len(irregular)):  # else reported as a gap or as off-grid steps: misleading
+        (first, last), (new_first, new_last) = change
+        old, new = (pd.Timedelta(int(deltas[i]), unit="ns") for i in (first, new_first))
+        fine, coarse = sorted((old, new))
+        raise DataError(
+            f"{_row_text(label, new_first + 1)}: the sampling step changes from {old} (data rows {first + 1}-{last + 1}) to {new} "
+            f"(data rows {new_first + 1}-{new_last + 1}); a series needs one step. Resample it to the coarser step (pandas: "
+            f"df.resample({_alias(coarse)!r}).mean() on the timestamp index), or pass freq={_alias(fine)!r} with on_gap='nan' "
+            "to keep the finer grid with the steps it lacks empty.",
+            path=label,
+        )
     if len(irregular):
         i = int(irregular[0]) + 1
         raise DataError(
@@ -494,18 +564,20 @@ def split_borders(length: int, step: Step, split: str | Sequence[float] = "ett")
 class StandardScaler:
     """Per-channel mean/std fitted on observed training points; constant channels get std 1."""
 
-    mean: np.ndarray
-    std: np.ndarray
+    mean: NDArray[Any]
+    std: NDArray[Any]
     columns: list[str]
 
     @classmethod
-    def fit(cls, values: np.ndarray, columns: list[str], source: str = "", on_constant: OnConstant = "keep") -> StandardScaler:
-        with np.errstate(invalid="ignore"):
+    def fit(cls, values: NDArray[Any], columns: list[str], source: str = "", on_constant: OnConstant = "keep") -> StandardScaler:
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():  # an unobserved channel: named below, not as numpy's warning
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(values, axis=0)
             std = np.nanstd(values, axis=0)
         empty = [c for c, m in zip(columns, mean) if np.isnan(m)]
         if empty:
-            raise DataError(f"channel(s) {empty} have no observed value in the train split.", path=source or None)
+            raise DataError(f"channel(s) {empty} have no observed value in the train split: drop them (columns=[...]), or give "
+                            "the train split rows where they are observed.", path=source or None)
         constant = [c for c, s in zip(columns, std) if s < 1e-8]
         if constant:
             if on_constant == "error":
@@ -515,18 +587,20 @@ class StandardScaler:
         std = np.where(std < 1e-8, 1.0, std)
         return cls(mean.astype(np.float32), std.astype(np.float32), list(columns))
 
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        return ((values - self.mean) / self.std).astype(np.float32)
+    def transform(self, values: NDArray[Any]) -> NDArray[np.float32]:
+        scaled: NDArray[np.float32] = ((values - self.mean) / self.std).astype(np.float32)
+        return scaled
 
-    def inverse(self, values: np.ndarray | torch.Tensor, channels: Sequence[int] | None = None) -> Any:
+    def inverse(self, values: NDArray[Any] | torch.Tensor, channels: Sequence[int] | None = None) -> Any:
         mean, std = (self.mean, self.std) if channels is None else (self.mean[list(channels)], self.std[list(channels)])
         if isinstance(values, torch.Tensor):
             return values * torch.as_tensor(std, device=values.device) + torch.as_tensor(mean, device=values.device)
         return values * std + mean
 
 
-def constant_channels(values: np.ndarray, columns: list[str]) -> list[str]:
-    with np.errstate(invalid="ignore"):
+def constant_channels(values: NDArray[Any], columns: list[str]) -> list[str]:
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():  # an unobserved channel is named by StandardScaler.fit
+        warnings.simplefilter("ignore", RuntimeWarning)
         return [c for c, s in zip(columns, np.nanstd(values, axis=0)) if not s > 1e-8]
 
 
@@ -539,8 +613,8 @@ class WindowDataset(Dataset[dict[str, Any]]):
     def __init__(
         self,
         series: Series,
-        scaled: np.ndarray,
-        origins: np.ndarray,
+        scaled: NDArray[Any],
+        origins: NDArray[Any],
         context_length: int,
         horizon: int,
         target_indices: Sequence[int],
@@ -581,8 +655,8 @@ class WindowDataset(Dataset[dict[str, Any]]):
 
 
 def window_origins(
-    start: int, end: int, context_length: int, horizon: int, stride: int, inside: bool, observed: np.ndarray | None = None
-) -> np.ndarray:
+    start: int, end: int, context_length: int, horizon: int, stride: int, inside: bool, observed: NDArray[Any] | None = None
+) -> NDArray[Any]:
     """Forecast origins t with the future [t, t+H) inside [start, end) and the context [t-L, t) inside
     the split (``inside``, for training) or anywhere before it (evaluation, as the benchmarks do).
     With ``observed`` (targets' mask), windows whose future is not fully observed are left out."""
@@ -842,7 +916,7 @@ class ForecastDataModule(DictDataModule):
         return FutureWindows([(part.series.source, part.scaler.transform(part.series.values[-self.context_length:]), token(part))
                               for part in self.parts], with_mask=self.on_missing == "mask")
 
-    def future_timestamps(self, part: SeriesPart) -> pd.DatetimeIndex | np.ndarray:
+    def future_timestamps(self, part: SeriesPart) -> pd.DatetimeIndex | NDArray[Any]:
         """The ``horizon`` timestamps after a series' last row, at its step (``freq``, or inferred when read);
         row numbers for a series without timestamps."""
         return part.series.future_timestamps(len(part.series) - 1, self.horizon)
@@ -925,6 +999,7 @@ class ForecastDataModule(DictDataModule):
         stride = stride or (self.train_stride if stage == "train" else self.eval_stride)
         target_observed = series.observed[:, self.target_indices] if self.on_missing == "mask" else None
         origins = window_origins(start, end, self.context_length, self.horizon, stride, stage == "train", target_observed)
+        all_origins = origins
         if target_observed is not None:
             all_origins = window_origins(start, end, self.context_length, self.horizon, stride, stage == "train")
             if len(all_origins) > len(origins):
@@ -932,8 +1007,18 @@ class ForecastDataModule(DictDataModule):
                             len(all_origins) - len(origins), len(all_origins))
                 series.report[f"{stage}_windows_skipped"] = len(all_origins) - len(origins)
         if not len(origins) and not allow_empty:
+            rows = max(0, end - start)
+            if len(all_origins):
+                why = (f"the future of each of its {len(all_origins)} windows has missing targets (on_missing='mask'): fill those "
+                       "gaps, or use on_missing='interpolate'")
+            elif rows < self.horizon:
+                why = (f"it has {rows} rows, fewer than the horizon {self.horizon}: give it more rows (split fractions such as "
+                       "[0.7, 0.1, 0.2], or a longer series) or use a shorter horizon")
+            else:
+                why = "the context of its first window would start before the first row: use a shorter context or a longer series"
             raise DataError(
-                f"the {stage} split (rows {start + 1}-{end}) yields no window of context {self.context_length} + horizon {self.horizon}.",
+                f"the {stage} split (data rows {start + 1}-{end}) yields no window of context {self.context_length} + horizon "
+                f"{self.horizon}: {why}.",
                 path=series.source,
             )
         return WindowDataset(
@@ -962,7 +1047,8 @@ class ForecastDataModule(DictDataModule):
             return
         train, self.val_set, self.test_set = self.build()
         if self.label_fraction < 1.0:  # per series, as granite-tsfm selects per id
-            datasets = train.datasets if isinstance(train, ConcatDataset) else [train]
+            # dataset() builds one WindowDataset per series (concatenated for several); build() is typed as core's
+            datasets = cast("list[WindowDataset]", train.datasets if isinstance(train, ConcatDataset) else [train])
             chosen, offset = [], 0
             for i, (part, windows) in enumerate(zip(self.parts, datasets)):
                 picked = fewshot_indices(windows.origins, part.borders[0], self.context_length, self.label_fraction,
@@ -1001,7 +1087,7 @@ class FutureWindows(Dataset[dict[str, Any]]):
     """The last context of each series, for forecasting past the end: no ``future_values``;
     ``meta`` is ``<series>@future``."""
 
-    def __init__(self, contexts: list[tuple[str, np.ndarray, int | None]], with_mask: bool = False):
+    def __init__(self, contexts: list[tuple[str, NDArray[Any], int | None]], with_mask: bool = False):
         self.contexts, self.with_mask = contexts, with_mask
 
     def __len__(self) -> int:
@@ -1017,8 +1103,8 @@ class FutureWindows(Dataset[dict[str, Any]]):
         return item
 
 
-def fewshot_indices(origins: np.ndarray, train_rows: int, context_length: int, fraction: float, location: str = "last",
-                    seed: int = 0) -> np.ndarray:
+def fewshot_indices(origins: NDArray[Any], train_rows: int, context_length: int, fraction: float, location: str = "last",
+                    seed: int = 0) -> NDArray[Any]:
     """Indices (into ``origins``) of the few-shot training windows.
 
     ``"last"`` is granite-tsfm's ``get_datasets(fewshot_fraction=f, fewshot_location="last")``: the windows
@@ -1047,19 +1133,20 @@ def expand_sources(paths: Sequence[str | Path]) -> list[Path]:
     return expand_paths(paths, (".csv", ".parquet", ".pq"), "series files or folders of them")
 
 
-def downsample(values: np.ndarray, factor: int) -> np.ndarray:
+def downsample(values: NDArray[Any], factor: int) -> NDArray[Any]:
     """Mean over non-overlapping blocks of ``factor`` steps (a coarser resolution of the same series)."""
     if factor == 1:
         return values
     usable = len(values) // factor * factor
     with np.errstate(invalid="ignore"):
-        return np.nanmean(values[:usable].reshape(-1, factor, values.shape[1]), axis=1)
+        means: NDArray[Any] = np.nanmean(values[:usable].reshape(-1, factor, values.shape[1]), axis=1)
+        return means
 
 
 class UnivariateWindows(Dataset[dict[str, Any]]):
     """Windows over many univariate series (channels are independent in TTM pretraining)."""
 
-    def __init__(self, series: list[tuple[np.ndarray, str, int]], context_length: int, horizon: int, origins: list[np.ndarray],
+    def __init__(self, series: list[tuple[NDArray[Any], str, int]], context_length: int, horizon: int, origins: list[NDArray[Any]],
                  use_freq_token: bool):
         self.series = [torch.from_numpy(np.nan_to_num(v).astype(np.float32)) for v, _, _ in series]
         self.observed = [torch.from_numpy(~np.isnan(v)) for v, _, _ in series]
@@ -1133,9 +1220,9 @@ class PretrainDataModule(DictDataModule):
                 for src, name in sources]
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any] | None]:
-        univariate: list[tuple[np.ndarray, str, int]] = []
-        train_origins: list[np.ndarray] = []
-        val_origins: list[np.ndarray] = []
+        univariate: list[tuple[NDArray[Any], str, int]] = []
+        train_origins: list[NDArray[Any]] = []
+        val_origins: list[NDArray[Any]] = []
         window = self.context_length + self.horizon
         for series in self._series():
             for factor in self.resolutions:

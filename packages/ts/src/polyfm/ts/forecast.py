@@ -21,16 +21,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.ts.data import ForecastDataModule, StandardScaler, frequency_token, read_series
+
+if TYPE_CHECKING:
+    from polyfm.ts.models.ttm import TTMConfig
 
 log = logging.getLogger("polyfm.ts")
 
@@ -38,7 +42,8 @@ log = logging.getLogger("polyfm.ts")
 def _predict(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k not in ("future_values", "meta", "future_observed_mask")}
     out = model(**inputs)
-    return out["prediction_outputs"] if isinstance(out, dict) else out
+    prediction: torch.Tensor = out["prediction_outputs"] if isinstance(out, dict) else out
+    return prediction
 
 
 def naive_forecast(past: torch.Tensor, horizon: int, season: int | None = None) -> torch.Tensor:
@@ -121,8 +126,10 @@ def check_model_fits_data(model: nn.Module, dm: ForecastDataModule) -> None:
         )
 
 
-def _loader(dm: ForecastDataModule, stage: str, stride: int | None, batch_size: int) -> tuple[Dataset[Any], DataLoader]:
-    dataset = dm.dataset(stage, stride)  # type: ignore[arg-type]
+def _loader(
+    dm: ForecastDataModule, stage: Literal["val", "test"], stride: int | None, batch_size: int
+) -> tuple[Dataset[Any], DataLoader[Any]]:
+    dataset = dm.dataset(stage, stride)
     return dataset, DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
@@ -208,7 +215,7 @@ def forecast(
     freq_token: int | None = None,
     on_missing: Literal["error", "interpolate", "mask"] = "error",
     timestamp_format: str | None = None,
-    half_widths: np.ndarray | None = None,
+    half_widths: NDArray[Any] | None = None,
 ) -> pd.DataFrame:
     """Forecast the next horizon after the last row of ``data``; returns a DataFrame with the future
     timestamps (``timestamp_column``) and one column per forecast channel, in the data's units.
@@ -220,7 +227,8 @@ def forecast(
     inverted after; TTM scales each window itself, so zero-shot use needs none. Exogenous channels
     (the model's ``exogenous_channel_indices``) need their known future in ``future_exogenous``.
     """
-    config = model.config  # type: ignore[union-attr]
+    # a TTM (or a wrapper that forwards .config); nn.Module.__getattr__ is typed Tensor | Module
+    config = cast("TTMConfig", model.config)
     series = read_series(data, timestamp_column, columns, on_missing=on_missing, timestamp_format=timestamp_format)
     if config.channel_specific and len(series.columns) != config.num_input_channels:
         raise DataError(
@@ -249,8 +257,16 @@ def forecast(
         if future_exogenous is None or any(c not in future_exogenous.columns for c in names) or len(future_exogenous) < horizon:
             raise DataError(f"the model mixes in exogenous channels {names}: pass future_exogenous with {horizon} rows of them.",
                             path=series.source)
+        given = future_exogenous[names].iloc[:horizon].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(given)
+        if bad.any():  # a NaN here would make the forecast NaN, silently
+            row, col = (int(v) for v in np.argwhere(bad)[0])
+            cell = future_exogenous[names[col]].iloc[row]
+            raise DataError(f"future_exogenous row {row + 1} (of the {horizon} forecast steps): "
+                            f"{'an empty cell (NaN)' if pd.isna(cell) else repr(cell)} is not a finite number ({int(bad.sum())} such values). The exogenous channels' future must be known "
+                            "at every step: fill it in.", path=series.source, key=names[col])
         known = np.zeros((horizon, len(series.columns)), dtype=np.float32)
-        known[:, exogenous] = future_exogenous[names].to_numpy(dtype=np.float32)[:horizon]
+        known[:, exogenous] = given.astype(np.float32)
         if scaler is not None:
             known[:, exogenous] = ((known - scaler.mean) / scaler.std)[:, exogenous]
         inputs["future_known_values"] = torch.from_numpy(known).unsqueeze(0)

@@ -25,7 +25,8 @@ class MultiResolutionForecasting(nn.Module):
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         # typed like polyfm.core.pretrain.Objective, so LightningCLI accepts it as one
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k in ("past_values", "past_observed_mask", "freq_token")}

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import NDArray
 
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.predict import PredictionFileWriter
@@ -36,7 +37,7 @@ from polyfm.ts.data import ForecastDataModule, Series, SeriesPart
 
 Units = Literal["original", "scaled"]
 #: series source -> conformal half-widths (horizon, target channels), in the file's units
-HalfWidths = dict[str, np.ndarray]
+HalfWidths = dict[str, NDArray[Any]]
 
 log = logging.getLogger("polyfm.ts")
 
@@ -46,7 +47,7 @@ def _check_units(units: str) -> None:
         raise ConfigError(f"units={units!r}: use 'original' or 'scaled'.")
 
 
-def _gather(dm: ForecastDataModule, predictions: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def _gather(dm: ForecastDataModule, predictions: Sequence[dict[str, Any]]) -> tuple[NDArray[Any], NDArray[Any] | None, list[str]]:
     """Forecasts ``(N, H, C_target)``, their ensemble spread (or None) and the ``meta`` labels of every batch."""
     batches = [b for b in predictions if len(b["meta"])]
     if not batches:
@@ -67,7 +68,7 @@ def _check_kind(labels: Sequence[str], future: bool) -> None:
                           if not future else "these are test-window forecasts (predict_mode='test'): build the table with window_forecasts")
 
 
-def _by_series(dm: ForecastDataModule, labels: Sequence[str]) -> list[tuple[SeriesPart, np.ndarray]]:
+def _by_series(dm: ForecastDataModule, labels: Sequence[str]) -> list[tuple[SeriesPart, NDArray[Any]]]:
     """Each series (in prediction order: id order with id_columns) and the indices of its windows."""
     sources = np.array([label.rsplit("@", 1)[0] for label in labels])
     parts = {part.series.source: part for part in dm.parts}
@@ -77,17 +78,18 @@ def _by_series(dm: ForecastDataModule, labels: Sequence[str]) -> list[tuple[Seri
     return [(parts[source], np.flatnonzero(sources == source)) for source in dict.fromkeys(sources)]
 
 
-def _unscale(part: SeriesPart, values: np.ndarray, targets: Sequence[int], spread: bool = False) -> np.ndarray:
+def _unscale(part: SeriesPart, values: NDArray[Any], targets: Sequence[int], spread: bool = False) -> NDArray[Any]:
     """Scaled forecasts (or their spread: scale only, no shift) in the file's units."""
-    return values * part.scaler.std[list(targets)] if spread else part.scaler.inverse(values, targets)
+    unscaled: NDArray[Any] = values * part.scaler.std[list(targets)] if spread else part.scaler.inverse(values, targets)
+    return unscaled
 
 
-def _origin_rows(series: Series, labels: Sequence[str]) -> np.ndarray:
+def _origin_rows(series: Series, labels: Sequence[str]) -> NDArray[Any]:
     """Rows of the windows' first forecast steps, from their ``meta`` labels (``source@timestamp`` or ``source@row<n>``)."""
     where = [label.rsplit("@", 1)[1] for label in labels]
     if series.timestamps is None:
         return np.array([int(w.removeprefix("row")) - 1 for w in where], dtype=np.int64)
-    rows = series.timestamps.get_indexer(pd.DatetimeIndex(pd.to_datetime(where)))
+    rows: NDArray[np.intp] = series.timestamps.get_indexer(pd.DatetimeIndex(pd.to_datetime(where)))
     if (rows < 0).any():
         raise DataError(f"window {labels[int(np.argmax(rows < 0))]!r} is not in the series: predictions from other data?",
                         path=series.source)
@@ -115,7 +117,7 @@ def windows_needed(coverage: float) -> int:
     return n
 
 
-def conformal_quantile(residuals: np.ndarray, coverage: float, where: str = "the calibration set") -> np.ndarray:
+def conformal_quantile(residuals: NDArray[Any], coverage: float, where: str = "the calibration set") -> NDArray[Any]:
     """The split-conformal half-width along axis 0 of ``residuals`` (n calibration windows, any other axes): the
     k-th smallest, k = ``conformal_rank(n, coverage)``, i.e. the quantile at level k / n taking the higher order
     statistic (never interpolated). Too few windows for ``coverage`` (k > n) is a ``ConfigError`` naming ``where``."""
@@ -133,7 +135,8 @@ def conformal_quantile(residuals: np.ndarray, coverage: float, where: str = "the
     if bad.any():  # NaN would sort last and shrink the interval unnoticed
         raise ConfigError(f"{where}: {int(bad.sum())} of {n} validation windows have non-finite forecast errors: the model "
                           f"forecasts NaN or Inf there (first: window {int(np.argmax(bad))} of the validation split).")
-    return np.partition(residuals, k - 1, axis=0)[k - 1]
+    widths: NDArray[Any] = np.partition(residuals, k - 1, axis=0)[k - 1]
+    return widths
 
 
 def interval_half_widths(dm: ForecastDataModule, calibration: Sequence[dict[str, Any]], coverage: float) -> HalfWidths:
@@ -163,13 +166,13 @@ def interval_half_widths(dm: ForecastDataModule, calibration: Sequence[dict[str,
     return widths
 
 
-def _interval_columns(block: pd.DataFrame, names: Sequence[str], point: np.ndarray, width: np.ndarray) -> None:
+def _interval_columns(block: pd.DataFrame, names: Sequence[str], point: NDArray[Any], width: NDArray[Any]) -> None:
     """``<channel>_lo`` / ``_hi``: the point forecast minus / plus its step's half-width (point (..., H, C), width (H, C))."""
     block[[f"{n}_lo" for n in names]] = (point - width).reshape(-1, len(names))
     block[[f"{n}_hi" for n in names]] = (point + width).reshape(-1, len(names))
 
 
-def _widths_for(part: SeriesPart, half_widths: HalfWidths, targets: Sequence[int], units: str) -> np.ndarray:
+def _widths_for(part: SeriesPart, half_widths: HalfWidths, targets: Sequence[int], units: str) -> NDArray[Any]:
     width = half_widths.get(part.series.source)
     if width is None:
         raise ConfigError(f"no prediction-interval half-widths for series {part.series.source}: calibrate on this DataModule "

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from polyfm.core.adaptation import Adaptation
+from polyfm.core.encoder import Encoder
 from polyfm.core.kit import DomainKit
 
 
@@ -68,16 +69,18 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
         return PretrainDataModule.from_frames(frames, context_length=context, horizon=horizon, resolutions=[1, 2, 4],
                                               max_windows=12 if quick else 400, stride=4, batch_size=64)
 
-    def make_task(encoder: TTM, adaptation: Adaptation) -> Forecasting:
+    def make_task(encoder: Encoder, adaptation: Adaptation) -> Forecasting:
         # a linear probe of a forecaster is TTM's head-only recipe (decoder + head train)
         adaptation = head_only(encoder) if adaptation.mode == "linear" else adaptation
         return Forecasting(encoder, adaptation=adaptation, optim=OptimConfig(lr=3e-3, weight_decay=0.0))
 
     def make_finetune_data(fraction: float, seed: int) -> ForecastDataModule:
-        common = dict(context_length=context, horizon=horizon, eval_stride=horizon, batch_size=64, label_fraction=fraction, seed=seed)
         if ett is not None:  # quick: every 4th training window of ETTh1 (8.5k windows at stride 1)
-            return ForecastDataModule(str(ett), split="ett", train_stride=4 if quick else 1, **common)  # type: ignore[arg-type]
-        return ForecastDataModule.from_frame(target_frame, name="synthetic-target", split=[0.6, 0.2, 0.2], **common)  # type: ignore[arg-type]
+            return ForecastDataModule(str(ett), context_length=context, horizon=horizon, split="ett", train_stride=4 if quick else 1,
+                                      eval_stride=horizon, batch_size=64, label_fraction=fraction, seed=seed)
+        assert target_frame is not None  # generated when there is no ETTh1
+        return ForecastDataModule.from_frame(target_frame, name="synthetic-target", context_length=context, horizon=horizon,
+                                             split=[0.6, 0.2, 0.2], eval_stride=horizon, batch_size=64, label_fraction=fraction, seed=seed)
 
     return DomainKit(
         name="ts",

@@ -169,7 +169,7 @@ class TTMConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"TTM {name}={getattr(self, name)!r}; choose one of {sorted(allowed)}.")
         if self.loss not in _LOSSES:
-            raise ConfigError(f"TTM loss={self.loss!r}; choose one of {sorted(_LOSSES - {None})} or None (granite-tsfm's point losses).")
+            raise ConfigError(f"TTM loss={self.loss!r}; choose one of {sorted(str(x) for x in _LOSSES - {None})} or None (granite-tsfm's point losses).")
         if self.loss == "pinball" and not 0.0 < self.quantile < 1.0:
             raise ConfigError(f"TTM quantile={self.quantile!r} (loss='pinball') must lie strictly between 0 and 1.")
         if self.prediction_filter_length is not None and not 0 < self.prediction_filter_length <= self.prediction_length:
@@ -314,7 +314,8 @@ class MixerMLP(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.fc2(self.dropout1(F.gelu(self.fc1(x)))))
+        out: torch.Tensor = self.dropout2(self.fc2(self.dropout1(F.gelu(self.fc1(x)))))
+        return out
 
 
 class BatchNormOverTime(nn.Module):
@@ -325,7 +326,8 @@ class BatchNormOverTime(nn.Module):
         self.batchnorm = nn.BatchNorm1d(d_model, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.batchnorm(x.transpose(1, 2)).transpose(1, 2)
+        normed: torch.Tensor = self.batchnorm(x.transpose(1, 2))
+        return normed.transpose(1, 2)
 
 
 class NormLayer(nn.Module):
@@ -338,8 +340,10 @@ class NormLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch:
-            return self.norm(x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])).reshape(x.shape)
-        return self.norm(x)
+            normed: torch.Tensor = self.norm(x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3]))
+            return normed.reshape(x.shape)
+        out: torch.Tensor = self.norm(x)
+        return out
 
 
 class PatchSelfAttention(nn.Module):
@@ -365,7 +369,8 @@ class PatchSelfAttention(nn.Module):
         weights = F.softmax(q @ heads(self.k_proj(x)).transpose(-1, -2), dim=-1)
         weights = F.dropout(weights, p=self.dropout, training=self.training)
         out = (weights @ heads(self.v_proj(x))).transpose(1, 2).reshape(batch, length, width)
-        return self.out_proj(out)
+        projected: torch.Tensor = self.out_proj(out)
+        return projected
 
 
 class PatchMixerBlock(nn.Module):
@@ -410,7 +415,7 @@ class FeatureMixerBlock(nn.Module):
             self.gating_block = GatedAttention(config.d_model)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(self.norm(hidden))
+        out: torch.Tensor = self.mlp(self.norm(hidden))
         if self.gated_attn:
             out = self.gating_block(out)
         return out + hidden
@@ -431,7 +436,8 @@ class ChannelMixerBlock(nn.Module):
         out = self.norm(hidden).permute(0, 3, 2, 1)
         if self.gated_attn:
             out = self.gating_block(out)
-        return self.mlp(out).permute(0, 3, 2, 1) + hidden
+        mixed: torch.Tensor = self.mlp(out)
+        return mixed.permute(0, 3, 2, 1) + hidden
 
 
 class MixerLayer(nn.Module):
@@ -451,7 +457,8 @@ class MixerLayer(nn.Module):
             hidden = self.channel_feature_mixer(hidden)
         if hasattr(self, "patch_mixer"):
             hidden = self.patch_mixer(hidden)
-        return self.feature_mixer(hidden)
+        out: torch.Tensor = self.feature_mixer(hidden)
+        return out
 
 
 class AdaptivePatchingLevel(nn.Module):
@@ -585,6 +592,7 @@ class TTMEncoder(nn.Module):
         self.positional_encoder = PositionalEncoding(config) if config.use_positional_encoding else None
         self.mlp_mixer_encoder = MixerBlock(config)
         self.resolution_prefix_tuning = config.resolution_prefix_tuning
+        self.frequency_token_vocab_size = config.frequency_token_vocab_size  # for the id check (Sequential items are typed Module)
         if config.resolution_prefix_tuning:
             mid = (config.patch_length + config.d_model) // 2
             self.freq_mod = nn.Sequential(
@@ -605,13 +613,14 @@ class TTMEncoder(nn.Module):
             b, c, _, d = hidden.shape
             if freq_token.numel() != b:
                 raise ValueError(f"freq_token must hold one token per window, shape ({b},); got shape {tuple(freq_token.shape)}.")
-            check_ids(freq_token.reshape(b), self.freq_mod[0].num_embeddings, "freq_token", "frequency_token_vocab_size",
+            check_ids(freq_token.reshape(b), self.frequency_token_vocab_size, "freq_token", "frequency_token_vocab_size",
                       "(FREQUENCY_TOKENS goes up to 9: build the TTM with frequency_token_vocab_size >= 10 to use all of them)")
             prefix = self.freq_mod(freq_token.long().reshape(b)).view(b, 1, 1, d).expand(b, c, 1, d)
             hidden = torch.cat((prefix, hidden), dim=-2)
         if self.positional_encoder is not None:
             hidden = self.positional_encoder(hidden)
-        return self.mlp_mixer_encoder(hidden)
+        out: torch.Tensor = self.mlp_mixer_encoder(hidden)
+        return out
 
 
 class TTMBackbone(nn.Module):
@@ -637,6 +646,7 @@ class StaticCategoricalEmbedding(nn.Module):
     def __init__(self, vocab_sizes: list[int], d_model: int, num_patches: int):
         super().__init__()
         self.embedding_layers = nn.ModuleList(nn.Embedding(vocab, d_model) for vocab in vocab_sizes)
+        self.vocab_sizes = list(vocab_sizes)  # ModuleList items are typed Module: keep the sizes for the id check
         self.num_patches = num_patches
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
@@ -644,8 +654,8 @@ class StaticCategoricalEmbedding(nn.Module):
         if values.dim() != 2 or values.shape[1] != count:
             raise ValueError(f"static_categorical_values must be (batch, {count}) token ids, one per categorical variable; "
                              f"got shape {tuple(values.shape)}.")
-        for i, layer in enumerate(self.embedding_layers):
-            check_ids(values[:, i], layer.num_embeddings, f"static_categorical_values[:, {i}]", f"categorical_vocab_size_list[{i}]")
+        for i, size in enumerate(self.vocab_sizes):
+            check_ids(values[:, i], size, f"static_categorical_values[:, {i}]", f"categorical_vocab_size_list[{i}]")
         embedded = torch.stack([layer(values[:, i].long()) for i, layer in enumerate(self.embedding_layers)], dim=1)
         return embedded.unsqueeze(2).repeat(1, 1, self.num_patches, 1)
 
@@ -667,6 +677,7 @@ class TTMDecoder(nn.Module):
             adaptive_patching_levels=config.decoder_adaptive_patching_levels,
             mode=config.decoder_mode,
         )
+        self.decoder_cat_embedding_layer: StaticCategoricalEmbedding | None
         if config.categorical_vocab_size_list is not None:
             inner = inner.derive(num_input_channels=config.num_input_channels + len(config.categorical_vocab_size_list))
             self.decoder_cat_embedding_layer = StaticCategoricalEmbedding(
@@ -687,7 +698,7 @@ class TTMDecoder(nn.Module):
             if static_categorical_values is None:
                 raise ValueError("This TTM was configured with static categorical variables: pass static_categorical_values.")
             hidden = torch.cat((hidden, self.decoder_cat_embedding_layer(static_categorical_values)), dim=1)
-        out = self.decoder_block(hidden)
+        out: torch.Tensor = self.decoder_block(hidden)
         return out[:, : self.num_input_channels] if self.decoder_cat_embedding_layer is not None else out
 
 
@@ -753,7 +764,8 @@ class ForecastChannelMixer(nn.Module):
             extended = base
         if self.fcm_gated_attn:
             extended = self.fcm_gating_block(extended)
-        return self.mlp(extended) + residual
+        mixed: torch.Tensor = self.mlp(extended)
+        return mixed + residual
 
 
 class TTMHead(nn.Module):
@@ -772,7 +784,8 @@ class TTMHead(nn.Module):
             self.fcm_block = ForecastChannelMixer(config.derive(prediction_length=config.output_length))
 
     def forward(self, hidden: torch.Tensor, past_values: torch.Tensor, future_values: torch.Tensor | None) -> torch.Tensor:
-        forecast = self.base_forecast_block(self.dropout_layer(self.flatten(hidden))).transpose(-1, -2)
+        base: torch.Tensor = self.base_forecast_block(self.dropout_layer(self.flatten(hidden)))
+        forecast = base.transpose(-1, -2)
         if self.prediction_channel_indices is not None:
             forecast = forecast[..., self.prediction_channel_indices]
         if self.prediction_filter_length is not None:
@@ -892,7 +905,7 @@ class TTM(Encoder, PretrainedMixin):
     def forward_features(self, x: torch.Tensor, freq_token: torch.Tensor | None = None, past_observed_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Backbone embedding (B, C, P, d_model) averaged over channels and patches: (B, d_model)."""
         values, mask = self._fit_length(x, past_observed_mask)
-        hidden, _, _, _ = self.backbone(values, mask, freq_token)
+        hidden: torch.Tensor = self.backbone(values, mask, freq_token)[0]
         return hidden.mean(dim=(1, 2))
 
     # --- forecasting
@@ -985,7 +998,7 @@ class TTM(Encoder, PretrainedMixin):
         return folder
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **config: Any) -> TTM:
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **config: Any) -> TTM:
         """A local folder/file, a registry name (``ttm-r2-512-96``) or a hub id
         (``ibm-granite/granite-timeseries-ttm-r2``, ``...-ttm-r2@1024-96-r2``). A hub id already in the
         Hugging Face cache (e.g. downloaded by granite-tsfm) is read from there."""
@@ -1073,7 +1086,7 @@ def unwrap_wrapper_prefixes(state: dict[str, torch.Tensor], own: set[str], sourc
     return unwrapped
 
 
-def head_only(model: TTM) -> Adaptation:
+def head_only(model: Encoder) -> Adaptation:
     """TTM's few-shot 'head-only' recipe: freeze the backbone, train decoder and head.
 
     (``Adaptation(mode="linear")`` would freeze the whole model, since in forecasting the
