@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from polyfm.core.bench import BenchCase, scratch_dir
+
+if TYPE_CHECKING:
+    from polyfm.mol.models.unimol import UniMol
 
 Step = Callable[[], object]
 
@@ -55,7 +58,7 @@ def train_step(module: nn.Module, loss: Callable[[], torch.Tensor]) -> Step:
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         value = loss()
-        value.backward()
+        torch.autograd.backward(value)  # what value.backward() calls; Tensor.backward is unannotated
         optimizer.step()
         return value.detach()
 
@@ -81,7 +84,7 @@ def _conformer_case(quick: bool) -> BenchCase:
     )
 
 
-CHEMBERTA_77M = {
+CHEMBERTA_77M: dict[str, Any] = {
     "vocab_size": 600,
     "hidden_size": 384,
     "num_hidden_layers": 3,
@@ -108,7 +111,7 @@ def _chemberta_pair(device: torch.device) -> tuple[nn.Module, nn.Module]:
     ours = ChemBERTa(**CHEMBERTA_77M)
     reference = RobertaForMaskedLM(RobertaConfig(**CHEMBERTA_77M, type_vocab_size=1, pad_token_id=1))
     reference.load_state_dict(ours.state_dict())  # key for key (neither has a pooler)
-    return ours.to(device), reference.to(device)
+    return ours.to(device), reference.to(device)  # type: ignore[arg-type]  # transformers types its wrapped .to() as taking the model
 
 
 def _chemberta_cases(quick: bool) -> list[BenchCase]:
@@ -183,14 +186,15 @@ def _unimol_cases(quick: bool) -> list[BenchCase]:
     def reference_model(device: torch.device) -> nn.Module:
         from unimol_tools.models.unimol import UniMolModel
 
-        return UniMolModel(
+        model: nn.Module = UniMolModel(
             output_dim=1,
             data_type="molecule",
             pretrained_model_path=str(checkpoint),
             pretrained_dict_path=str(checkpoint.parent / "dict.txt"),
         ).to(device)
+        return model
 
-    def our_model(device: torch.device) -> nn.Module:
+    def our_model(device: torch.device) -> UniMol:
         from polyfm.mol.models.unimol import UniMol
 
         return UniMol.from_pretrained(checkpoint, dictionary=order).to(device)

@@ -15,13 +15,15 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from polyfm.mol.models.unimol import UniMolDictionary
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Conformer:
     atoms: list[str]
-    coordinates: np.ndarray  # (n_atoms, 3) float32
+    coordinates: NDArray[Any]  # (n_atoms, 3) float32
     is_3d: bool
     message: str = ""
 
@@ -53,35 +55,36 @@ def embed_smiles(smiles: str, settings: ConformerSettings) -> Conformer:
 
     On failure or timeout, random-coordinate embedding is tried, then 2D coordinates
     (``is_3d=False``, with the reason in ``message``)."""
-    from rdkit import Chem, RDLogger
-    from rdkit.Chem import AllChem
+    from rdkit import Chem, rdBase
+    from rdkit.Chem import rdDepictor, rdDistGeom, rdForceFieldHelpers  # what AllChem re-exports, typed in RDKit's stubs
 
-    RDLogger.DisableLog("rdApp.*")
+    rdBase.DisableLog("rdApp.*")
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise ValueError(f"RDKit cannot parse SMILES {smiles!r}")
     mol = Chem.AddHs(mol)
-    params = AllChem.ETKDGv3()
+    # Any: the stubs' EmbedParameters properties are untyped (*args) getters, read as taking the parameters object
+    params: Any = rdDistGeom.ETKDGv3()
     params.randomSeed = settings.seed
     params.timeout = max(1, int(round(settings.timeout)))
-    status = AllChem.EmbedMolecule(mol, params)
+    status = rdDistGeom.EmbedMolecule(mol, params)
     if status != 0:  # hard cases (macrocycles, cages): random starting coordinates, more attempts
         params.useRandomCoords = True
         params.maxIterations = settings.max_attempts
-        status = AllChem.EmbedMolecule(mol, params)
+        status = rdDistGeom.EmbedMolecule(mol, params)
     message = ""
     if status == 0:
         # the MMFF typing is done once: it tells whether the force field covers the
         # molecule (None if not: the ETKDG geometry is kept) and sets up the optimisation
-        properties = AllChem.MMFFGetMoleculeProperties(mol) if settings.mmff else None
+        properties = rdForceFieldHelpers.MMFFGetMoleculeProperties(mol) if settings.mmff else None
         if properties is not None:
             try:  # what MMFFOptimizeMolecule(mol) does, without typing the molecule again
-                AllChem.MMFFGetMoleculeForceField(mol, properties).Minimize(maxIts=200)
+                rdForceFieldHelpers.MMFFGetMoleculeForceField(mol, properties).Minimize(maxIts=200)
             except (RuntimeError, ValueError) as exc:  # keep the ETKDG geometry
                 message = f"MMFF failed: {exc}"
         is_3d = True
     else:
-        AllChem.Compute2DCoords(mol)
+        rdDepictor.Compute2DCoords(mol)
         is_3d = False
         message = "ETKDG embedding failed; 2D coordinates used"
     atoms = [atom.GetSymbol() for atom in mol.GetAtoms()]
@@ -193,15 +196,15 @@ def generate_conformers(
 def embed_2d(smiles: str, remove_hs: bool = False) -> Conformer:
     """RDKit 2D coordinates (z = 0) with hydrogens added, as the official Uni-Mol data scripts
     add as the last of a molecule's 11 conformers (``smi2_2Dcoords``); ``is_3d=False``."""
-    from rdkit import Chem, RDLogger
-    from rdkit.Chem import AllChem
+    from rdkit import Chem, rdBase
+    from rdkit.Chem import rdDepictor  # what AllChem re-exports, typed in RDKit's stubs
 
-    RDLogger.DisableLog("rdApp.*")
+    rdBase.DisableLog("rdApp.*")
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise ValueError(f"RDKit cannot parse SMILES {smiles!r}")
     mol = Chem.AddHs(mol)
-    AllChem.Compute2DCoords(mol)
+    rdDepictor.Compute2DCoords(mol)
     atoms = [atom.GetSymbol() for atom in mol.GetAtoms()]
     coords = mol.GetConformer().GetPositions().astype(np.float32)
     if remove_hs:
@@ -214,7 +217,7 @@ def distinct_geometries(conformers: Sequence[Conformer], tolerance: float = 1e-2
     """How many of one molecule's conformers differ in geometry: two are the same when no
     interatomic distance differs by more than ``tolerance`` Angstrom (Uni-Mol sees distances,
     so a rotated or translated copy is no new conformer)."""
-    kept: list[np.ndarray] = []
+    kept: list[NDArray[Any]] = []
     for conformer in conformers:
         xyz = np.asarray(conformer.coordinates, np.float64)
         distances = np.linalg.norm(xyz[:, None, :] - xyz[None, :, :], axis=-1)
@@ -280,12 +283,12 @@ def generate_conformer_sets(
 
 def unimol_features(
     atoms: Sequence[str],
-    coordinates: np.ndarray,
+    coordinates: NDArray[Any],
     dictionary: UniMolDictionary,
     max_atoms: int = 256,
     remove_hs: bool = False,
     seed: int = 0,
-) -> dict[str, np.ndarray]:
+) -> dict[str, NDArray[Any]]:
     """Uni-Mol inputs of one molecule. Beyond ``max_atoms`` atoms, a seeded random
     subset of ``max_atoms`` is kept (as unimol_tools and the official cropping do)."""
     atoms = list(atoms)
@@ -304,7 +307,7 @@ def unimol_features(
     return {"src_tokens": tokens, "src_distance": distance, "src_coord": src_coord, "src_edge_type": edge.astype(np.int64)}
 
 
-def collate_unimol(samples: Sequence[dict[str, np.ndarray | torch.Tensor]], pad_idx: int) -> dict[str, torch.Tensor]:
+def collate_unimol(samples: Sequence[Mapping[str, NDArray[Any] | torch.Tensor]], pad_idx: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of single-molecule features into a batch (tokens with [PAD], the rest with 0)."""
     length = max(len(s["src_tokens"]) for s in samples)
     batch = len(samples)

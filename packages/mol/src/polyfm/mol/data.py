@@ -20,13 +20,14 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
 from polyfm.core.data import DictDataModule, EpochSeededSampler, ResumableDataLoader, check_fold, fold_indices
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SplitKind = Literal["scaffold", "scaffold_balanced", "random", "stratified"]
 FragmentPolicy = Literal["keep", "largest", "error"]
+DuplicatePolicy = Literal["keep", "first", "error"]
 ConformerSource = Literal["etkdg", "from_file"]
 
 
@@ -49,7 +51,7 @@ class MoleculeTable:
     smiles: list[str]
     input_smiles: list[str]
     rows: list[int]
-    targets: np.ndarray  # (n, T) float32, NaN = missing
+    targets: NDArray[Any]  # (n, T) float32, NaN = missing
     target_names: list[str]
     path: Path | None = None
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (row, smiles, reason)
@@ -60,6 +62,8 @@ class MoleculeTable:
     # SD files only: each record's title line, and its own coordinates (polyfm.mol.conformers.Conformer)
     titles: list[str] | None = None
     conformers: list[Any] | None = None
+    # rows (CSV) or records (SD file) of each molecule found more than once, by canonical SMILES
+    duplicates: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.smiles)
@@ -82,7 +86,7 @@ class MoleculeTable:
             return None
         return [record_label(r, t) for r, t in zip(self.rows, self.titles, strict=True)]
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> MoleculeTable:
+    def subset(self, indices: Sequence[int] | NDArray[Any]) -> MoleculeTable:
         """The rows at ``indices`` (positions in this table), targets kept."""
         idx = [int(i) for i in indices]
         return MoleculeTable(
@@ -112,15 +116,15 @@ def record_label(record: int, title: str) -> str:
 
 def parse_smiles(smiles: str, fragments: FragmentPolicy = "keep", canonicalize: bool = True) -> tuple[str, bool, str]:
     """``(smiles_out, is_mixture, error)``: error is "" when the SMILES is usable."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
 
-    RDLogger.DisableLog("rdApp.*")
+    rdBase.DisableLog("rdApp.*")
     text = smiles.strip()
     if not text:
         return "", False, "empty SMILES"
     mol = Chem.MolFromSmiles(text)
     if mol is None:
-        return "", False, "RDKit cannot parse it"
+        return "", False, _why_smiles_unparsable(text)
     if mol.GetNumAtoms() == 0:
         return "", False, "no atoms"
     mixture = len(Chem.GetMolFrags(mol)) > 1
@@ -131,6 +135,20 @@ def parse_smiles(smiles: str, fragments: FragmentPolicy = "keep", canonicalize: 
 
         mol = rdMolStandardize.LargestFragmentChooser().choose(mol)
     return (Chem.MolToSmiles(mol) if canonicalize or (mixture and fragments == "largest") else text), mixture, ""
+
+
+def _why_smiles_unparsable(text: str) -> str:
+    """RDKit's reason for refusing a SMILES (``MolFromSmiles`` itself only returns None)."""
+    from rdkit import Chem
+
+    mol = Chem.MolFromSmiles(text, sanitize=False)
+    if mol is None:
+        return "RDKit cannot parse it (not SMILES syntax: an unclosed ring or bracket, or an unknown element?)"
+    try:
+        Chem.SanitizeMol(mol)
+    except ValueError as exc:  # RDKit's MolSanitizeException: valence, aromaticity, kekulisation
+        return f"RDKit cannot sanitise it ({' '.join(str(exc).split())})"
+    return "RDKit cannot parse it"
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -165,6 +183,27 @@ def _header(path: Path, delimiter: str | None) -> tuple[str, list[str]]:
         found = [d for d in (",", "\t", ";", "|") if d in first]
         delimiter = "\t" if path.suffix.lower() == ".tsv" and "\t" in first else (found[0] if found else ",")
     return delimiter, next(csv.reader([first], delimiter=delimiter), [])
+
+
+def _record_lines(path: Path, delimiter: str, count: int) -> list[int]:
+    """The file line each of the ``count`` data rows starts on. pandas skips blank lines and
+    quoted cells may span lines, so ``row + 1`` is not always the line; it is the fall-back
+    when the file cannot be read the same way twice."""
+    import csv
+
+    lines: list[int] = []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            end = 0
+            for record in reader:
+                start, end = end + 1, reader.line_num
+                if any(cell.strip() for cell in record):  # what pandas keeps (skip_blank_lines)
+                    lines.append(start)
+    except (csv.Error, UnicodeDecodeError):
+        lines = []
+    data_lines = lines[1:]  # the header's first
+    return data_lines if len(data_lines) == count else [i + 2 for i in range(count)]
 
 
 def _did_you_mean(name: str, columns: Sequence[str]) -> str:
@@ -204,11 +243,12 @@ def read_molecules(
     skip_invalid: bool = False,
     fragments: FragmentPolicy = "keep",
     delimiter: str | None = None,
+    duplicates: DuplicatePolicy = "keep",
 ) -> MoleculeTable:
     """An SD file (by its suffix, :func:`read_molecule_sdf`) or a CSV (:func:`read_molecule_csv`)."""
     if is_sd_file(path):
-        return read_molecule_sdf(path, target_columns, canonicalize, skip_invalid, fragments, smiles_column)
-    return read_molecule_csv(path, smiles_column, target_columns, canonicalize, skip_invalid, fragments, delimiter)
+        return read_molecule_sdf(path, target_columns, canonicalize, skip_invalid, fragments, smiles_column, duplicates)
+    return read_molecule_csv(path, smiles_column, target_columns, canonicalize, skip_invalid, fragments, delimiter, duplicates)
 
 
 def read_molecule_csv(
@@ -219,9 +259,12 @@ def read_molecule_csv(
     skip_invalid: bool = False,
     fragments: FragmentPolicy = "keep",
     delimiter: str | None = None,
+    duplicates: DuplicatePolicy = "keep",
 ) -> MoleculeTable:
     """Read a MoleculeNet-style CSV. ``target_columns=None`` takes every column but the SMILES one.
-    ``delimiter=None`` tells it from the header (comma, tab, semicolon or ``|``)."""
+    ``delimiter=None`` tells it from the header (comma, tab, semicolon or ``|``). ``duplicates``:
+    molecules found on several rows (the same canonical SMILES) are kept and logged (``"keep"``),
+    reduced to their first row (``"first"``), or refused (``"error"``); see :func:`find_duplicates`."""
     import pandas as pd
 
     path = _existing_file(path)
@@ -245,6 +288,7 @@ def read_molecule_csv(
     if absent:
         hints = "".join(_did_you_mean(c, frame.columns) for c in absent)
         raise DataError(f"target columns {absent} are not in the file; columns are {list(frame.columns)}.{hints}", path=path)
+    lines = _record_lines(path, delimiter, len(frame))
     targets = np.full((len(frame), len(names)), np.nan, dtype=np.float32)
     for j, name in enumerate(names):
         for i, raw in enumerate(frame[name].tolist()):
@@ -252,14 +296,14 @@ def read_molecule_csv(
                 value = parse_label(raw)
             except ValueError:
                 raise DataError(
-                    f"(line {i + 2}) target {raw!r} is not a number. Fix the value, or leave the cell empty for a missing label.",
+                    f"(line {lines[i]}) target {raw!r} is not a number. Fix the value, or leave the cell empty for a missing label.",
                     path=path,
                     row=i + 1,
                     key=name,
                 ) from None
             if abs(value) > _FLOAT32_MAX:  # 'inf', or beyond float32: it would make every loss Inf
                 raise DataError(
-                    f"(line {i + 2}) target {raw!r} is not a finite float32 number. Fix the value, or leave the cell empty "
+                    f"(line {lines[i]}) target {raw!r} is not a finite float32 number. Fix the value, or leave the cell empty "
                     "for a missing label.",
                     path=path,
                     row=i + 1,
@@ -280,7 +324,7 @@ def read_molecule_csv(
         table.rows.append(i + 1)
         keep.append(i)
     if table.skipped and not skip_invalid:
-        shown = "; ".join(f"row {r} (line {r + 1}) {s!r}: {why}" for r, s, why in table.skipped[:10])
+        shown = "; ".join(f"row {r} (line {lines[r - 1]}) {s!r}: {why}" for r, s, why in table.skipped[:10])
         more = f" and {len(table.skipped) - 10} more" if len(table.skipped) > 10 else ""
         raise DataError(
             f"{len(table.skipped)} invalid SMILES in column {smiles_column!r}: {shown}{more}. Fix them, or pass skip_invalid=True "
@@ -294,6 +338,7 @@ def read_molecule_csv(
             table.other_columns[name] = [cells[i] for i in keep]
     if not len(table):
         raise DataError("no valid molecule in the file.", path=path)
+    table = find_duplicates(table, duplicates, [f"row {r} (line {lines[r - 1]})" for r in table.rows])
     if table.skipped:
         log.warning("%s: skipped %d invalid SMILES (rows %s)", path, len(table.skipped), [r for r, _, _ in table.skipped[:20]])
     if table.mixtures:
@@ -313,6 +358,7 @@ def read_molecule_sdf(
     skip_invalid: bool = False,
     fragments: FragmentPolicy = "keep",
     smiles_column: str = "smiles",
+    duplicates: DuplicatePolicy = "keep",
 ) -> MoleculeTable:
     """Read an SD file (``.sdf``, or gzipped ``.sdf.gz``) with RDKit's ``SDMolSupplier``.
 
@@ -326,11 +372,11 @@ def read_molecule_sdf(
     are placed by RDKit), for Uni-Mol's ``conformers="from_file"``."""
     import gzip
 
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
 
     from polyfm.mol.conformers import Conformer
 
-    RDLogger.DisableLog("rdApp.*")
+    rdBase.DisableLog("rdApp.*")
     path = _existing_file(path)
     try:
         data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
@@ -413,11 +459,59 @@ def read_molecule_sdf(
     for name in found:
         if name not in names:
             table.other_columns[name] = [record_properties.get(name, "") for record_properties in properties]
+    table = find_duplicates(table, duplicates, table.record_names() or [])
     if skipped:
         log.warning("%s: skipped %d invalid records (records %s)", path, len(skipped), [r for r, _, _ in skipped[:20]])
     if mixtures:
         log.info("%s: %d salts/mixtures (%s)", path, mixtures, "largest fragment kept" if fragments == "largest" else "kept whole")
     return table
+
+
+def find_duplicates(table: MoleculeTable, policy: DuplicatePolicy, names: Sequence[str]) -> MoleculeTable:
+    """Molecules on several rows (records), by canonical SMILES: ``table.duplicates`` lists their
+    row (record) numbers. ``"keep"``: all kept, logged with their rows, since copies weigh twice and
+    a random split can put one in training and another in the test set (scaffold splits and folds
+    keep them together); ``"first"``: each molecule's first row only; ``"error"``: a
+    :class:`DataError` naming the file and the rows. ``names``: how errors name each molecule."""
+    if policy not in ("keep", "first", "error"):
+        raise ConfigError(f"duplicates={policy!r}: use 'keep' (kept and logged), 'first' (first row only) or 'error'.")
+    where: dict[str, list[int]] = defaultdict(list)
+    for i, smiles in enumerate(table.smiles):
+        where[smiles].append(i)
+    repeated = [indices for indices in where.values() if len(indices) > 1]
+    table.duplicates = [[table.rows[i] for i in indices] for indices in repeated]
+    if not repeated:
+        return table
+
+    def differ(indices: list[int]) -> bool:
+        labels = table.targets[indices]
+        return not all(np.array_equal(labels[0], other, equal_nan=True) for other in labels[1:])
+
+    conflicting = sum(differ(indices) for indices in repeated)
+    shown = "; ".join(
+        f"{table.smiles[indices[0]]!r} at {', '.join(names[i] for i in indices)}{' (labels differ)' if differ(indices) else ''}"
+        for indices in repeated[:10]
+    ) + (f" and {len(repeated) - 10} more" if len(repeated) > 10 else "")
+    unit = "records" if table.from_sdf else "rows"
+    summary = (f"{len(repeated)} molecules appear on more than one {unit[:-1]} (the same canonical SMILES, "
+               f"{sum(map(len, repeated))} {unit}; {conflicting} with different labels): {shown}")  # fmt: skip
+    if policy == "error":
+        raise DataError(
+            f"{summary}. Remove or merge the copies, or pass duplicates='first' (each molecule's first {unit[:-1]}) or "
+            "duplicates='keep' (all of them).",
+            path=table.path,
+        )
+    if policy == "keep":
+        log.warning("%s: %s. Kept: each copy counts in training and evaluation, and a random split can put copies on both "
+                    "sides (scaffold splits keep them together); duplicates='first' keeps one, 'error' refuses them.",
+                    table.path, summary)  # fmt: skip
+        return table
+    keep = sorted(indices[0] for indices in where.values())
+    reduced = table.subset(keep)
+    reduced.skipped, reduced.mixtures, reduced.fragments_stripped = table.skipped, table.mixtures, table.fragments_stripped
+    reduced.duplicates = table.duplicates
+    log.info("%s: %s. Kept each molecule's first %s (%d dropped).", table.path, summary, unit[:-1], len(table) - len(keep))
+    return reduced
 
 
 def _why_unparsable(item: str) -> str:
@@ -473,12 +567,15 @@ def murcko_scaffold(smiles: str, include_chirality: bool = False) -> str:
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
     mol = Chem.MolFromSmiles(smiles)
-    return "" if mol is None else MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=include_chirality)
+    if mol is None:
+        return ""
+    scaffold: str = MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=include_chirality)  # type: ignore[no-untyped-call]  # unannotated in RDKit's stubs
+    return scaffold
 
 
 def scaffold_split(
     smiles: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, balanced: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Bemis-Murcko scaffold split: no scaffold is shared between splits.
 
     Default (DeepChem's): scaffold sets from largest to smallest fill train, then
@@ -513,15 +610,15 @@ def scaffold_split(
 
 def random_split(
     n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     n_train, n_val = _counts(n, fractions)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[:n_train]), np.sort(order[n_train : n_train + n_val]), np.sort(order[n_train + n_val :])
 
 
 def stratified_split(
-    labels: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, bins: int = 5
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labels: NDArray[Any], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, bins: int = 5
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Each stratum keeps the split fractions. Strata: the class of a single binary/integer
     target, the quantile bin of a continuous one, or (multi-task) the first task's; missing
     labels form their own stratum."""
@@ -559,7 +656,7 @@ def check_fold_options(fold: int | None, num_folds: int, split: str) -> None:
 
 def molecule_fold(
     table: MoleculeTable, fold: int, num_folds: int, split: str = "scaffold", seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """``(train, held_out, held_out)`` indices of cross-validation fold ``fold``: molecules dealt
     into ``num_folds`` folds by :func:`polyfm.core.data.fold_indices`, whole Bemis-Murcko
     scaffolds at a time unless ``split="random"`` (acyclic molecules share the empty scaffold)."""
@@ -581,8 +678,8 @@ def molecule_fold(
 
 
 def split_indices(
-    kind: SplitKind, smiles: Sequence[str], targets: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    kind: SplitKind, smiles: Sequence[str], targets: NDArray[Any], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     if kind == "scaffold":
         return scaffold_split(smiles, fractions, seed)
     if kind == "scaffold_balanced":
@@ -603,13 +700,13 @@ def descriptor_names() -> list[str]:
     return [name for name, _ in Descriptors.descList]
 
 
-def compute_descriptors(smiles: Sequence[str]) -> np.ndarray:
+def compute_descriptors(smiles: Sequence[str]) -> NDArray[Any]:
     """All RDKit 2D descriptors (``rdkit.Chem.Descriptors.descList``, ~210) per molecule;
     non-finite values become NaN (masked in the MTR loss)."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
     from rdkit.Chem import Descriptors
 
-    RDLogger.DisableLog("rdApp.*")
+    rdBase.DisableLog("rdApp.*")
     functions = [fn for _, fn in Descriptors.descList]
     out = np.full((len(smiles), len(functions)), np.nan, dtype=np.float64)
     for i, s in enumerate(smiles):
@@ -630,12 +727,12 @@ class DescriptorScaler:
     """Standardise descriptors with training statistics; values are clipped to +-``clip``
     standard deviations so heavy-tailed descriptors (Ipc, BertzCT) cannot dominate."""
 
-    mean: np.ndarray
-    std: np.ndarray
+    mean: NDArray[Any]
+    std: NDArray[Any]
     clip: float = 10.0
 
     @classmethod
-    def fit(cls, values: np.ndarray, clip: float = 10.0) -> DescriptorScaler:
+    def fit(cls, values: NDArray[Any], clip: float = 10.0) -> DescriptorScaler:
         with np.errstate(all="ignore"):
             # log-compress magnitudes first: several descriptors span many orders of magnitude
             compressed = np.sign(values) * np.log1p(np.abs(values))
@@ -644,10 +741,11 @@ class DescriptorScaler:
         std[std < 1e-8] = 1.0
         return cls(mean.astype(np.float32), std.astype(np.float32), clip)
 
-    def transform(self, values: np.ndarray) -> np.ndarray:
+    def transform(self, values: NDArray[Any]) -> NDArray[Any]:
         with np.errstate(all="ignore"):
             compressed = np.sign(values) * np.log1p(np.abs(values))
-        return np.clip((compressed - self.mean) / self.std, -self.clip, self.clip).astype(np.float32)
+        scaled: NDArray[Any] = np.clip((compressed - self.mean) / self.std, -self.clip, self.clip).astype(np.float32)
+        return scaled
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -659,7 +757,7 @@ class MoleculeDataset(Dataset[dict[str, Any]]):
     ``featurise(i)`` gives the per-molecule input (SMILES string for ChemBERTa, Uni-Mol
     arrays); the collate function turns a list of them into the batch input."""
 
-    def __init__(self, smiles: Sequence[str], targets: np.ndarray, meta: Sequence[str], featurise: Callable[[int], Any]) -> None:
+    def __init__(self, smiles: Sequence[str], targets: NDArray[Any], meta: Sequence[str], featurise: Callable[[int], Any]) -> None:
         self.smiles, self.targets, self.meta, self.featurise = (
             list(smiles),
             np.asarray(targets, np.float32),
@@ -703,7 +801,7 @@ class UniMolCollate:
         batch = {"target": torch.stack([it["target"] for it in items]), "meta": [it["meta"] for it in items]}
         if not any(isinstance(it["features"], ConformerSet) for it in items):
             return {"input": collate_unimol([it["features"] for it in items], self.pad_idx), **batch}
-        rows: list[dict[str, np.ndarray]] = []
+        rows: list[dict[str, NDArray[Any]]] = []
         owner: list[int] = []
         for position, item in enumerate(items):
             features = item["features"]
@@ -724,7 +822,7 @@ class ConformerSet:
     def __len__(self) -> int:
         return len(self.conformers)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int) -> dict[str, NDArray[Any]]:
         from polyfm.mol.conformers import unimol_features
 
         conformer = self.conformers[index]
@@ -740,7 +838,7 @@ class ConformerDraws(Dataset[dict[str, Any]]):
         self.dataset, self.per_molecule = dataset, per_molecule
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours are sized
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         molecule, conformer = divmod(int(index), self.per_molecule)
@@ -760,17 +858,50 @@ class ConformerDrawSampler(EpochSeededSampler):
         super().__init__(length, seed)
         self.per_molecule = per_molecule
 
-    def draws(self, epoch: int) -> np.ndarray:
+    def draws(self, epoch: int) -> NDArray[Any]:
         """The conformer each molecule gets in ``epoch`` (by molecule, not by position in the
         order, so leaving the first batches out on a resume changes none of the others)."""
         return np.random.default_rng([self.seed, epoch, 0x434F4E46]).integers(0, self.per_molecule, self.length)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[int]:
         chosen = self.draws(self.epoch)
-        return iter([i * self.per_molecule + int(chosen[i]) for i in super().__iter__()])
+        order: Iterator[int] = super().__iter__()  # type: ignore[no-untyped-call]  # core's EpochSeededSampler.__iter__ is unannotated
+        return iter([i * self.per_molecule + int(chosen[i]) for i in order])
+
+
+def conformer_draw_loader(module: DictDataModule, dataset: Dataset[Any], num_conformers: int) -> ResumableDataLoader:
+    """The training loader of a data module whose molecules each hold ``num_conformers``
+    conformers (:class:`ConformerSet`): one conformer per molecule and epoch, drawn by
+    :class:`ConformerDrawSampler` from (``module.seed``, epoch), resumable mid-epoch. Shared by
+    fine-tuning (:class:`MoleculeDataModule`) and pretraining (:class:`MoleculePretrainDataModule`)."""
+    return ResumableDataLoader(
+        ConformerDraws(dataset, num_conformers),
+        batch_size=module.batch_size,
+        sampler=ConformerDrawSampler(len(dataset), num_conformers, module.seed),  # type: ignore[arg-type]  # a sized Dataset
+        num_workers=module.num_workers,
+        pin_memory=module.pin_memory,
+        persistent_workers=module.persistent_workers,
+        collate_fn=module.collate_fn,
+        drop_last=False,
+    )
+
+
+def fixed_conformer_draws(dataset: Dataset[Any], num_conformers: int, seed: int) -> Dataset[Any]:
+    """``dataset`` with one conformer per molecule drawn once from ``seed`` (the same every
+    epoch, so validation losses compare across epochs), in the dataset's order."""
+    from torch.utils.data import Subset
+
+    length = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours are sized
+    chosen = np.random.default_rng([seed, 0x56414C]).integers(0, num_conformers, length)
+    return Subset(ConformerDraws(dataset, num_conformers), [i * num_conformers + int(chosen[i]) for i in range(length)])
 
 
 # ----------------------------------------------------------------------------- featurisers
+
+
+def indexed(featurise: Callable[[int], Any], indices: Sequence[int]) -> Callable[[int], Any]:
+    """``featurise`` of a subset: item ``k`` is molecule ``indices[k]``."""
+    return lambda k: featurise(indices[k])
 
 
 def check_atoms_left(atom_counts: Sequence[int], smiles: Sequence[str], named: Sequence[str], path: str | os.PathLike[str] | None) -> None:
@@ -897,6 +1028,8 @@ class UniMolFeaturiser(Featuriser):
         )
         self.fallback_2d_rows: list[int] = []
         self.cropped_rows: list[int] = []
+        # rows (records) with elements the dictionary lacks -> those elements (read as [UNK])
+        self.unknown_atom_rows: dict[int, list[str]] = {}
 
     def prepare(self, smiles: Sequence[str], rows: Sequence[int], conformers: Sequence[Any] | None = None,
                 names: Sequence[str] | None = None, path: str | os.PathLike[str] | None = None) -> Callable[[int], Any]:  # fmt: skip
@@ -915,6 +1048,7 @@ class UniMolFeaturiser(Featuriser):
             conformers, report = generate_conformers(smiles, settings, self.conformer_cache, self.conformer_workers)
             self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
         check_atoms_left([len(conf.atoms) for conf in conformers], smiles, named, path)
+        self.note_unknown_atoms([conf.atoms for conf in conformers], smiles, rows, named, path)
         features = []
         self.cropped_rows = []
         for i, conf in enumerate(conformers):
@@ -948,6 +1082,7 @@ class UniMolFeaturiser(Featuriser):
         self.fallback_2d_rows = [rows[i] for i in report.fallback_2d]
         self.repeated_conformer_rows = {rows[i]: report.distinct[i] for i in report.repeated}
         check_atoms_left([len(confs[0].atoms) for confs in sets], smiles, named, path)
+        self.note_unknown_atoms([confs[0].atoms for confs in sets], smiles, rows, named, path)
         features = []
         self.cropped_rows = []
         for i, confs in enumerate(sets):
@@ -974,6 +1109,33 @@ class UniMolFeaturiser(Featuriser):
             log.warning("%d molecules use 2D coordinates for at least one ETKDG seed (ETKDG failed): rows %s",
                         len(self.fallback_2d_rows), self.fallback_2d_rows[:20])  # fmt: skip
         return features.__getitem__
+
+    def note_unknown_atoms(self, atoms: Sequence[Sequence[str]], smiles: Sequence[str], rows: Sequence[int],
+                           named: Sequence[str], path: str | os.PathLike[str] | None) -> None:  # fmt: skip
+        """Elements the dictionary lacks become ``[UNK]``, as in the official code and unimol_tools
+        (their ``Dictionary.index``); counted in ``unknown_atom_rows`` and logged with the rows, since
+        a released model has one embedding for all of them (Pt, Cu, Mg, Xe ... in mol.dict.txt)."""
+        known = set(self.dictionary.indices)
+        self.unknown_atom_rows = {}
+        first = -1
+        for i, each in enumerate(atoms):
+            missing = sorted({atom for atom in each if atom not in known})
+            if missing:
+                self.unknown_atom_rows[rows[i]] = missing
+                first = i if first < 0 else first
+        if self.unknown_atom_rows:
+            elements = sorted({e for found in self.unknown_atom_rows.values() for e in found})
+            log.warning(
+                "%s: %d of %d molecules hold elements the Uni-Mol dictionary lacks (%s); they are read as [UNK], as the "
+                "official code does (rows %s; e.g. %s %r). Pass a dictionary with them to learn them apart.",
+                path or "molecules",
+                len(self.unknown_atom_rows),
+                len(atoms),
+                ", ".join(elements),
+                list(self.unknown_atom_rows)[:20],
+                named[first],
+                smiles[first],
+            )
 
     def too_many_atoms(self, atoms: int, smiles: str, row: int, name: str | None, path: str | os.PathLike[str] | None) -> None:
         """A molecule over ``max_atoms``: an error (``max_atoms_policy="error"``) or counted as cropped."""
@@ -1036,9 +1198,28 @@ def check_conformer_options(num_conformers: int, conformer_2d: bool, conformers:
                           "(the official Uni-Mol data: num_conformers=11, 10 ETKDG + 1 2D).")  # fmt: skip
 
 
+def check_hydrogens(task: Any, featuriser: Featuriser) -> None:
+    """Released Uni-Mol weights were trained with every hydrogen (``unimol-mol-all-h``) or none
+    (``unimol-mol-no-h``): feeding the other kind runs, but on inputs the model never saw
+    (unimol_tools picks the checkpoint from ``remove_hs``, so it cannot happen there)."""
+    from polyfm.mol.models.unimol import UniMol
+
+    if not isinstance(featuriser, UniMolFeaturiser) or not isinstance(task, torch.nn.Module):
+        return
+    model = task if isinstance(task, UniMol) else next((m for m in task.modules() if isinstance(m, UniMol)), None)
+    if model is None or model.hydrogens is None or model.hydrogens != featuriser.remove_hs:
+        return
+    kind, fix = ("with all hydrogens", "false") if model.hydrogens else ("without hydrogens", "true")
+    raise ConfigError(
+        f"the Uni-Mol weights were pretrained {kind}, but the data has remove_hs={featuriser.remove_hs}: pass "
+        f"remove_hs={fix.capitalize()} (--data.init_args.remove_hs={fix}), or the other released weights "
+        f"({'unimol-mol-no-h' if model.hydrogens else 'unimol-mol-all-h'})."
+    )
+
+
 def make_featuriser(model: str, **options: Any) -> Featuriser:
     if model == "chemberta":
-        keys = ("tokenizer", "tokenizer_kind", "max_length")
+        keys: tuple[str, ...] = ("tokenizer", "tokenizer_kind", "max_length")
         return ChemBERTaFeaturiser(**{k: v for k, v in options.items() if k in keys})
     if model == "unimol":
         keys = (
@@ -1096,6 +1277,7 @@ class MoleculeDataModule(DictDataModule):
         skip_invalid: bool = False,
         fragments: FragmentPolicy = "keep",
         delimiter: str | None = None,
+        duplicates: DuplicatePolicy = "keep",
         tokenizer: str | None = None,
         tokenizer_kind: Literal["hub", "smiles"] = "hub",
         max_length: int = 128,
@@ -1153,8 +1335,11 @@ class MoleculeDataModule(DictDataModule):
         self.split_kind, self.split_fractions = split, tuple(split_fractions)
         self.fold, self.num_folds = fold, num_folds
         self.canonicalize, self.skip_invalid, self.fragments, self.delimiter = canonicalize, skip_invalid, fragments, delimiter
+        if duplicates not in ("keep", "first", "error"):  # before reading anything
+            raise ConfigError(f"duplicates={duplicates!r}: use 'keep' (kept and logged), 'first' (first row only) or 'error'.")
+        self.duplicates = duplicates
         self.table: MoleculeTable | None = None
-        self.split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.split: tuple[NDArray[Any], NDArray[Any], NDArray[Any]] | None = None
         self.predict_path = predict_path
         # what `predict` ran on (new molecules, or the test split), for MoleculePredictionWriter
         self.predict_table: MoleculeTable | None = None
@@ -1169,6 +1354,7 @@ class MoleculeDataModule(DictDataModule):
                 self.skip_invalid,
                 self.fragments,
                 self.delimiter,
+                self.duplicates,
             )
             if self.fold is None:
                 self.split = split_indices(self.split_kind, self.table.smiles, self.table.targets, self.split_fractions, self.seed)
@@ -1210,10 +1396,10 @@ class MoleculeDataModule(DictDataModule):
         featurise = self.featuriser.prepare(table.smiles, table.rows, table.conformers, table.record_names(), table.path)
         meta = table.meta()
 
-        def subset(indices: np.ndarray) -> MoleculeDataset:
+        def subset(indices: NDArray[Any]) -> MoleculeDataset:
             idx = indices.tolist()
             return MoleculeDataset(
-                [table.smiles[i] for i in idx], table.targets[idx], [meta[i] for i in idx], lambda k, idx=idx: featurise(idx[k])
+                [table.smiles[i] for i in idx], table.targets[idx], [meta[i] for i in idx], indexed(featurise, idx)
             )
 
         if not len(self.split[0]):
@@ -1224,7 +1410,9 @@ class MoleculeDataModule(DictDataModule):
         return subset(self.split[0]), subset(self.split[1]), subset(self.split[2])
 
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None and self.num_conformers > 1:  # before the conformers are generated
+        if self.trainer is not None:  # before the conformers are generated
+            check_hydrogens(self.trainer.lightning_module, self.featuriser)
+        if self.trainer is not None and self.num_conformers > 1:
             self.check_conformer_task(self.trainer.lightning_module)
         super().setup(stage)
         if stage == "fit" and self.trainer is not None:
@@ -1244,16 +1432,7 @@ class MoleculeDataModule(DictDataModule):
         """One conformer per molecule and draw (:class:`ConformerDrawSampler`) with ``num_conformers > 1``."""
         if self.num_conformers == 1 or self.train_set is None:
             return super().train_dataloader()
-        return ResumableDataLoader(
-            ConformerDraws(self.train_set, self.num_conformers),
-            batch_size=self.batch_size,
-            sampler=ConformerDrawSampler(len(self.train_set), self.num_conformers, self.seed),  # type: ignore[arg-type]
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            collate_fn=self.collate_fn,
-            drop_last=False,
-        )
+        return conformer_draw_loader(self, self.train_set, self.num_conformers)
 
     def check_task(self, task: Any) -> None:
         """A recipe's task names its targets and their statistics; fitting it to another CSV's
@@ -1293,8 +1472,8 @@ class MoleculeDataModule(DictDataModule):
             self.setup()
         train = self.train_set
         if isinstance(train, Subset):
-            return [train.dataset.smiles[i] for i in train.indices]  # type: ignore[attr-defined]
-        return list(train.smiles)  # type: ignore[union-attr]
+            return [train.dataset.smiles[i] for i in train.indices]  # type: ignore[attr-defined]  # a Subset of a MoleculeDataset
+        return list(train.smiles)  # type: ignore[union-attr]  # a MoleculeDataset once set up
 
     def predict_dataloader(self) -> Any:
         """The molecules of ``predict_path`` (a CSV or SD file of new molecules; every other
@@ -1325,7 +1504,15 @@ class MoleculePretrainDataModule(DictDataModule):
 
     ``targets="descriptors"`` adds ChemBERTa-2's MTR targets: RDKit descriptors computed on
     the fly at setup and standardised with the training split's statistics. A random
-    ``val_fraction`` is held out."""
+    ``val_fraction`` is held out.
+
+    ``num_conformers=K`` (Uni-Mol; with ``conformer_2d`` the last is the 2D one, the official
+    10 + 1) generates K conformers per molecule as :class:`MoleculeDataModule` does (the same
+    seeds and cache entries) and trains on one per molecule and epoch
+    (:func:`conformer_draw_loader`: seeded by ``seed`` and the epoch, resumable mid-epoch, what the
+    official ``ConformerSampleDataset`` does). Validation takes one conformer per molecule drawn
+    once from ``seed`` (:func:`fixed_conformer_draws`), so its loss costs what K=1 costs and
+    compares across epochs."""
 
     def __init__(
         self,
@@ -1347,12 +1534,16 @@ class MoleculePretrainDataModule(DictDataModule):
         conformer_cache: str | None = None,
         conformer_workers: int = 1,
         conformer_timeout: int = 10,
+        num_conformers: int = 1,
+        conformer_2d: bool = False,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         if (csv_path is None) == (smiles is None):
             raise ConfigError("MoleculePretrainDataModule needs exactly one of csv_path or smiles.")
+        check_conformer_options(num_conformers, conformer_2d, "etkdg", model)
+        self.num_conformers = num_conformers
         self.featuriser = make_featuriser(
             model,
             tokenizer=tokenizer,
@@ -1366,6 +1557,8 @@ class MoleculePretrainDataModule(DictDataModule):
             conformer_cache=conformer_cache,
             conformer_workers=conformer_workers,
             conformer_timeout=conformer_timeout,
+            num_conformers=num_conformers,
+            conformer_2d=conformer_2d,
         )
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, collate_fn=self.featuriser.collate())
         self.csv_path, self.smiles_list, self.smiles_column = csv_path, smiles, smiles_column
@@ -1376,12 +1569,20 @@ class MoleculePretrainDataModule(DictDataModule):
         if self.csv_path is not None:
             table = read_molecules(self.csv_path, self.smiles_column, target_columns=[], skip_invalid=self.skip_invalid)
             return table.smiles, table.rows
-        kept, rows, bad = [], [], []
+        kept: list[str] = []
+        rows: list[int] = []
+        bad: list[tuple[int, str, str]] = []
         for i, s in enumerate(self.smiles_list or []):
             canonical, _, error = parse_smiles(s)
-            (bad.append((i + 1, s, error)) if error else (kept.append(canonical), rows.append(i + 1)))
+            if error:
+                bad.append((i + 1, s, error))
+            else:
+                kept.append(canonical)
+                rows.append(i + 1)
         if bad and not self.skip_invalid:
-            raise DataError(f"{len(bad)} invalid SMILES in the list: {bad[:5]}; pass skip_invalid=True to skip them.")
+            shown = "; ".join(f"entry {i} {text!r}: {why}" for i, text, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            raise DataError(f"{len(bad)} invalid SMILES in the list (entries from 1): {shown}. Fix them, or pass skip_invalid=True "
+                            "to skip them (counted and logged).")  # fmt: skip
         if bad:
             log.warning("skipped %d invalid SMILES of %d", len(bad), len(bad) + len(kept))
         return kept, rows
@@ -1404,11 +1605,33 @@ class MoleculePretrainDataModule(DictDataModule):
         featurise = self.featuriser.prepare(smiles, rows)
         meta = [f"row {r}: {s}" for r, s in zip(rows, smiles, strict=True)]
 
-        def subset(indices: np.ndarray) -> MoleculeDataset:
+        def subset(indices: NDArray[Any]) -> MoleculeDataset:
             idx = indices.tolist()
             return MoleculeDataset(
-                [smiles[i] for i in idx], targets[idx], [meta[i] for i in idx], lambda k, idx=idx: featurise(idx[k])
+                [smiles[i] for i in idx], targets[idx], [meta[i] for i in idx], indexed(featurise, idx)
             )
 
         val = subset(val_idx) if n_val else subset(train_idx)
         return subset(train_idx), val, val
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:  # before the conformers are generated
+            check_hydrogens(self.trainer.lightning_module, self.featuriser)
+        super().setup(stage)
+
+    def train_dataloader(self) -> Any:
+        """One conformer per molecule and epoch with ``num_conformers > 1`` (:func:`conformer_draw_loader`)."""
+        if self.num_conformers == 1 or self.train_set is None:
+            return super().train_dataloader()
+        return conformer_draw_loader(self, self.train_set, self.num_conformers)
+
+    def val_dataloader(self) -> Any:
+        if self.num_conformers == 1 or self.val_set is None:
+            return super().val_dataloader()
+        return self._loader(fixed_conformer_draws(self.val_set, self.num_conformers, self.seed), False)
+
+    def test_dataloader(self) -> Any:
+        if self.num_conformers == 1 or self.val_set is None:
+            return super().test_dataloader()
+        held_out = self.test_set if self.test_set is not None else self.val_set
+        return self._loader(fixed_conformer_draws(held_out, self.num_conformers, self.seed), False)

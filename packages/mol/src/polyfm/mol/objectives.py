@@ -4,7 +4,8 @@ for ``polyfm.core.pretrain.Pretraining``.
 * :class:`MaskedLanguageModelling`: ChemBERTa / RoBERTa MLM (15% of tokens; 80% <mask>,
   10% random, 10% kept), cross-entropy on the chosen tokens through the tied LM head.
 * :class:`MultiTaskRegression`: ChemBERTa-2 MTR: regress the standardised RDKit descriptors
-  of ``batch["target"]`` from the <s> representation (NaN descriptors masked).
+  of ``batch["target"]`` from the <s> representation (NaN descriptors masked), through
+  ChemBERTa-2's regression head (dense -> ReLU -> out_proj).
 * :class:`UniMolPretraining`: the Uni-Mol objective: mask 15% of atoms (with the official
   5% kept / 5% random split) and add uniform noise in [-1, 1] Angstrom to their
   coordinates, then predict the atom types (cross-entropy), the clean coordinates
@@ -18,11 +19,15 @@ same step gets the same mask whatever the data loader does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from polyfm.mol.models.chemberta import ChemBERTa
+    from polyfm.mol.models.unimol import UniMolDictionary
 
 
 class MaskedLanguageModelling(nn.Module):
@@ -67,7 +72,8 @@ class MaskedLanguageModelling(nn.Module):
         return corrupted, labels
 
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:  # the Objective protocol, for LightningCLI
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = batch["input"]
@@ -80,8 +86,10 @@ class MaskedLanguageModelling(nn.Module):
 
 
 class MultiTaskRegression(nn.Module):
-    """ChemBERTa-2 MTR: a regression head (``regression.dense`` -> GELU -> ``regression.out_proj``,
-    as in ChemBERTa-2's RobertaForRegression) on the <s> token; masked MSE against the
+    """ChemBERTa-2 MTR: a regression head on the <s> token, laid out as ChemBERTa-2's
+    ``RobertaForRegression`` (bert-loves-chemistry ``chemberta/utils/roberta_regression.py``):
+    dropout -> ``regression.dense`` -> ReLU -> dropout -> ``regression.out_proj``, so a released
+    MTR checkpoint's ``regression.*`` tensors load into it key for key. Masked MSE against the
     standardised descriptors in ``batch["target"]``."""
 
     def __init__(self, hidden_size: int, num_targets: int, dropout: float = 0.1) -> None:
@@ -95,12 +103,15 @@ class MultiTaskRegression(nn.Module):
         )
 
     def predict(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        cls = model.hidden_states(inputs)[:, 0]
+        # a ChemBERTa (or any model with its hidden_states); nn.Module's stubs type attributes as Tensor | Module
+        cls = cast("ChemBERTa", model).hidden_states(inputs)[:, 0]
         head = self.regression
-        return head["out_proj"](head["dropout"](F.gelu(head["dense"](head["dropout"](cls)))))
+        out: torch.Tensor = head["out_proj"](head["dropout"](F.relu(head["dense"](head["dropout"](cls)))))
+        return out
 
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:  # the Objective protocol, for LightningCLI
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         pred = self.predict(model, batch["input"])
@@ -157,7 +168,7 @@ class UniMolPretraining(nn.Module):
 
     def corrupt(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Noisy inputs and the boolean mask of the atoms whose type is to be predicted."""
-        dictionary = model.dictionary
+        dictionary = cast("UniMolDictionary", model.dictionary)  # a plain attribute, not the Tensor | Module of the stubs
         tokens, coord = inputs["src_tokens"], inputs["src_coord"]
         atoms = ~torch.isin(tokens, torch.tensor([dictionary.pad, dictionary.bos, dictionary.eos], device=tokens.device))
         sizes = atoms.sum(dim=1)
@@ -193,7 +204,8 @@ class UniMolPretraining(nn.Module):
         return noisy, target_mask
 
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:  # the Objective protocol, for LightningCLI
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         clean = batch["input"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from polyfm.core.errors import ConfigError
 from polyfm.core.predict import PredictionFileWriter
@@ -33,7 +34,7 @@ def predict_smiles(
     conformers: Sequence[Any] | None = None,
     names: Sequence[str] | None = None,
     path: str | os.PathLike[str] | None = None,
-) -> np.ndarray:
+) -> NDArray[Any]:
     """Predictions ``(n, T)`` of a Regression task (original units) or probabilities of a
     Classification task, for canonical SMILES featurised like the training data
     (``conformers``: an SD file's coordinates, for Uni-Mol's ``conformers="from_file"``;
@@ -86,7 +87,7 @@ def predict_csv(
     return frame
 
 
-def add_train_similarity(frame: Any, values: np.ndarray) -> None:
+def add_train_similarity(frame: Any, values: NDArray[Any]) -> None:
     """The ``train_similarity`` column last; an input column of that name is kept as ``input_train_similarity``."""
     if "train_similarity" in frame.columns:
         log.warning("the input's column 'train_similarity' clashes with the predictions' own; it is written as 'input_train_similarity'")
@@ -96,10 +97,10 @@ def add_train_similarity(frame: Any, values: np.ndarray) -> None:
 
 def morgan_fingerprints(smiles: Sequence[str]) -> list[Any]:
     """Morgan (ECFP4-like: radius 2, 2048 bits) bit vectors of canonical SMILES."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
     from rdkit.Chem import rdFingerprintGenerator
 
-    RDLogger.DisableLog("rdApp.*")
+    rdBase.DisableLog("rdApp.*")
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
     fingerprints = []
     for i, s in enumerate(smiles):
@@ -110,7 +111,7 @@ def morgan_fingerprints(smiles: Sequence[str]) -> list[Any]:
     return fingerprints
 
 
-def train_similarity(smiles: Sequence[str], train_smiles: Sequence[str]) -> np.ndarray:
+def train_similarity(smiles: Sequence[str], train_smiles: Sequence[str]) -> NDArray[Any]:
     """Applicability domain: each molecule's highest Tanimoto similarity (Morgan radius 2,
     2048 bits) to any training molecule; 1.0 for a training molecule itself, low values flag
     predictions made far from what the model has seen."""
@@ -131,7 +132,7 @@ def output_names(task: torch.nn.Module, count: int, fallback: Sequence[str] | No
     return [f"y{i}" for i in range(count)]
 
 
-def prediction_frame(table: MoleculeTable, predictions: np.ndarray, names: Sequence[str], spreads: np.ndarray | None = None) -> Any:
+def prediction_frame(table: MoleculeTable, predictions: NDArray[Any], names: Sequence[str], spreads: NDArray[Any] | None = None) -> Any:
     """``row, smiles, canonical_smiles`` (an SD file: ``record, title, smiles, ...``), the
     table's targets and other columns as read, then one ``pred_<name>`` column per output,
     each followed by ``pred_<name>_std`` when ``spreads`` (an ensemble's) is given."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 
 from polyfm.core.adaptation import Adaptation
+from polyfm.core.encoder import Encoder
 from polyfm.core.kit import DomainKit
 from polyfm.core.pretrain import Pretraining
 from polyfm.core.tasks import OptimConfig, Regression
@@ -50,9 +51,9 @@ _TAILS = (
 @lru_cache(maxsize=1)
 def sample_smiles() -> tuple[str, ...]:
     """A few hundred valid, canonical, varied molecules built from cores, linkers and tails."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
 
-    RDLogger.DisableLog("rdApp.*")
+    rdBase.DisableLog("rdApp.*")
     seen: dict[str, None] = {}
     for core, linker, tail in itertools.product(_CORES, _LINKERS, _TAILS):
         for smiles in (f"{tail}{linker}{core}", f"{core}{linker}{tail}"):
@@ -65,7 +66,7 @@ def sample_smiles() -> tuple[str, ...]:
 def write_sample_csv(path: str | Path, limit: int | None = None) -> Path:
     """The samples as a MoleculeNet-style CSV (``smiles,logP``)."""
     from rdkit import Chem
-    from rdkit.Chem import Crippen
+    from rdkit.Chem import rdMolDescriptors  # Crippen.MolLogP is this, and the stubs lack it
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def write_sample_csv(path: str | Path, limit: int | None = None) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["smiles", "logP"])
         for smiles in molecules:
-            writer.writerow([smiles, f"{Crippen.MolLogP(Chem.MolFromSmiles(smiles)):.4f}"])
+            writer.writerow([smiles, f"{rdMolDescriptors.CalcCrippenDescriptors(Chem.MolFromSmiles(smiles))[0]:.4f}"])
     return path
 
 
@@ -88,7 +89,7 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
     folder = Path(data_dir) / "mol" if data_dir is not None else None
     if folder is not None and (folder / "esol_500.csv").exists():
         finetune_csv = folder / "esol_500.csv"
-        pretrain_smiles = []
+        pretrain_smiles: list[str] = []
         for name in ("esol_500.csv", "tox21_500.csv", "qm9_500.csv"):
             if (folder / name).exists():
                 with open(folder / name, newline="") as handle:
@@ -101,11 +102,7 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
         pretrain_smiles = list(sample_smiles())
         target, source = "crippen-logP (built-in molecules, scaffold split)", "built-in samples"
 
-    size = (
-        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
-        if quick
-        else {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256}
-    )
+    hidden, layers, ffn = (64, 2, 128) if quick else (128, 4, 256)
 
     def make_encoder() -> ChemBERTa:
         return ChemBERTa(
@@ -114,10 +111,13 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
             pooling="mean",
-            **size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=ffn,
         )
 
-    def make_pretraining(encoder: ChemBERTa) -> L.LightningModule:
+    def make_pretraining(encoder: Encoder) -> L.LightningModule:
         return Pretraining(encoder, MaskedLanguageModelling.for_tokenizer(tokenizer), OptimConfig(lr=1e-3, warmup_steps=5))
 
     def make_pretrain_data() -> L.LightningDataModule:
@@ -142,7 +142,7 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> DomainKit:
             seed=seed,
         )
 
-    def make_task(encoder: ChemBERTa, adaptation: Adaptation) -> L.LightningModule:
+    def make_task(encoder: Encoder, adaptation: Adaptation) -> L.LightningModule:
         data = finetune_data(1.0, 0)
         mean, std = data.target_statistics()
         return Regression(

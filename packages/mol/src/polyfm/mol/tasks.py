@@ -41,7 +41,7 @@ class MoleculeRegression(Regression):
 
     def evaluation_output(self, batch: dict[str, Any]) -> torch.Tensor:
         # core's evaluation (loss, metrics per molecule) and predict_step take it from here
-        pred = self(batch["input"])
+        pred: torch.Tensor = self(batch["input"])
         if "conformer_molecule" in batch:
             pred = molecule_mean(pred, batch["conformer_molecule"], len(batch["target"]))
         return pred

@@ -269,7 +269,8 @@ class HubTokenizer:
         """What of ``smiles`` the ids do not spell: the BPE only drops characters (or maps
         them to the unknown token), so the kept text is a subsequence of the input."""
         special = set(self.all_special_ids)
-        kept = self.tokenizer.convert_tokens_to_string(self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in special]))
+        tokens = self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in special])  # a list for a list of ids
+        kept = self.tokenizer.convert_tokens_to_string([tokens] if isinstance(tokens, str) else tokens)
         lost: list[str] = []
         position = 0
         for ch in smiles:

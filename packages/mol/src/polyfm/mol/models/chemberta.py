@@ -90,7 +90,7 @@ class ChemBERTa(Encoder, PretrainedMixin):
         self.feature_dim = hidden_size
         self.pooling = pooling
         self.roberta = RobertaModel(self.config, add_pooling_layer=False)
-        self.lm_head = RobertaLMHead(self.config)
+        self.lm_head = RobertaLMHead(self.config)  # type: ignore[no-untyped-call]  # transformers leaves its __init__ unannotated
         self.tie_weights()
         if pretrained:  # so a YAML recipe can start from a released checkpoint
             self.load_pretrained(pretrained)
@@ -119,14 +119,15 @@ class ChemBERTa(Encoder, PretrainedMixin):
     @property
     def max_tokens(self) -> int:
         """Longest input (RoBERTa's positions start after the padding index)."""
-        return self.config.max_position_embeddings - self.config.pad_token_id - 1
+        return self.config.max_position_embeddings - int(self.config.pad_token_id or 0) - 1  # always set by __init__
 
     def block_names(self) -> list[str]:
         layers = [f"roberta.encoder.layer.{i}" for i in range(self.config.num_hidden_layers)]
         return ["roberta.embeddings", *layers, "lm_head"]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.hidden_states({"input_ids": input_ids, "attention_mask": attention_mask})
+        inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids, "attention_mask": attention_mask}
+        hidden = self.hidden_states(inputs)
         return {"logits": self.lm_head(hidden), "last_hidden_state": hidden}
 
     def hidden_states(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,7 +139,8 @@ class ChemBERTa(Encoder, PretrainedMixin):
                 f"(max_position_embeddings {self.config.max_position_embeddings} - pad_token_id - 1). "
                 f"Tokenize with max_length={self.max_tokens} or less (longer SMILES are then truncated and counted)."
             )
-        return self.roberta(input_ids=input_ids, attention_mask=x.get("attention_mask"), return_dict=True).last_hidden_state
+        out: torch.Tensor = self.roberta(input_ids=input_ids, attention_mask=x.get("attention_mask"), return_dict=True).last_hidden_state
+        return out
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.pooling == "cls" or attention_mask is None:

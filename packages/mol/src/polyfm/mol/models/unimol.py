@@ -175,7 +175,8 @@ class NonLinearHead(nn.Module):
         self.activation = _activation(activation_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.activation(self.linear1(x)))
+        out: torch.Tensor = self.linear2(self.activation(self.linear1(x)))
+        return out
 
 
 class SelfMultiheadAttention(nn.Module):
@@ -359,7 +360,7 @@ class DistanceHead(nn.Module):
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         batch, length, _, _ = pair.shape
-        x = self.out_proj(self.layer_norm(self.activation(self.dense(pair)))).view(batch, length, length)
+        x: torch.Tensor = self.out_proj(self.layer_norm(self.activation(self.dense(pair)))).view(batch, length, length)
         return (x + x.transpose(-1, -2)) * 0.5
 
 
@@ -413,6 +414,7 @@ class UniMol(Encoder, PretrainedMixin):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         self.pooling = pooling
+        self.dictionary: UniMolDictionary
         if isinstance(dictionary, UniMolDictionary):
             self.dictionary = dictionary
         elif dictionary is None:
@@ -423,6 +425,9 @@ class UniMol(Encoder, PretrainedMixin):
             self.dictionary = UniMolDictionary(list(dictionary))
         self.feature_dim = embed_dim
         self.attention_heads = attention_heads
+        # whether the loaded released weights were trained with hydrogens (mol_pre_all_h) or without
+        # (mol_pre_no_h); None when unknown. The data modules refuse the other setting of remove_hs.
+        self.hydrogens: bool | None = None
         self.padding_idx = self.dictionary.pad
         vocab = len(self.dictionary)
         self.embed_tokens = nn.Embedding(vocab, embed_dim, self.padding_idx)
@@ -475,6 +480,7 @@ class UniMol(Encoder, PretrainedMixin):
                     f"({len(self.dictionary)}); pass its dict.txt as dictionary=..."
                 )
             loaded = source.state_dict()
+            self.hydrogens = source.hydrogens
         own = self.state_dict()
         heads = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.final_head_layer_norm.")
         state = {k: v for k, v in loaded.items() if k in own or not k.startswith(heads)}
@@ -496,7 +502,7 @@ class UniMol(Encoder, PretrainedMixin):
     def pair_bias(self, src_distance: torch.Tensor, src_edge_type: torch.Tensor) -> torch.Tensor:
         """Initial per-head attention bias ``(B*H, N, N)`` from distances and pair types."""
         n = src_distance.size(-1)
-        bias = self.gbf_proj(self.gbf(src_distance, src_edge_type))
+        bias: torch.Tensor = self.gbf_proj(self.gbf(src_distance, src_edge_type))
         return bias.permute(0, 3, 1, 2).contiguous().view(-1, n, n)
 
     def forward(
@@ -511,8 +517,8 @@ class UniMol(Encoder, PretrainedMixin):
         """Encoder outputs; with ``features_only=False`` also the pretraining predictions:
         ``logits`` (atom types at ``masked_tokens``), ``coord`` (denoised coordinates) and
         ``distance`` (normalised pair distances)."""
-        padding_mask = src_tokens.eq(self.padding_idx)
-        if not padding_mask.any():
+        padding_mask: torch.Tensor | None = src_tokens.eq(self.padding_idx)
+        if padding_mask is not None and not padding_mask.any():
             padding_mask = None
         x = self.embed_tokens(src_tokens)
         out = self.encoder(x, self.pair_bias(src_distance, src_edge_type), padding_mask)
@@ -583,11 +589,26 @@ class UniMol(Encoder, PretrainedMixin):
         # classification_heads.<name>.*, unimol_tools' classification_head.* ({'model_state_dict': ...})
         ignored = ("classification_heads.", "classification_head.")
         load_state_dict_checked(model, state, strict=True, ignore_unexpected=ignored, source=str(path))
+        model.hydrogens = trained_with_hydrogens(path, spec)
         return model
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict in the official layout (it is ours): save as ``{'model': ...}``."""
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+
+def trained_with_hydrogens(path: Path, spec: WeightSpec | None) -> bool | None:
+    """From the registry's ``hydrogens`` meta, else the official file names (``mol_pre_all_h_*``,
+    ``mol_pre_no_h_*``, ``oled_pre_no_h_*``); None when neither tells."""
+    told = str((spec.meta if spec is not None else {}).get("hydrogens", ""))
+    if told.startswith(("all", "none")):
+        return told.startswith("all")
+    name = path.name.lower()
+    if "_all_h" in name:
+        return True
+    if "_no_h" in name:
+        return False
+    return None
 
 
 def edge_types(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -603,7 +624,8 @@ def flops_per_molecule(model: UniMol, atoms: int) -> float:
     """Rough forward FLOPs of the trunk for a molecule of ``atoms`` tokens (for MFU)."""
     n, d = atoms + 2, model.feature_dim
     layers = len(model.encoder.layers)
-    ffn = model.encoder.layers[0].fc1.out_features if layers else 0
+    first = model.encoder.layers[0] if layers else None
+    ffn = first.fc1.out_features if isinstance(first, TransformerEncoderLayer) else 0
     per_layer = 2 * n * (4 * d * d + 2 * d * ffn) + 4 * n * n * d
     return float(layers * per_layer + 2 * n * n * model.gbf.num_kernels * (model.gbf.num_kernels + model.attention_heads))
 
