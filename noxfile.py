@@ -78,9 +78,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy, strict on polyfm.core."""
+    """mypy on all six packages: strict on polyfm.core, the defaults on the domain packages."""
     ensure_env(session)
-    session.run(_bin("mypy"), "-p", "polyfm.core", external=True)
+    session.run(_bin("mypy"), *[x for d in PACKAGES for x in ("-p", f"polyfm.{d}")], external=True)
 
 
 @nox.session

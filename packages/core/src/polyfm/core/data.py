@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,7 @@ class EpochSeededSampler(Sampler[int]):
         """Leave out the first ``count`` indices of the next pass (a mid-epoch resume)."""
         self._skip = count
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         skip, self._skip = getattr(self, "_skip", 0), 0
         with expected_host_sync():  # the order is drawn on the host, never on the device

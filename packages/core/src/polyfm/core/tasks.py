@@ -423,7 +423,7 @@ class Segmentation(EngineModule):
         model: nn.Module,
         num_classes: int,
         loss: nn.Module | None = None,
-        inferer: Callable[..., torch.Tensor] | None = None,
+        inferer: Callable[..., Any] | None = None,  # MONAI types its inferers' result as tensor | tuple | dict
         adaptation: Adaptation | None = None,
         optim: OptimConfig | None = None,
         class_names: list[str] | None = None,

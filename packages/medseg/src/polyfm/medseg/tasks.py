@@ -24,9 +24,8 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from monai.inferers.inferer import SliceInferer, SlidingWindowInferer
@@ -99,8 +98,7 @@ class VolumeSegmentation(Segmentation):
             model=model,
             num_classes=num_classes,
             loss=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce),
-            # MONAI types the result for networks that return tuples or dicts; ours give one tensor in eval mode
-            inferer=cast("Callable[..., torch.Tensor] | None", inferer),
+            inferer=inferer,
             adaptation=adaptation,
             optim=optim,
             class_names=class_names,
@@ -148,7 +146,8 @@ class VolumeSegmentation(Segmentation):
         if self.tta_flip_axes and not (self._trainer is not None and (self.trainer.validating or self.trainer.sanity_checking)):
             network = MirroredSoftmax(self.model, self.tta_flip_axes)
         output = self.inferer(x, network) if self.inferer is not None else network(x)
-        return output[0] if isinstance(output, list | tuple) else output
+        result: torch.Tensor = output[0] if isinstance(output, list | tuple) else output
+        return result
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Label maps ``(B, 1, *S)`` on the preprocessed grid and the case names; the softmax only with

@@ -865,7 +865,7 @@ class ConformerDrawSampler(EpochSeededSampler):
 
     def __iter__(self) -> Iterator[int]:
         chosen = self.draws(self.epoch)
-        order: Iterator[int] = super().__iter__()  # type: ignore[no-untyped-call]  # core's EpochSeededSampler.__iter__ is unannotated
+        order: Iterator[int] = super().__iter__()
         return iter([i * self.per_molecule + int(chosen[i]) for i in order])
 
 
