@@ -292,3 +292,215 @@ def test_vit_large_shaped_release_layout_infers_heads_and_matches_official(tmp_p
     assert torch.equal(out["mask"], mask)
     torch.testing.assert_close(out["pred"], pred, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["loss"], loss, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- released ViT-L layouts, temporal variant
+
+
+def _meta_official_mae_large():
+    """The group-channel MAE of pretrain-vit-large-e199.pth (1024 wide, 24 blocks, 16 heads; decoder
+    512 / 8 blocks / 16 heads; codes 256 / 128; 96 px, patch 8) as the official class lays it out,
+    on the meta device: every key and shape, no memory (its numpy sin-cos init cannot run on meta
+    and is skipped: only the layout is under test here)."""
+
+    class _Layout(rshf_satmae.MaskedAutoencoderGroupChannelViT):
+        def initialize_weights(self):
+            pass
+
+    cfg = dict(in_chans=10, patch_size=8, img_size=96, channel_groups=((0, 1, 2, 6), (3, 4, 5, 7), (8, 9)), embed_dim=1024,
+               channel_embed=256, depth=24, num_heads=16, mlp_ratio=4, decoder_embed_dim=512, decoder_depth=8,
+               decoder_num_heads=16, decoder_channel_embed=128, norm_pix_loss=False)
+    with torch.device("meta"):
+        return _Layout(cfg)
+
+
+def test_satmae_large_full_release_layout_is_inferred_and_loads_strictly():
+    """ViT-L/8 at full depth: width 1024 -> 16 heads, 24 blocks, decoder 512/8, all from the keys;
+    every official key and shape loads strictly into the model built from them (the numbers of a
+    1024-wide block are checked against the official class in the one-block test above)."""
+    from polyfm.geo.models.satmae import infer_satmae_config
+
+    state = _meta_official_mae_large().state_dict()
+    cfg = infer_satmae_config(state, "pretrain-vit-large-e199.pth")
+    assert {k: cfg[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "channel_embed")} == {
+        "embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": 8, "img_size": 96, "channel_embed": 256}
+    assert (cfg["decoder_embed_dim"], cfg["decoder_depth"], cfg["decoder_num_heads"], cfg["decoder_channel_embed"]) == (512, 8, 16, 128)
+    with torch.device("meta"):
+        ours = SatMAE(**cfg)
+    ours.load_state(state, source="pretrain-vit-large-e199.pth")  # strict: a missing, extra or reshaped key raises
+    assert len(ours.blocks) == 24 and ours.blocks[23].attn.num_heads == 16 and len(ours.decoder_blocks) == 8
+    # the fine-tuned release (finetune-vit-large-e7.pth): the encoder keys, fc_norm and the 62-class head, no decoder
+    encoder = {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token"))}
+    finetuned = {**encoder, "fc_norm.weight": torch.empty(1024, device="meta"), "fc_norm.bias": torch.empty(1024, device="meta"),
+                 "head.weight": torch.empty(62, 1024, device="meta"), "head.bias": torch.empty(62, device="meta"),
+                 "channel_cls_embed": torch.empty(1, 1, 256, device="meta")}
+    cfg = infer_satmae_config(finetuned, "finetune-vit-large-e7.pth")
+    assert (cfg["depth"], cfg["num_heads"], cfg["decoder_depth"], cfg["num_classes"], cfg["global_pool"]) == (24, 16, 0, 62, True)
+    with torch.device("meta"):
+        SatMAE(**cfg).load_state(finetuned, source="finetune-vit-large-e7.pth")
+
+
+def _time_code(width: int, timestamps: torch.Tensor) -> torch.Tensor:
+    """models_mae_temporal.py's code of each frame: get_1d_sincos_pos_embed_from_grid_torch(width, field)
+    for year, month and hour (float64 frequencies, as np.float there), concatenated: (B*3, 3*width)."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2.0))
+    fields = []
+    for i in range(3):
+        out = torch.einsum("m,d->md", timestamps.reshape(-1, 3)[:, i].float().double(), omega)
+        fields.append(torch.cat([out.sin(), out.cos()], dim=1))
+    return torch.cat(fields, dim=1).float()
+
+
+class _OfficialTemporal(torch.nn.Module):
+    """models_mae_temporal.py's modules under its key names, built from the timm parts it uses
+    (PatchEmbed, Block, LayerNorm eps 1e-6) with the official sin-cos tables (rshf's copy of
+    util/pos_embed.py); ``decoder=False`` + ``num_classes``: models_vit_temporal.py's layout
+    (fc_norm and head, no norm: deleted there under global pooling)."""
+
+    def __init__(self, img=32, patch=8, dim=448, depth=2, heads=4, dec=256, dec_depth=1, dec_heads=4, decoder=True, num_classes=0):
+        super().__init__()
+        from timm.models.vision_transformer import Block, PatchEmbed
+
+        grid, norm = img // patch, partial(torch.nn.LayerNorm, eps=1e-6)
+        table = lambda width: torch.from_numpy(rshf_satmae.get_2d_sincos_pos_embed(width, grid, cls_token=True)).float()[None]  # noqa: E731
+        self.patch_embed = PatchEmbed(img, patch, 3, dim)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = torch.nn.Parameter(table(dim - 384), requires_grad=False)
+        self.blocks = torch.nn.ModuleList(Block(dim, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth))
+        if decoder:
+            self.norm = norm(dim)
+            self.decoder_embed = torch.nn.Linear(dim, dec)
+            self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, dec))
+            self.decoder_pos_embed = torch.nn.Parameter(table(dec - 192), requires_grad=False)
+            self.decoder_blocks = torch.nn.ModuleList(Block(dec, dec_heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(dec_depth))
+            self.decoder_norm = norm(dec)
+            self.decoder_pred = torch.nn.Linear(dec, patch * patch * 3)
+        else:
+            self.fc_norm = norm(dim)
+            self.head = torch.nn.Linear(dim, num_classes)
+        for name, p in self.named_parameters():
+            if "pos_embed" not in name:
+                p.data.normal_(0, 0.05)
+
+    def tokens(self, imgs, timestamps):
+        x = torch.cat([self.patch_embed(imgs[:, t]) for t in range(3)], dim=1)
+        per = x.shape[1] // 3
+        code = _time_code(128, timestamps).reshape(-1, 3, 1, 384).expand(-1, -1, per, -1).reshape(x.shape[0], -1, 384)
+        return x, code, per
+
+    def mae(self, imgs, timestamps, ratio, same_mask=False):
+        """models_mae_temporal.py's forward: (loss, pred, mask); the caller seeds torch's RNG."""
+        x, code, per = self.tokens(imgs, timestamps)
+        n, length, d = x.shape
+        x = x + torch.cat([self.pos_embed[:, 1:].repeat(n, 3, 1), code], dim=-1)
+        keep = int(length * (1 - ratio))
+        noise = torch.rand(n, length)
+        if same_mask:  # per frame: the same shuffle; all frames' kept tokens first, then all discarded
+            shuffle = torch.argsort(torch.rand(n, per), dim=1)
+            frames = [shuffle + t * per for t in range(3)]
+            cut = int(per * (1 - ratio))
+            ids_shuffle = torch.cat([f[:, :cut] for f in frames] + [f[:, cut:] for f in frames], dim=1)
+        else:
+            ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        x = torch.gather(x, 1, ids_shuffle[:, :keep, None].repeat(1, 1, d))
+        mask = torch.ones(n, length)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.decoder_embed(self.norm(x))
+        full = torch.cat([x[:, 1:], self.mask_token.repeat(n, length + 1 - x.shape[1], 1)], dim=1)
+        full = torch.gather(full, 1, ids_restore[..., None].repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1], full], dim=1)
+        dcode = _time_code(64, timestamps).reshape(-1, 3, 1, 192).expand(-1, -1, per, -1).reshape(n, -1, 192)
+        dcode = torch.cat([torch.zeros(n, 1, 192), dcode], dim=1)
+        dpos = torch.cat([self.decoder_pos_embed[:, :1], self.decoder_pos_embed[:, 1:].repeat(1, 3, 1)], dim=1).expand(n, -1, -1)
+        x = x + torch.cat([dpos, dcode], dim=-1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        p = self.patch_embed.patch_size[0]
+        h, w = imgs.shape[-2] // p, imgs.shape[-1] // p
+        target = torch.cat([torch.einsum("nchpwq->nhwpqc", imgs[:, t].reshape(n, 3, h, p, w, p)).reshape(n, h * w, -1) for t in range(3)], dim=1)
+        loss = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+        return loss, pred, mask
+
+    def features(self, imgs, timestamps):
+        """models_vit_temporal.py's forward_features with global pooling, then the head."""
+        x, code, _ = self.tokens(imgs, timestamps)
+        n = x.shape[0]
+        code = torch.cat([torch.zeros(n, 1, 384), code], dim=1)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)
+        pos = torch.cat([self.pos_embed[:, :1], self.pos_embed[:, 1:].repeat(1, 3, 1)], dim=1).expand(n, -1, -1)
+        x = x + torch.cat([pos, code], dim=-1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))
+
+
+TIMESTAMPS = torch.tensor([[[14, 0, 10], [15, 5, 12], [16, 11, 9]], [[0, 3, 23], [0, 3, 23], [7, 8, 0]]])  # (year - 2002, month - 1, hour)
+
+
+@pytest.mark.parametrize("same_mask", [False, True])
+def test_temporal_mae_matches_the_official_layout_and_encoding(tmp_path, same_mask):
+    """A file in models_mae_temporal.py's layout ({'model', 'epoch', 'args'}) loads with nothing but
+    the file (plus heads), and the MAE step equals the official computation: same mask under the
+    same seed (same_mask too: the official code draws and drops an (N, L) noise first), pred and
+    loss to 1e-5."""
+    import argparse
+
+    torch.manual_seed(0)
+    ref = _OfficialTemporal().eval()
+    torch.save({"model": ref.state_dict(), "epoch": 49, "args": argparse.Namespace(model="mae_vit_large_patch16")}, tmp_path / "temporal.pth")
+    ours = SatMAETemporal.from_pretrained(tmp_path / "temporal.pth", num_heads=4, decoder_num_heads=4, same_mask=same_mask).eval()
+    assert (ours.patch_size, ours.pos_embed.shape, ours.decoder_pos_embed.shape) == (8, (1, 17, 64), (1, 17, 64))
+    images = torch.rand(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss, pred, mask = ref.mae(images, TIMESTAMPS, 0.75, same_mask=same_mask)
+        torch.manual_seed(3)
+        out = ours.forward_mae(images, TIMESTAMPS, 0.75)
+    assert torch.equal(out["mask"], mask)
+    if same_mask:  # the same locations hidden in all three frames
+        assert torch.equal(mask[:, :16], mask[:, 16:32]) and torch.equal(mask[:, :16], mask[:, 32:])
+    torch.testing.assert_close(out["pred"], pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["loss"], loss, atol=1e-6, rtol=1e-5)
+
+
+def test_temporal_finetuned_file_matches_the_official_forward(tmp_path):
+    """models_vit_temporal.py's fine-tuned layout (learned position table, fc_norm, head, no norm, no
+    decoder): the CLS token gets the table's first row and zero time codes, tokens are mean-pooled."""
+    torch.manual_seed(1)
+    ref = _OfficialTemporal(decoder=False, num_classes=62).eval()
+    ref.pos_embed.data += 0.05 * torch.randn_like(ref.pos_embed)  # fine-tuning learns the table, its CLS row too
+    torch.save({"model": ref.state_dict()}, tmp_path / "finetune_temporal.pth")
+    ours = SatMAETemporal.from_pretrained(tmp_path / "finetune_temporal.pth", num_heads=4).eval()
+    assert ours.decoder_depth == 0 and ours.head is not None and ours.head.out_features == 62
+    images = torch.rand(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref.features(images, TIMESTAMPS)
+        torch.testing.assert_close(ours({"images": images, "timestamps": TIMESTAMPS}), expected, atol=1e-5, rtol=1e-5)
+        # the dates matter well above that tolerance: other dates move the logits
+        moved = (ours({"images": images, "timestamps": torch.zeros_like(TIMESTAMPS)}) - expected).abs().max()
+    assert moved > 1e-2  # 0.11 measured
+
+
+def test_temporal_large_release_layout_is_inferred_and_loads_strictly():
+    """The temporal ViT-L/16 (1024 wide, 24 blocks, 16 heads, 224 px; decoder 512 / 8 blocks), pretraining
+    and fine-tuned layouts, on the meta device: read from the keys, every key and shape loaded strictly."""
+    from polyfm.geo.models.satmae import infer_temporal_config
+
+    with torch.device("meta"):
+        pretrain = _OfficialTemporal(img=224, patch=16, dim=1024, depth=24, heads=16, dec=512, dec_depth=8, dec_heads=16).state_dict()
+        finetune = _OfficialTemporal(img=224, patch=16, dim=1024, depth=24, heads=16, decoder=False, num_classes=62).state_dict()
+    for state, decoder, classes in ((pretrain, 8, 0), (finetune, 0, 62)):
+        cfg = infer_temporal_config(state)
+        assert {k: cfg[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "decoder_depth")} == {
+            "embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": 16, "img_size": 224, "decoder_depth": decoder}
+        assert cfg.get("num_classes", 0) == classes
+        with torch.device("meta"):
+            model = SatMAETemporal(**cfg)
+        model.load_state(state)  # strict
+        assert model.pos_embed.shape == (1, 197, 640) and len(model.blocks) == 24

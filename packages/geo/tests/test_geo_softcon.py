@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torchvision
@@ -133,3 +135,51 @@ def test_continual_init_from_dinov2_rgb():
     torch.testing.assert_close(model.patch_embed.proj.weight[:, 2], rgb.patch_embed.proj.weight[:, 0] * 3 / 5)
     torch.testing.assert_close(model.blocks[3].ls1.gamma, rgb.blocks[3].ls1.gamma)
     assert model(torch.randn(1, 5, 56, 56)).shape == (1, 384)
+
+
+@pytest.mark.parametrize("size", [224, 112])
+def test_vitb14_matches_dinov2(tmp_path, size):
+    """SoftCon ViT-B/14 (B13_vitb14_softcon.pth): DINOv2's own ViT-B build (768 wide, 12 heads, LayerScale
+    1e-5, no registers), two of its twelve blocks to stay fast; width 768 -> 'base' -> 12 heads from the file."""
+    from dinov2.layers import MemEffAttention, NestedTensorBlock
+
+    ref = dinov2_vit.DinoVisionTransformer(patch_size=14, img_size=224, in_chans=13, embed_dim=768, depth=2, num_heads=12, mlp_ratio=4,
+                                           block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention), block_chunks=0,
+                                           init_values=1e-5).eval()
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    torch.save(ref.state_dict(), tmp_path / "B13_vitb14_softcon.pth")
+    ours = SoftConViT.from_pretrained(tmp_path / "B13_vitb14_softcon.pth").eval()
+    assert (ours.feature_dim, len(ours.blocks), ours.blocks[0].attn.num_heads) == (768, 2, 12)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    x = torch.randn(1, 13, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+def test_b2_rn50_registered_name_loads_with_its_sar_meta(tmp_path, monkeypatch):
+    """softcon-rn50-s1 (B2_rn50_softcon.pth, a torchvision ResNet-50 with a 2-channel conv1) from the
+    cache: VV/VH bands and the SSL4EO-S12 S1 ±2σ statistics from the weight's meta, outputs equal to
+    torchvision's build of the same file."""
+    from polyfm.geo.weights import SSL4EO_S1_MEAN, SSL4EO_S1_STD
+
+    monkeypatch.setenv("POLYFM_CACHE", str(tmp_path))
+    monkeypatch.setenv("POLYFM_OFFLINE", "1")
+    ref = torchvision.models.resnet50()
+    ref.conv1 = torch.nn.Conv2d(2, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    ref.fc = torch.nn.Identity()
+    ref.eval()
+    folder = tmp_path / "weights" / "softcon-rn50-s1"
+    folder.mkdir(parents=True)
+    torch.save(ref.state_dict(), folder / "B2_rn50_softcon.pth")
+    ours = SoftConResNet50.from_pretrained("softcon-rn50-s1").eval()
+    assert ours.bands == ["VV", "VH"] and ours.conv1.in_channels == 2
+    norm = ours.input_normalization()
+    assert norm is not None and norm.kind == "sigma2" and list(norm.mean) == SSL4EO_S1_MEAN and list(norm.std) == SSL4EO_S1_STD
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+    # inputs with the bands the other way round are mapped by name, not by position
+    ours.adapt_bands(["VH", "VV"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x.flip(1)), ref(x), atol=1e-4, rtol=1e-4)  # another summation order in conv1

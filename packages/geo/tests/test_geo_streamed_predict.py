@@ -3,6 +3,7 @@ whole scene in memory, on the input's grid, and never a partial file at the fina
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -18,8 +19,9 @@ import torch
 from rasterio.transform import from_origin
 from torch import nn
 
+from polyfm.core.errors import ConfigError
 from polyfm.core.predict import Ensemble
-from polyfm.geo.data import GeoTiffSegmentationDataModule
+from polyfm.geo.data import GeoTiffChips, GeoTiffSegmentationDataModule, gdal_cache
 from polyfm.geo.predict import GeoPredictionWriter, blending_weights
 from polyfm.geo.tasks import GeoSegmentation
 
@@ -38,14 +40,14 @@ def _write_scene(path: Path, height: int, width: int, seed: int) -> None:
         out.write(array)
 
 
-def _data(tmp_path: Path, scenes: list[Path], chip: int, stride: int, batch_size: int = 7) -> GeoTiffSegmentationDataModule:
+def _data(tmp_path: Path, scenes: list[Path], chip: int, stride: int, batch_size: int = 7, **options: object) -> GeoTiffSegmentationDataModule:
     _write_scene(tmp_path / "train" / "image.tif", 8, 8, 99)
     with rasterio.open(tmp_path / "train" / "mask.tif", "w", driver="GTiff", height=8, width=8, count=1, dtype="uint8") as out:
         out.write(np.zeros((1, 8, 8), np.uint8))
     (tmp_path / "train" / "pairs.csv").write_text("image,mask\nimage.tif,mask.tif\n")
     return GeoTiffSegmentationDataModule(str(tmp_path / "train" / "pairs.csv"), bands=BANDS, num_classes=3, scale=SCALE, nodata="fill",
                                          predict_paths=[str(p) for p in scenes], predict_chip_size=chip, predict_stride=stride,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, **options)  # type: ignore[arg-type]
 
 
 def _task(seed: int) -> GeoSegmentation:
@@ -192,3 +194,53 @@ def test_a_killed_predict_leaves_nothing_at_the_final_path(tmp_path):
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert not (tmp_path / "out" / "big.tif").exists()
     assert len(left) == 1 and left[0].startswith(".") and left[0].endswith(".big.tif")  # the partial map, hidden, never renamed
+
+
+def _libgdal() -> ctypes.CDLL:
+    """The GDAL that rasterio loaded (its wheel bundles it): dlopen of the same file shares its state."""
+    found = sorted((Path(rasterio.__file__).parent.parent / "rasterio.libs").glob("libgdal*.so*"))
+    if not found:
+        pytest.skip("rasterio's GDAL is not a bundled libgdal (not a manylinux wheel): cannot ask GDAL for its cache size")
+    lib = ctypes.CDLL(str(found[0]))
+    lib.GDALGetCacheMax64.restype = ctypes.c_int64
+    return lib
+
+
+def test_gdal_cache_caps_gdals_block_cache_in_megabytes_and_restores_it():
+    """rasterio passes an integer GDAL_CACHEMAX to GDAL as bytes: gdal_cache(3) must make it 3 MB
+    (Env(GDAL_CACHEMAX=3) would be 3 bytes), and GDAL's own maximum comes back afterwards."""
+    lib = _libgdal()
+    default = lib.GDALGetCacheMax64()
+    with gdal_cache(3):
+        assert lib.GDALGetCacheMax64() == 3 * 1024 * 1024
+        with gdal_cache(1):  # nested (a write inside a read's block): the inner cap, then the outer again
+            assert lib.GDALGetCacheMax64() == 1024 * 1024
+        assert lib.GDALGetCacheMax64() == 3 * 1024 * 1024
+    assert lib.GDALGetCacheMax64() == default
+    with gdal_cache(None):
+        assert lib.GDALGetCacheMax64() == default
+
+
+def test_a_capped_gdal_cache_writes_the_same_maps(tmp_path, trainer_factory):
+    """A 1 MB cache, smaller than one 256-row block row of the probabilities (3 x 256 x 260 float32,
+    0.8 MB) plus the class ids, gives the maps of GDAL's default cache, to the bit."""
+    scene = tmp_path / "scenes" / "big.tif"
+    _write_scene(scene, 530, 260, 6)
+    maps = {}
+    for cache in (1, None):
+        out = tmp_path / f"out_{cache}"
+        writer = GeoPredictionWriter(str(out), write_probabilities=True, gdal_cache_mb=cache)
+        trainer_factory(callbacks=[writer]).predict(_task(0), _data(tmp_path, [scene], 64, 40, predict_gdal_cache_mb=cache))
+        with rasterio.open(out / "big.tif") as labels, rasterio.open(out / "big_probabilities.tif") as probabilities:
+            maps[cache] = (labels.read(), probabilities.read())
+    assert np.array_equal(maps[1][0], maps[None][0]) and np.array_equal(maps[1][1], maps[None][1])
+
+
+@pytest.mark.parametrize("bad", [0, -64, 1.5, True, "64"])
+def test_gdal_cache_sizes_other_than_positive_integers_are_refused(tmp_path, bad):
+    with pytest.raises(ConfigError, match=r"gdal_cache_mb is GDAL's block cache in MB: an integer >= 1, or None"):
+        GeoPredictionWriter(str(tmp_path / "out"), gdal_cache_mb=bad)
+    with pytest.raises(ConfigError, match=r"predict_gdal_cache_mb is GDAL's block cache in MB"):
+        _data(tmp_path, [], 16, 12, predict_gdal_cache_mb=bad)
+    with pytest.raises(ConfigError, match=r"gdal_cache_mb is GDAL's block cache in MB"):
+        GeoTiffChips([], ["red"], 16, gdal_cache_mb=bad)

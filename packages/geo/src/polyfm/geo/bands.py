@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from polyfm.core.errors import ConfigError, DataError
 
@@ -243,6 +244,15 @@ def remap_in_channels(
             level = normalised_mean[plan.model_bands.index(band)] if normalised_mean is not None else 0.0
             bias += weight[:, k].sum(dim=tuple(range(1, weight.ndim - 1))) * level
     return new, bias, channels
+
+
+def conv_like(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A fresh ``Conv2d`` with ``conv``'s kernel, stride, padding and bias flag reading
+    ``in_channels`` channels, on ``conv``'s device (the first layer after :func:`remap_in_channels`)."""
+    kernel, stride = conv.kernel_size, conv.stride  # torch stores these as tuple[int, ...]; a Conv2d's hold two
+    padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], conv.padding[1])
+    new = nn.Conv2d(in_channels, conv.out_channels, (kernel[0], kernel[1]), (stride[0], stride[1]), padding, bias=conv.bias is not None)
+    return new.to(conv.weight.device)
 
 
 def normalization_for(input_bands: Sequence[str], model_bands: Sequence[str], normalization: Normalization | None) -> Normalization | None:

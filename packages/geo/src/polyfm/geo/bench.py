@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def _train_step(module: nn.Module, loss_fn: Callable[[], torch.Tensor], device: 
         with _autocast(device):
             loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)  # loss.backward(); Tensor.backward carries no annotations
         optimizer.step()
         return loss
 
@@ -121,7 +122,7 @@ def pair_cases(name: str, batch: int, ours: Builder, reference: Builder, referen
 # ----------------------------------------------------------------------------- SatMAE
 
 
-def _satmae_config(quick: bool) -> dict[str, int]:
+def _satmae_config(quick: bool) -> dict[str, Any]:
     if quick:
         return {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "channel_embed": 16,
                 "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 4, "decoder_channel_embed": 8}
@@ -148,7 +149,8 @@ def _official_satmae_mae(quick: bool, batch: int, device: torch.device) -> Step:
     return _train_step(ref, lambda: ref(x, 0.75)[0], device)
 
 
-def _official_satmae_encoder_module(quick: bool) -> nn.Module:
+def _official_satmae_encoder_module(quick: bool) -> Any:
+    """rshf's ``GroupChannelsVisionTransformer`` (rshf is untyped: the result is an nn.Module with ``forward_features``)."""
     from rshf.satmae.model import GroupChannelsVisionTransformer  # test-only reference
 
     cfg = _satmae_config(quick)
@@ -197,7 +199,7 @@ def _plain_vit_same_tokens(quick: bool, batch: int, device: torch.device) -> Net
 # ----------------------------------------------------------------------------- SoftCon
 
 
-def _softcon_vit_dims(quick: bool) -> dict[str, int]:
+def _softcon_vit_dims(quick: bool) -> dict[str, Any]:
     return {"img_size": 28, "embed_dim": 64, "depth": 2, "num_heads": 2} if quick else {"img_size": 224, "embed_dim": 384, "depth": 12, "num_heads": 6}
 
 
@@ -207,8 +209,8 @@ def _official_softcon_vit_module(quick: bool) -> nn.Module:
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
     torch.manual_seed(0)
-    model = DinoVisionTransformer(patch_size=14, in_chans=13, mlp_ratio=4, block_chunks=0, init_values=1e-5,
-                                  block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention), **_softcon_vit_dims(quick))
+    model: nn.Module = DinoVisionTransformer(patch_size=14, in_chans=13, mlp_ratio=4, block_chunks=0, init_values=1e-5,
+                                             block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention), **_softcon_vit_dims(quick))
     for p in model.parameters():  # DINOv2 leaves cls/mask tokens at zero until trained; give every weight a value
         p.data.normal_(0, 0.02)
     return model
@@ -260,7 +262,8 @@ def _softcon_pretrain(quick: bool, batch: int, device: torch.device, soft: bool)
     from polyfm.geo.objectives import SoftConObjective, random_views
 
     size = 28 if quick else 224
-    model = SoftConViT(size="small", in_chans=13, img_size=size, **({"embed_dim": 64, "depth": 2, "num_heads": 2} if quick else {})).to(device)
+    dims: dict[str, Any] = {"embed_dim": 64, "depth": 2, "num_heads": 2} if quick else {}
+    model = SoftConViT(size="small", in_chans=13, img_size=size, **dims).to(device)
     x = _rand(batch, 13, size, size, device=device)
     labels = _rand(batch, 9, device=device, seed=1)
     if soft:
@@ -273,7 +276,8 @@ def _softcon_pretrain(quick: bool, batch: int, device: torch.device, soft: bool)
 
     def loss() -> torch.Tensor:
         v1, v2 = random_views(x)
-        return info(model, {"view1": v1, "view2": v2})["loss"]
+        value: torch.Tensor = info(model, {"view1": v1, "view2": v2})["loss"]
+        return value
 
     return _train_step(both, loss, device)
 
@@ -315,8 +319,11 @@ class ChipConfig:
     batch: int
 
 
-def _s2_normalization() -> Normalization | None:
-    return resolve_normalization("softcon-vits14-s2", S2_BANDS)
+def _s2_normalization() -> Normalization:
+    normalization = resolve_normalization("softcon-vits14-s2", S2_BANDS)
+    if normalization is None:  # a registered weight name always resolves to its statistics
+        raise RuntimeError("softcon-vits14-s2 has no normalisation in its meta")
+    return normalization
 
 
 def _chips_ours(cfg: ChipConfig, device: torch.device) -> Step:

@@ -19,6 +19,7 @@ share a grid; tiles smaller than a chip are refused and grid chips stay inside t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -52,7 +53,34 @@ def check_nodata_policy(nodata: str) -> None:
         raise ConfigError(f"nodata must be one of {NODATA_POLICIES}, got {nodata!r}")
 
 
-def read_raster(path: str | Path, expected_bands: int | None = None) -> tuple[np.ndarray, list[str | None]]:
+#: GDAL's raster block cache (MB) while scenes are streamed through tiled prediction (reads of
+#: each chip row, windowed writes of the maps). Unset, GDAL may take 5 % of the machine's RAM
+#: (1.2 GB on 24 GB, 6.4 GB on a 128 GB node); the streaming decodes each strip's blocks once,
+#: so 64 MB costs it nothing (measured in docs/geo.md).
+DEFAULT_GDAL_CACHE_MB = 64
+
+
+def check_gdal_cache_mb(value: int | None, name: str = "gdal_cache_mb") -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} is GDAL's block cache in MB: an integer >= 1, or None for GDAL's default (5 % of RAM); got {value!r}")
+
+
+def gdal_cache(cache_mb: int | None) -> contextlib.AbstractContextManager[Any]:
+    """A ``rasterio.Env`` capping GDAL's block cache at ``cache_mb`` MB for the reads and writes
+    inside it (``None``: GDAL's default, left alone). The cap is GDAL's process-wide maximum,
+    restored when the block ends. rasterio hands an integer ``GDAL_CACHEMAX`` to
+    ``GDALSetCacheMax64`` as *bytes* (GDAL's own "below 100000 means MB" rule does not apply
+    there: ``Env(GDAL_CACHEMAX=64)`` is a 64-byte cache), so the MB are converted here."""
+    check_gdal_cache_mb(cache_mb)
+    if cache_mb is None:
+        return contextlib.nullcontext()
+    import rasterio
+
+    env: contextlib.AbstractContextManager[Any] = rasterio.Env(GDAL_CACHEMAX=int(cache_mb) * 1024 * 1024)
+    return env
+
+
+def read_raster(path: str | Path, expected_bands: int | None = None) -> tuple[np.ndarray[Any, Any], list[str | None]]:
     """``(C, H, W)`` array and the band descriptions of a GeoTIFF; clear errors on bad files."""
     array, descriptions, _ = read_raster_nodata(path, expected_bands)
     return array, descriptions
@@ -60,7 +88,7 @@ def read_raster(path: str | Path, expected_bands: int | None = None) -> tuple[np
 
 def read_raster_nodata(
     path: str | Path, expected_bands: int | None = None, window: Any = None,
-) -> tuple[np.ndarray, list[str | None], list[float | None]]:
+) -> tuple[np.ndarray[Any, Any], list[str | None], list[float | None]]:
     """As :func:`read_raster`, plus each band's declared nodata value (``None``: none declared).
     ``window`` (a ``rasterio.windows.Window`` inside the raster) reads only that part."""
     import rasterio
@@ -291,7 +319,7 @@ def read_label_csv(
     elif class_names is not None:
         names = list(class_names)
     else:
-        raw = [r[label_column] for r in rows]  # type: ignore[index]
+        raw = [r[label_column] for r in rows]
         names = sorted({n.strip() for v in raw for n in (v.split(separator) if multilabel else [v]) if n.strip()})
     items: list[tuple[Path, Any]] = []
     for number, row in enumerate(rows, start=2):  # row 1 is the header
@@ -315,7 +343,7 @@ def read_label_csv(
                 vector.append(number_value)
             items.append((path, vector))
             continue
-        value = (row[label_column] or "").strip()  # type: ignore[index]
+        value = (row[label_column] or "").strip()
         parts = [p.strip() for p in value.split(separator) if p.strip()] if multilabel else [value]
         unknown = [p for p in parts if p not in names]
         if unknown or not parts or parts == [""]:
@@ -445,7 +473,9 @@ class GeoTiffChips(Dataset[dict[str, Any]]):
     (``[top, left, scene_height, scene_width, chip_number, chips_in_scene]``, what
     :class:`polyfm.geo.predict.GeoPredictionWriter` needs to stitch the scene), and with
     ``nodata="fill"`` a ``valid`` mask (false on padding too). Chips of one file come together, row
-    of chips after row of chips (the order in which the writer streams the scene to its file)."""
+    of chips after row of chips (the order in which the writer streams the scene to its file).
+    ``gdal_cache_mb`` caps GDAL's block cache during each strip read (:func:`gdal_cache`; ``None``:
+    GDAL's default, 5 % of RAM)."""
 
     def __init__(
         self,
@@ -457,11 +487,14 @@ class GeoTiffChips(Dataset[dict[str, Any]]):
         band_indices: Sequence[int] | None = None,
         scale: float = 1.0,
         nodata: NodataPolicy = "error",
+        gdal_cache_mb: int | None = DEFAULT_GDAL_CACHE_MB,
     ) -> None:
         import rasterio
         from rasterio.errors import RasterioIOError
 
         check_nodata_policy(nodata)
+        check_gdal_cache_mb(gdal_cache_mb)
+        self.gdal_cache_mb = gdal_cache_mb
         stride = chip_size - chip_size // 4 if stride is None else stride
         if chip_size < 1 or not 1 <= stride <= chip_size:
             raise ConfigError(f"predict chips need chip_size >= 1 and 1 <= stride <= chip_size (a larger stride leaves pixels unpredicted), "
@@ -497,7 +530,8 @@ class GeoTiffChips(Dataset[dict[str, Any]]):
                 # one read per row of chips (the full width, chip_size rows: the stride plus the overlap), not one per chip:
                 # memory is bounded by a strip, and compressed blocks are decoded once rather than once per overlapping chip
                 self._strip = strip = None  # never keep the previous strip alive beside the new one
-                strip = self._strip = ((file_index, top), *read_raster_nodata(path, len(self.bands), Window(0, top, width, window.height)))
+                with gdal_cache(self.gdal_cache_mb):  # entered here, so it holds in DataLoader worker processes too
+                    strip = self._strip = ((file_index, top), *read_raster_nodata(path, len(self.bands), Window(0, top, width, window.height)))
             _, raw, descriptions, nodata_values = strip
             x, valid = prepare_image(raw[:, :, left : left + window.width], descriptions, nodata_values, path, self.bands, self.band_indices,
                                      self.normalization, self.scale, self.nodata)
@@ -602,7 +636,8 @@ class GeoTiffDataModule(DictDataModule):
     stratified split of the one source. ``predict_paths`` (GeoTIFF files or folders of them,
     unlabelled) are what ``predict`` reads; without them it reads the test split. With
     ``predict_chip_size`` each of them is cut into chips (every ``predict_stride`` pixels,
-    :class:`GeoTiffChips`) and every chip is classified (one CSV row per chip, with its bounds).
+    :class:`GeoTiffChips`) and every chip is classified (one CSV row per chip, with its bounds);
+    ``predict_gdal_cache_mb`` caps GDAL's block cache while the chips are read (:func:`gdal_cache`).
 
     Cross-validation (``fold`` 0 .. ``num_folds`` - 1, ``polyfm cv``): the source's files are dealt
     into folds by :func:`polyfm.core.data.fold_indices` (``seed``); fold ``k`` is the validation
@@ -637,6 +672,7 @@ class GeoTiffDataModule(DictDataModule):
         predict_paths: list[str] | None = None,
         predict_chip_size: int | None = None,
         predict_stride: int | None = None,
+        predict_gdal_cache_mb: int | None = DEFAULT_GDAL_CACHE_MB,
         batch_size: int = 32,
         num_workers: int = 0,
         label_fraction: float = 1.0,
@@ -646,6 +682,8 @@ class GeoTiffDataModule(DictDataModule):
         check_nodata_policy(nodata)
         self.scale, self.nodata, self.predict_paths = scale, nodata, predict_paths
         self.predict_chip_size, self.predict_stride = predict_chip_size, predict_stride
+        check_gdal_cache_mb(predict_gdal_cache_mb, "predict_gdal_cache_mb")
+        self.predict_gdal_cache_mb = predict_gdal_cache_mb
         if (root is None) == (csv_path is None):
             raise ConfigError("give exactly one of root (class-per-folder) or csv_path")
         check_fold_options("GeoTiffDataModule", fold, num_folds, block_size)
@@ -654,7 +692,7 @@ class GeoTiffDataModule(DictDataModule):
                               f"(got val_csv={val_csv!r})")
         self.fold, self.num_folds, self.block_size = fold, num_folds, block_size
         self.bands, self.root, self.csv_path, self.val_csv, self.test_csv = bands, root, csv_path, val_csv, test_csv
-        self.csv_options = {"path_column": path_column, "label_column": label_column, "label_columns": label_columns, "multilabel": multilabel}
+        self.path_column, self.label_column, self.label_columns = path_column, label_column, label_columns
         self.multilabel = multilabel
         kept = bands if band_indices is None else [bands[i] for i in band_indices]
         self.normalization = resolve_normalization(normalization, kept)
@@ -671,18 +709,20 @@ class GeoTiffDataModule(DictDataModule):
         if self.root is not None:
             items, self.class_names = scan_class_folders(self.root)
         else:
-            items, self.class_names = read_label_csv(self.csv_path, **self.csv_options)  # type: ignore[arg-type]
+            assert self.csv_path is not None  # __init__ requires exactly one of root and csv_path
+            items, self.class_names = self._read_csv(self.csv_path)
         if self.fold is not None:
-            tr, held = spatial_fold([p for p, _ in items], self.fold, self.num_folds, self.block_size, self.seed, self.root or self.csv_path)
+            source = self.root if self.root is not None else self.csv_path
+            assert source is not None
+            tr, held = spatial_fold([p for p, _ in items], self.fold, self.num_folds, self.block_size, self.seed, source)
             train_items, val_items = [items[i] for i in tr], [items[i] for i in held]
             test_items = val_items
             if self.test_csv:
-                test_items = read_label_csv(self.test_csv, class_names=self.class_names, **self.csv_options)[0]  # type: ignore[arg-type]
+                test_items = self._read_csv(self.test_csv, self.class_names)[0]
         elif self.val_csv or self.test_csv:
-            read = lambda p: read_label_csv(p, class_names=self.class_names, **{k: v for k, v in self.csv_options.items()})[0]  # noqa: E731
             train_items = items
-            val_items = read(self.val_csv) if self.val_csv else []
-            test_items = read(self.test_csv) if self.test_csv else []
+            val_items = self._read_csv(self.val_csv, self.class_names)[0] if self.val_csv else []
+            test_items = self._read_csv(self.test_csv, self.class_names)[0] if self.test_csv else []
         else:
             labels = [label for _, label in items]
             tr, va, te = _split(len(items), self.val_fraction, self.test_fraction, self.seed, None if self.multilabel else labels)
@@ -693,6 +733,10 @@ class GeoTiffDataModule(DictDataModule):
             self._dataset(val_items, False) if val_items else None,
             self._dataset(test_items, False) if test_items else None,
         )
+
+    def _read_csv(self, path: str | Path, class_names: Sequence[str] | None = None) -> tuple[list[tuple[Path, Any]], list[str]]:
+        return read_label_csv(path, path_column=self.path_column, label_column=self.label_column, label_columns=self.label_columns,
+                              class_names=class_names, multilabel=self.multilabel)
 
     def train_labels(self) -> Sequence[Any] | None:
         return None if self.multilabel else self._train_labels
@@ -706,7 +750,7 @@ class GeoTiffDataModule(DictDataModule):
         files = raster_files(self.predict_paths)
         if self.predict_chip_size:
             return self._loader(GeoTiffChips(files, self.bands, self.predict_chip_size, self.predict_stride, self.normalization,
-                                             self.band_indices, self.scale, self.nodata), False)
+                                             self.band_indices, self.scale, self.nodata, self.predict_gdal_cache_mb), False)
         return self._loader(self._dataset([(p, None) for p in files], False), False)
 
     @property
@@ -719,7 +763,8 @@ class GeoTiffSegmentationDataModule(DictDataModule):
     ``predict_paths`` (files or folders) are the unlabelled images ``predict`` reads: whole, or,
     with ``predict_chip_size``, as overlapping chips every ``predict_stride`` pixels (default:
     a quarter of the chip overlaps) that :class:`polyfm.geo.predict.GeoPredictionWriter`
-    stitches back into one class map per file (:class:`GeoTiffChips`).
+    stitches back into one class map per file (:class:`GeoTiffChips`); ``predict_gdal_cache_mb``
+    caps GDAL's block cache while the chips are read (:func:`gdal_cache`; the writer has its own).
 
     Cross-validation (``fold`` 0 .. ``num_folds`` - 1): the pairs are dealt into folds by
     :func:`polyfm.core.data.fold_indices`; fold ``k`` is the validation and the test split.
@@ -743,6 +788,7 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         predict_paths: list[str] | None = None,
         predict_chip_size: int | None = None,
         predict_stride: int | None = None,
+        predict_gdal_cache_mb: int | None = DEFAULT_GDAL_CACHE_MB,
         class_names: list[str] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -753,6 +799,8 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         check_nodata_policy(nodata)
         self.scale, self.nodata, self.predict_paths = scale, nodata, predict_paths
         self.predict_chip_size, self.predict_stride = predict_chip_size, predict_stride
+        check_gdal_cache_mb(predict_gdal_cache_mb, "predict_gdal_cache_mb")
+        self.predict_gdal_cache_mb = predict_gdal_cache_mb
         self.csv_path, self.bands, self.num_classes = Path(csv_path), bands, num_classes
         check_fold_options("GeoTiffSegmentationDataModule", fold, num_folds, block_size)
         self.fold, self.num_folds, self.block_size = fold, num_folds, block_size
@@ -800,7 +848,7 @@ class GeoTiffSegmentationDataModule(DictDataModule):
         files = raster_files(self.predict_paths)
         if self.predict_chip_size:  # chips of one size batch together, whatever the scenes' sizes
             return self._loader(GeoTiffChips(files, self.bands, self.predict_chip_size, self.predict_stride, self.normalization,
-                                             self.band_indices, self.scale, self.nodata), False)
+                                             self.band_indices, self.scale, self.nodata, self.predict_gdal_cache_mb), False)
         dataset = self._dataset([(p, None) for p in files])
         sizes = set()
         for path in files:
@@ -937,7 +985,7 @@ def check_band_stack(dataset: Any) -> None:
     import rasterio
 
     for files in _scene_files(dataset):
-        reference: tuple[str, Any, tuple[float, float]] | None = None
+        reference: tuple[str, Any, tuple[float, ...]] | None = None
         for band, path in zip(dataset.bands, files, strict=True):
             if not Path(path).exists():
                 raise DataError(f"band {band!r} file does not exist (derived from {files[0]} with filename_regex's 'band' group)", path=path)

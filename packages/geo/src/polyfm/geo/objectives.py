@@ -6,7 +6,8 @@ Both are callables ``objective(model, batch) -> {"loss": ..., ...}`` for
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,19 @@ from torch import nn
 
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.pretrain import SoftContrastive
+
+
+class _MaskedAutoencoder(Protocol):
+    """What SatMAEObjective needs of a model (SatMAE)."""
+
+    def forward_mae(self, imgs: torch.Tensor, mask_ratio: float | None = None,
+                    imgs_up: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]: ...
+
+
+class _MaskableEncoder(Protocol):
+    """What SoftConObjective needs of a model: features, with a token mask for ViTs."""
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class SatMAEObjective(nn.Module):
@@ -32,7 +46,8 @@ class SatMAEObjective(nn.Module):
     # Same signature as polyfm.core.pretrain.Objective, so LightningCLI (jsonargparse)
     # accepts this module where a recipe's ``objective:`` expects that protocol.
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x = batch["input"]
@@ -45,14 +60,16 @@ class SatMAEObjective(nn.Module):
                     raise DataError(f"SatMAE++ needs chips divisible by 4 to build its x2/x4 targets, got {tuple(x.shape[-2:])}")
                 imgs_up = [F.avg_pool2d(x, 2), x]
                 x = F.avg_pool2d(x, 4)
-        out = model.forward_mae(x, self.mask_ratio, imgs_up=imgs_up)
+        # models are duck-typed nn.Modules (attribute access on one is typed Tensor | Module)
+        out = cast(_MaskedAutoencoder, model).forward_mae(x, self.mask_ratio, imgs_up=imgs_up)
         return {k: v for k, v in out.items() if k in ("loss", "mse", "l1")}
 
 
 def random_views(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two EO views of each chip: one random flip + 90-degree rotation shared by both (so a
     Siamese mask covers the same ground in both), and independent gain and noise."""
-    first, second = [], []
+    first: list[torch.Tensor] = []
+    second: list[torch.Tensor] = []
     for sample in x:
         if torch.rand((), generator=generator) < 0.5:
             sample = sample.flip(-1)
@@ -96,16 +113,18 @@ class SoftConObjective(nn.Module):
     # Same signature as polyfm.core.pretrain.Objective, so LightningCLI (jsonargparse)
     # accepts this module where a recipe's ``objective:`` expects that protocol.
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        return super().__call__(model, batch)
+        out: dict[str, torch.Tensor] = super().__call__(model, batch)
+        return out
 
     def _embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        encoder = cast(_MaskableEncoder, model)  # a duck-typed nn.Module, as in SatMAEObjective
         if self._masks is None:
-            return model.forward_features(x)
+            return encoder.forward_features(x)
         if hasattr(model, "mask_token"):  # ViT: token-level masking
-            return model.forward_features(x, masks=self._masks)
+            return encoder.forward_features(x, masks=self._masks)
         grid = self._masks.reshape(x.shape[0], x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         pixel_mask = grid.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
-        return model.forward_features(x.masked_fill(pixel_mask[:, None], 0.0))
+        return encoder.forward_features(x.masked_fill(pixel_mask[:, None], 0.0))
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x, labels = batch["input"], batch.get("labels", batch.get("target"))
@@ -119,7 +138,7 @@ class SoftConObjective(nn.Module):
             self._masks = torch.rand(x.shape[0], grid, device=x.device) < self.mask_ratio
         try:
             view1, view2 = random_views(x)
-            out = self.soft(model, {"view1": view1, "view2": view2, "labels": labels.float()})
+            out: dict[str, torch.Tensor] = self.soft(model, {"view1": view1, "view2": view2, "labels": labels.float()})
         finally:
             self._masks = None
         return out

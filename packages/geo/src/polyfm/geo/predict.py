@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from polyfm.core.errors import ConfigError, DataError
 from polyfm.core.files import atomic_path
 from polyfm.core.predict import PredictionFileWriter
+from polyfm.geo.data import DEFAULT_GDAL_CACHE_MB, check_gdal_cache_mb, gdal_cache
 
 FIELDS_GEO = ["crs", "left", "bottom", "right", "top", "width", "height"]
 BLENDINGS = ("gaussian", "uniform")
@@ -75,10 +76,18 @@ class _SceneFiles:
     """The GeoTIFFs of one scene's prediction (class ids; probabilities and the ensemble spread when
     asked for), each open in a temporary file beside its final path (core's ``atomic_path``) and
     written row block by row block; renamed onto the final paths only when every row is written,
-    so a failed or killed predict never leaves a partial map under the final name."""
+    so a failed or killed predict never leaves a partial map under the final name. Opening,
+    writing and closing run under ``gdal_cache(cache_mb)`` (GDAL's block cache capped)."""
 
     def __init__(self, source: Path, folder: Path, name: str, profile: dict[str, Any], names: list[str], probabilities: bool,
-                 uncertainty: bool, members: Any) -> None:
+                 uncertainty: bool, members: Any, cache_mb: int | None = DEFAULT_GDAL_CACHE_MB) -> None:
+        self.cache_mb = cache_mb
+        with gdal_cache(cache_mb):
+            self._open(source, folder, name, profile, names, probabilities, uncertainty, members)
+        self.rows_written = 0
+
+    def _open(self, source: Path, folder: Path, name: str, profile: dict[str, Any], names: list[str], probabilities: bool,
+              uncertainty: bool, members: Any) -> None:
         import rasterio
 
         self.source, self.height, self.width = source, int(profile["height"]), int(profile["width"])
@@ -107,11 +116,15 @@ class _SceneFiles:
         except BaseException:
             self.abort()
             raise
-        self.rows_written = 0
 
     def write(self, top: int, probabilities: torch.Tensor, std: torch.Tensor | None, valid: torch.Tensor | None,
               labels: torch.Tensor | None = None) -> None:
         """Rows ``top ..`` of the scene, as ``(C, rows, W)`` blended probabilities (float32)."""
+        with gdal_cache(self.cache_mb):
+            self._write(top, probabilities, std, valid, labels)
+
+    def _write(self, top: int, probabilities: torch.Tensor, std: torch.Tensor | None, valid: torch.Tensor | None,
+               labels: torch.Tensor | None) -> None:
         from rasterio.windows import Window
 
         if top != self.rows_written:  # rows in order, each once: a compressed block is never rewritten
@@ -138,13 +151,15 @@ class _SceneFiles:
         if self.rows_written != self.height:
             self.abort()
             raise DataError(f"only rows 0..{self.rows_written} of {self.height} were predicted, so the map was not written", path=self.source)
-        self._stack.close()  # in reverse: each dataset is closed before its temporary file is flushed and renamed
+        with gdal_cache(self.cache_mb):  # closing flushes what GDAL still holds
+            self._stack.close()  # in reverse: each dataset is closed before its temporary file is flushed and renamed
         return self.paths
 
     def abort(self) -> None:
         """Close and delete the temporary files; nothing appears at the final paths."""
         stop = _Aborted()
-        self._stack.__exit__(type(stop), stop, None)  # atomic_path removes its temporary file when the block fails
+        with gdal_cache(self.cache_mb):
+            self._stack.__exit__(type(stop), stop, None)  # atomic_path removes its temporary file when the block fails
 
 
 class _Aborted(Exception):
@@ -255,8 +270,9 @@ class GeoPredictionWriter(PredictionFileWriter):
     classification it may name the CSV file itself (``out/scenes.csv``). ``threshold``: the
     multi-label cut-off for the ``prediction`` column. ``write_probabilities``: add
     ``<stem>_probabilities.tif`` (segmentation). ``blending``: how overlapping chips are
-    averaged (:func:`blending_weights`). One process only: rows of one table and the chips
-    of one scene must all reach the same writer."""
+    averaged (:func:`blending_weights`). ``gdal_cache_mb``: GDAL's block cache while the maps
+    are written (:func:`polyfm.geo.data.gdal_cache`; ``None``: GDAL's default, 5 % of RAM). One
+    process only: rows of one table and the chips of one scene must all reach the same writer."""
 
     one_process: ClassVar[bool] = True
 
@@ -266,11 +282,14 @@ class GeoPredictionWriter(PredictionFileWriter):
         threshold: float = 0.5,
         write_probabilities: bool = False,
         blending: Literal["gaussian", "uniform"] = "gaussian",
+        gdal_cache_mb: int | None = DEFAULT_GDAL_CACHE_MB,
     ) -> None:
         super().__init__(output=output, write_interval="batch")
         if blending not in BLENDINGS:
             raise ConfigError(f"blending must be one of {BLENDINGS}, got {blending!r}")
+        check_gdal_cache_mb(gdal_cache_mb)
         self.threshold, self.write_probabilities, self.blending = threshold, write_probabilities, blending
+        self.gdal_cache_mb = gdal_cache_mb
         self.reset()
 
     def reset(self) -> None:
@@ -451,7 +470,8 @@ class GeoPredictionWriter(PredictionFileWriter):
                                    "BIGTIFF": "IF_SAFER"}  # a scene's probabilities pass 4 GB from ~9 classes at 10980 x 10980
         if min(height, width) >= 256:  # internal tiles: GIS tools read a window without decoding whole strips
             profile.update(tiled=True, blockxsize=256, blockysize=256)
-        return _SceneFiles(source, self.folder(trainer), self._name(source), profile, names, self.write_probabilities, with_std, members)
+        return _SceneFiles(source, self.folder(trainer), self._name(source), profile, names, self.write_probabilities, with_std, members,
+                           self.gdal_cache_mb)
 
     def _write_scene(
         self, trainer: L.Trainer, module: L.LightningModule, source: Path, probabilities: torch.Tensor, std: torch.Tensor | None,

@@ -35,7 +35,7 @@ SIGNATURES = np.array(
 )
 
 
-def _blobs(rng: np.random.Generator, size: int, cells: int = 4) -> np.ndarray:
+def _blobs(rng: np.random.Generator, size: int, cells: int = 4) -> np.ndarray[Any, Any]:
     """A smooth random field in [0, 1] (bilinear upsampling of a coarse grid)."""
     coarse = torch.from_numpy(rng.random((1, 1, cells, cells)))
     field = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
@@ -44,7 +44,7 @@ def _blobs(rng: np.random.Generator, size: int, cells: int = 4) -> np.ndarray:
 
 def synthetic_scene(
     dominant: int, size: int = 32, rng: np.random.Generator | None = None, num_classes: int = 9, purity: float = 0.7
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """One scene: ``(13, size, size)`` uint16, its per-pixel class map, its cover fractions."""
     rng = rng or np.random.default_rng()
     others = [c for c in range(num_classes) if c != dominant]
@@ -62,7 +62,7 @@ def synthetic_scene(
     return tile, classmap.astype(np.uint8), fractions
 
 
-def synthetic_dataset(n: int, size: int = 32, num_classes: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_dataset(n: int, size: int = 32, num_classes: int = 9, seed: int = 0) -> dict[str, np.ndarray[Any, Any]]:
     """``n`` scenes, balanced over dominant classes: images, labels, class maps, fractions."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % num_classes
@@ -72,7 +72,7 @@ def synthetic_dataset(n: int, size: int = 32, num_classes: int = 9, seed: int = 
 
 
 def write_geotiff(
-    path: str | Path, array: np.ndarray, band_names: list[str] | None = None, origin: tuple[float, float] = (10.0, 50.0),
+    path: str | Path, array: np.ndarray[Any, Any], band_names: list[str] | None = None, origin: tuple[float, float] = (10.0, 50.0),
     res: float = 0.0001, crs: str = "EPSG:4326", nodata: float | None = None,
 ) -> Path:
     """Write ``(C, H, W)`` as a GeoTIFF (EPSG:4326 unless ``crs``) with band descriptions and,
@@ -139,7 +139,7 @@ def demo_kit(data_dir: Path | None, quick: bool = False) -> Any:
     meta = next(w for w in WEIGHTS if w.name == "softcon-vits14-s2").meta
     norm = Normalization.from_meta({**meta["normalization"], "quantize": False})
 
-    class Scenes(torch.utils.data.Dataset):
+    class Scenes(torch.utils.data.Dataset[dict[str, Any]]):
         def __init__(self, n: int, seed: int) -> None:
             data = synthetic_dataset(n, size, num_classes, seed)
             self.x = norm(torch.from_numpy(data["images"].astype(np.float32)))

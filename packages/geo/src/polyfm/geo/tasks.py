@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
@@ -23,13 +23,17 @@ class GeoSegmentation(Segmentation):
             {s: MulticlassJaccardIndex(self.num_classes, average="none", ignore_index=self.num_classes, zero_division=float("nan")) for s in ("val_", "test_")}
         )
 
+    def _iou(self, stage: str) -> MulticlassJaccardIndex:
+        # ModuleDict.__getitem__ is typed nn.Module; its entries are the metrics built in __init__
+        return cast(MulticlassJaccardIndex, self.iou[f"{stage}_"])
+
     def update_metrics(self, stage: str, prediction: torch.Tensor, labels: torch.Tensor) -> None:
         super().update_metrics(stage, prediction, labels)
-        self.iou[f"{stage}_"].update(prediction, labels)
+        self._iou(stage).update(prediction, labels)
 
     def _log_dice(self, stage: str) -> None:
         super()._log_dice(stage)
-        metric = self.iou[f"{stage}_"]
+        metric = self._iou(stage)
         self.log(f"{stage}/miou", torch.nanmean(metric.compute()), prog_bar=True)
         metric.reset()
 

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from polyfm.geo.bands import (
     MissingBands,
     Normalization,
     canonical_band,
+    conv_like,
     normalization_for,
     plan_bands,
     remap_in_channels,
@@ -58,12 +59,13 @@ from polyfm.geo.bands import (
 # fMoW-Sentinel after the official --dropped_bands 0 9 10 (B1, B9, B10).
 SATMAE_BANDS: list[str] = ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
 SATMAE_GROUPS: list[list[int]] = [[0, 1, 2, 6], [3, 4, 5, 7], [8, 9]]
+_SATMAE_GROUPS_DEFAULT: tuple[tuple[int, ...], ...] = tuple(tuple(g) for g in SATMAE_GROUPS)
 
 
 # ----------------------------------------------------------------------------- sin-cos codes
 
 
-def sincos_1d(dim: int, positions: torch.Tensor | np.ndarray) -> torch.Tensor:
+def sincos_1d(dim: int, positions: torch.Tensor | np.ndarray[Any, Any]) -> torch.Tensor:
     """``[sin(p * w), cos(p * w)]`` with ``w = 1 / 10000^(2i/dim)`` (MAE's convention), float64."""
     if dim % 2:
         raise ConfigError(f"sin-cos width must be even, got {dim}")
@@ -143,7 +145,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        patches: torch.Tensor = self.proj(x)
+        return patches.flatten(2).transpose(1, 2)
 
 
 class ChannelsFirstLayerNorm(nn.Module):
@@ -170,7 +173,8 @@ class ResidualBlock(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.5 * self.conv2(self.relu(self.conv1(x)))
+        residual: torch.Tensor = self.conv2(self.relu(self.conv1(x)))
+        return x + 0.5 * residual
 
 
 class UpsampleBlock(nn.Module):
@@ -186,7 +190,8 @@ class UpsampleBlock(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.leaky_relu(self.up_norm(self.up_conv(x)))
@@ -196,8 +201,9 @@ class UpsampleBlock(nn.Module):
 
 def _vit_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
     norm = partial(nn.LayerNorm, eps=1e-6)
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
-    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm, drop_path=rates[i]) for i in range(depth))
+    rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []  # cpu: also under torch.device("meta")
+    # timm annotates norm_layer as type[nn.Module] but calls it as a factory (its own models pass partials)
+    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm, drop_path=rates[i]) for i in range(depth))  # type: ignore[arg-type]
 
 
 def _init_mae_weights(module: nn.Module) -> None:
@@ -242,7 +248,7 @@ class SatMAE(Encoder, PretrainedMixin):
         img_size: int = 96,
         patch_size: int = 8,
         bands: Sequence[str] = tuple(SATMAE_BANDS),
-        channel_groups: Sequence[Sequence[int]] = tuple(tuple(g) for g in SATMAE_GROUPS),
+        channel_groups: Sequence[Sequence[int]] = _SATMAE_GROUPS_DEFAULT,
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
@@ -340,7 +346,7 @@ class SatMAE(Encoder, PretrainedMixin):
             self.adapt_bands(input_bands, missing_bands)
 
     def _init_weights(self) -> None:
-        for embed in self.patch_embed:
+        for embed in self._patch_embeds():
             weight = embed.proj.weight.data
             nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -399,20 +405,30 @@ class SatMAE(Encoder, PretrainedMixin):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.forward_tokens(x)
         if self.global_pool and self.fc_norm is not None:
-            return self.fc_norm(h[:, 1:].mean(dim=1))
-        return self.norm(h)[:, 0]
+            pooled: torch.Tensor = self.fc_norm(h[:, 1:].mean(dim=1))
+            return pooled
+        normed: torch.Tensor = self.norm(h)
+        return normed[:, 0]
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """A feature map ``(B, D, H/p, W/p)``: normed patch tokens averaged over the groups."""
-        h, grid = self.forward_tokens(x)
-        h = self.norm(h)[:, 1:]
+        tokens, grid = self.forward_tokens(x)
+        normed: torch.Tensor = self.norm(tokens)
+        h = normed[:, 1:]
         b, _, d = h.shape
         h = h.reshape(b, len(self.active_groups), grid[0] * grid[1], d).mean(1)
         return h.transpose(1, 2).reshape(b, d, *grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.forward_features(x)
-        return self.head(features) if self.head is not None else features
+        if self.head is None:
+            return features
+        logits: torch.Tensor = self.head(features)
+        return logits
+
+    def _patch_embeds(self) -> list[PatchEmbed]:
+        # nn.ModuleList is untyped: its entries are the PatchEmbeds built in __init__
+        return [cast(PatchEmbed, embed) for embed in self.patch_embed]
 
     # -- MAE ----------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -535,18 +551,21 @@ class SatMAE(Encoder, PretrainedMixin):
             raise ConfigError("adapt_bands() was already applied to this model; build or load a fresh one")
         plan = plan_bands(input_bands, self.bands, missing_bands)
         levels = self.normalization.normalised_mean() if self.normalization else [0.0] * len(self.bands)
-        active, group_inputs = [], []
+        active: list[int] = []
+        group_inputs: list[list[int]] = []
+        embeds = self._patch_embeds()
         for g, members in enumerate(self.channel_groups):
             names = [self.bands[i] for i in members]
-            conv = self.patch_embed[g].proj
+            conv = embeds[g].proj
             if not any(plan.present[i] for i in members):
                 group_inputs.append([])
                 continue
             weight, bias, channels = remap_in_channels(conv.weight.data, plan, names, levels)
-            new = nn.Conv2d(len(channels), conv.out_channels, conv.kernel_size, conv.stride).to(conv.weight.device)
+            new = conv_like(conv, len(channels))
             new.weight.data.copy_(weight)
-            new.bias.data.copy_(conv.bias.data + bias)
-            self.patch_embed[g].proj = new
+            if new.bias is not None and conv.bias is not None:  # patch embeddings always have one
+                new.bias.data.copy_(conv.bias.data + bias)
+            embeds[g].proj = new
             active.append(g)
             group_inputs.append(channels)
         self.active_groups, self.group_inputs = active, group_inputs
@@ -741,7 +760,8 @@ class SatMAETemporal(Encoder, PretrainedMixin):
     series share ``patch_embed``; each token's code is the 2-D position (width
     ``embed_dim - 384``) concatenated with sin-cos codes of the frame's year, month and
     hour (128 each; 64 each in the decoder). Input ``{"images": (B, 3, C, H, W),
-    "timestamps": (B, 3, 3)}`` with (year - min_year, month - 1, hour). Features follow the
+    "timestamps": (B, 3, 3)}`` with (year - 2002, month - 1, hour) per frame, as the official
+    fMoW loader (``CustomDatasetFromImagesTemporal.parse_timestamp``) gives them. Features follow the
     fine-tuning model (``models_vit_temporal.py``): the CLS token gets the spatial table's
     first row, then mean-pooled tokens + ``fc_norm`` (``global_pool``) or the normed CLS."""
 
@@ -815,6 +835,9 @@ class SatMAETemporal(Encoder, PretrainedMixin):
             return _random_masking(x, mask_ratio)
         n, length, dim = x.shape
         per = length // self.num_frames
+        # the official random_masking draws (N, L) noise before its same_mask branch and does not use it:
+        # drawn here too, so a seeded run masks the tokens the official code masks
+        torch.rand(n, length, device=x.device)
         shuffle = torch.argsort(torch.rand(n, per, device=x.device), dim=1)
         shuffles = [shuffle + t * per for t in range(self.num_frames)]
         keep = int(per * (1 - mask_ratio))
@@ -833,8 +856,10 @@ class SatMAETemporal(Encoder, PretrainedMixin):
         for block in self.blocks:
             h = block(h)
         if self.fc_norm is not None:
-            return self.fc_norm(h[:, 1:].mean(1))
-        return self.norm(h)[:, 0]
+            pooled: torch.Tensor = self.fc_norm(h[:, 1:].mean(1))
+            return pooled
+        normed: torch.Tensor = self.norm(h)
+        return normed[:, 0]
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """Channel-last patches (``nchpwq->nhwpqc``), as the temporal model's official code."""
@@ -872,38 +897,53 @@ class SatMAETemporal(Encoder, PretrainedMixin):
 
     def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = self.forward_features(x)
-        return self.head(features) if self.head is not None else features
+        if self.head is None:
+            return features
+        logits: torch.Tensor = self.head(features)
+        return logits
 
     @classmethod
     def _from_checkpoint(cls, path: Path, spec: WeightSpec | None, **config: Any) -> SatMAETemporal:
         state = strip_prefix(unwrap_state_dict(read_official_checkpoint(path)), "module.")
-        if "patch_embed.proj.weight" not in state:
-            raise CheckpointError(f"{path} is not a temporal SatMAE checkpoint (no 'patch_embed.proj.weight')")
-        _refuse_plain_vit(state, "SatMAETemporal", str(path))
-        embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
-        grid = int(math.isqrt(state["pos_embed"].shape[1] - 1))
-        inferred: dict[str, Any] = {
-            "embed_dim": int(embed_dim), "in_chans": int(in_chans), "patch_size": int(patch), "img_size": grid * int(patch),
-            "depth": 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
-            "num_heads": {768: 12, 1024: 16, 1280: 16}.get(int(embed_dim), max(1, int(embed_dim) // 64)),
-        }
-        if "decoder_embed.weight" in state:
-            inferred["decoder_embed_dim"] = int(state["decoder_embed.weight"].shape[0])
-            inferred["decoder_depth"] = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
-        else:
-            inferred["decoder_depth"] = 0
-        inferred["global_pool"] = "fc_norm.weight" in state or "head.weight" not in state
-        if "head.weight" in state:
-            inferred["num_classes"] = int(state["head.weight"].shape[0])
-        inferred.update(config)
-        model = cls(**inferred)
-        grid = (model.pos_embed.shape[1] - 1, model.decoder_pos_embed.shape[1] - 1 if model.decoder_depth > 0 else 0)
-        for key, tokens in zip(("pos_embed", "decoder_pos_embed"), grid, strict=True):
+        model = cls(**{**infer_temporal_config(state, str(path)), **config})
+        model.load_state(state, source=str(path))
+        return model
+
+    def load_state(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load a ``models_mae_temporal.py`` / ``models_vit_temporal.py`` state dict: position
+        tables fitted to this image size (:func:`fit_pos_table`); a pretraining file may lack
+        ``fc_norm``, a fine-tuned one ``norm`` (deleted there under global pooling) and the decoder."""
+        state = dict(state)
+        table_tokens = (self.pos_embed.shape[1] - 1, self.decoder_pos_embed.shape[1] - 1 if self.decoder_depth > 0 else 0)
+        for key, tokens in zip(("pos_embed", "decoder_pos_embed"), table_tokens, strict=True):
             if key in state and tokens and state[key].shape[1] - 1 != tokens:  # another img_size: as SatMAE above
                 state[key] = fit_pos_table(state[key], (math.isqrt(tokens),) * 2)
-        if model.head is None:
+        if self.head is None:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         ignore_missing = [p for p, key in (("fc_norm.", "fc_norm.weight"), ("norm.", "norm.weight")) if key not in state]
-        ignore_unexpected = [] if model.decoder_depth > 0 else ["decoder_", "mask_token"]
-        load_state_dict_checked(model, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=str(path))
-        return model
+        ignore_unexpected = [] if self.decoder_depth > 0 else ["decoder_", "mask_token"]
+        load_state_dict_checked(self, state, strict=True, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, source=source)
+
+
+def infer_temporal_config(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, Any]:
+    """:class:`SatMAETemporal`'s architecture from a checkpoint's shapes (heads: 12/16/16 for
+    ViT-B/L/H widths, as :func:`infer_satmae_config`; decoder heads: the official 16)."""
+    if "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{source} is not a temporal SatMAE checkpoint (no 'patch_embed.proj.weight')")
+    _refuse_plain_vit(state, "SatMAETemporal", source)
+    embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
+    grid = int(math.isqrt(state["pos_embed"].shape[1] - 1))
+    inferred: dict[str, Any] = {
+        "embed_dim": int(embed_dim), "in_chans": int(in_chans), "patch_size": int(patch), "img_size": grid * int(patch),
+        "depth": 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+        "num_heads": {768: 12, 1024: 16, 1280: 16}.get(int(embed_dim), max(1, int(embed_dim) // 64)),
+    }
+    if "decoder_embed.weight" in state:
+        inferred["decoder_embed_dim"] = int(state["decoder_embed.weight"].shape[0])
+        inferred["decoder_depth"] = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
+    else:
+        inferred["decoder_depth"] = 0
+    inferred["global_pool"] = "fc_norm.weight" in state or "head.weight" not in state
+    if "head.weight" in state:
+        inferred["num_classes"] = int(state["head.weight"].shape[0])
+    return inferred

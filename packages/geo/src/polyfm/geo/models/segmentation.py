@@ -10,12 +10,30 @@ fused concatenation of all levels feed a 1x1 classifier; logits are upsampled to
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import ConfigError
+
+
+class _PyramidEncoder(Protocol):
+    """A CNN encoder with its own feature pyramid (SoftCon's ResNet-50)."""
+
+    feature_dim: int
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class _DenseEncoder(Protocol):
+    """A ViT encoder giving one map at its patch stride."""
+
+    feature_dim: int
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -49,7 +67,8 @@ class PyramidPooling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = [F.interpolate(branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False) for branch in self.branches]
-        return self.bottleneck(torch.cat([x, *pooled], 1))
+        fused: torch.Tensor = self.bottleneck(torch.cat([x, *pooled], 1))
+        return fused
 
 
 class DenseSegmenter(Encoder):
@@ -76,12 +95,16 @@ class DenseSegmenter(Encoder):
         self.encoder = encoder
         self.num_classes = num_classes
         self.feature_dim = num_classes
+        # the encoder is duck-typed (any module with these methods); nn.Module's attribute access is typed Tensor | Module
+        self.pyramid: SimpleFeaturePyramid | None
         if hasattr(encoder, "forward_pyramid"):
-            in_channels = [256, 512, 1024, 2048] if encoder.feature_dim == 2048 else [encoder.feature_dim] * 4
+            dim = cast(_PyramidEncoder, encoder).feature_dim
+            in_channels = [256, 512, 1024, 2048] if dim == 2048 else [dim] * 4
             self.pyramid = None
         elif hasattr(encoder, "forward_dense"):
-            in_channels = [encoder.feature_dim] * 4
-            self.pyramid = SimpleFeaturePyramid(encoder.feature_dim)
+            dim = cast(_DenseEncoder, encoder).feature_dim
+            in_channels = [dim] * 4
+            self.pyramid = SimpleFeaturePyramid(dim)
         else:
             raise ConfigError(f"{type(encoder).__name__} has neither forward_pyramid nor forward_dense: it cannot feed a segmentation decoder")
         self.decoder = nn.ModuleDict(
@@ -98,20 +121,24 @@ class DenseSegmenter(Encoder):
         )
 
     def block_names(self) -> list[str]:
-        inner = self.encoder.block_names() if hasattr(self.encoder, "block_names") else ["encoder"]
+        own_names = getattr(self.encoder, "block_names", None)
+        inner: list[str] = own_names() if callable(own_names) else ["encoder"]
         names = [f"encoder.{n}" for n in inner]
         return names + (["pyramid"] if self.pyramid is not None else []) + ["decoder"]
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.pyramid is None:
-            return self.encoder.forward_pyramid(x)
-        return self.pyramid(self.encoder.forward_dense(x))
+            return cast(_PyramidEncoder, self.encoder).forward_pyramid(x)
+        levels: list[torch.Tensor] = self.pyramid(cast(_DenseEncoder, self.encoder).forward_dense(x))
+        return levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        levels = [lat(f) for lat, f in zip(self.decoder["lateral"], self.features(x), strict=True)]
+        # ModuleDict.__getitem__ is typed nn.Module; these two entries are the ModuleLists built above
+        lateral, smoothing = cast(nn.ModuleList, self.decoder["lateral"]), cast(nn.ModuleList, self.decoder["smooth"])
+        levels = [lat(f) for lat, f in zip(lateral, self.features(x), strict=True)]
         for i in range(len(levels) - 1, 0, -1):  # top-down
             levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear", align_corners=False)
-        levels = [smooth(level) for smooth, level in zip(self.decoder["smooth"], levels, strict=True)]
+        levels = [smooth(level) for smooth, level in zip(smoothing, levels, strict=True)]
         size = levels[0].shape[-2:]
         fused = self.decoder["fuse"](torch.cat([F.interpolate(level, size=size, mode="bilinear", align_corners=False) for level in levels], 1))
         logits = self.decoder["classifier"](fused)

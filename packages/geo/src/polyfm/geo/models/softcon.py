@@ -46,6 +46,7 @@ from polyfm.geo.bands import (
     MissingBands,
     Normalization,
     canonical_band,
+    conv_like,
     normalization_for,
     plan_bands,
     remap_in_channels,
@@ -115,10 +116,9 @@ class _BandAware:
         # kernels (they are absent from the model, not zero-filled model bands).
         full = weight.new_zeros((weight.shape[0], len(plan.input_bands), *weight.shape[2:]))
         full[:, channels] = weight
-        new = nn.Conv2d(len(plan.input_bands), conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
-        new = new.to(conv.weight.device)
+        new = conv_like(conv, len(plan.input_bands))
         new.weight.data.copy_(full)
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.data.copy_(conv.bias.data)
         self._set_first_conv(new, bias)
         self.input_bands, self.band_plan = list(plan.input_bands), plan
@@ -152,8 +152,19 @@ class _BandAware:
 # ----------------------------------------------------------------------------- ResNet-50
 
 
-class SoftConResNet50(ResNet, _BandAware, Encoder, PretrainedMixin):
+class SoftConResNet50(ResNet, _BandAware, Encoder, PretrainedMixin):  # type: ignore[misc]  # torchvision ships no type information
     """torchvision ResNet-50 with a ``in_chans``-channel ``conv1`` and ``fc = Identity``."""
+
+    # torchvision's ResNet attributes, declared because mypy sees its base class as Any
+    conv1: nn.Conv2d
+    bn1: nn.BatchNorm2d
+    relu: nn.ReLU
+    maxpool: nn.MaxPool2d
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+    avgpool: nn.AdaptiveAvgPool2d
 
     def __init__(
         self,
@@ -182,7 +193,10 @@ class SoftConResNet50(ResNet, _BandAware, Encoder, PretrainedMixin):
     def _set_first_conv(self, conv: nn.Conv2d, bias_delta: torch.Tensor) -> None:
         self.conv1 = conv
         # conv1 has no bias: a constant added after it is the same as a shifted BN mean.
-        self.bn1.running_mean.sub_(bias_delta.to(self.bn1.running_mean))
+        running_mean = self.bn1.running_mean
+        if running_mean is None:  # torchvision's BatchNorm2d always tracks running statistics
+            raise ConfigError("bn1 keeps no running statistics, so the band mapping's bias cannot be folded into it")
+        running_mean.sub_(bias_delta.to(running_mean))
 
     def block_names(self) -> list[str]:
         return ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
@@ -276,7 +290,9 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
             init_values=init_values,
             drop_path_rate=drop_path_rate,
             dynamic_img_size=True,
-            **dims,
+            embed_dim=dims["embed_dim"],
+            depth=dims["depth"],
+            num_heads=dims["num_heads"],
         )
         self.mask_token = nn.Parameter(torch.zeros(1, dims["embed_dim"]))  # DINOv2's, used by Siamese masking
         self.feature_dim = dims["embed_dim"]
@@ -289,9 +305,14 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
         self._finish_init(pretrained, input_bands, missing_bands)
 
     def _first_conv(self) -> nn.Conv2d:
-        return self.patch_embed.proj
+        proj = self.patch_embed.proj
+        if not isinstance(proj, nn.Conv2d):
+            raise ConfigError(f"the patch embedding's projection is a {type(proj).__name__}, not a Conv2d: its bands cannot be remapped")
+        return proj
 
     def _set_first_conv(self, conv: nn.Conv2d, bias_delta: torch.Tensor) -> None:
+        if conv.bias is None:  # timm's patch embedding has a bias; the band mapping folds missing bands into it
+            raise ConfigError("the patch embedding has no bias to fold the missing bands' contribution into")
         conv.bias.data.add_(bias_delta)
         self.patch_embed.proj = conv
 
@@ -302,9 +323,17 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """CLS token + DINOv2's position code for the input's patch grid (``x``: ``(B, H, W, D)``)."""
         b, h, w, d = x.shape
-        pos = dinov2_pos_embed(self.pos_embed, (h, w))
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1)
-        return self.pos_drop(x + pos.to(x.dtype))
+        table, cls_token = self._tables()
+        pos = dinov2_pos_embed(table, (h, w))
+        x = torch.cat([cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1)
+        embedded: torch.Tensor = self.pos_drop(x + pos.to(x.dtype))
+        return embedded
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position table and CLS token (timm types both optional; this model always builds them)."""
+        if self.pos_embed is None or self.cls_token is None:
+            raise ConfigError("SoftConViT needs timm's position table and CLS token (class_token=True, pos_embed='learn')")
+        return self.pos_embed, self.cls_token
 
     def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Normed tokens ``(B, 1 + N, D)``; ``masks`` ``(B, N)`` bool replaces patches by ``mask_token``."""
@@ -318,7 +347,8 @@ class SoftConViT(VisionTransformer, _BandAware, Encoder, PretrainedMixin):
         h = self.norm_pre(self.patch_drop(h))
         for block in self.blocks:
             h = block(h)
-        return self.norm(h)
+        normed: torch.Tensor = self.norm(h)
+        return normed
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return self.forward_tokens(x, masks)[:, 0]
@@ -406,5 +436,5 @@ def dinov2_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], offset: flo
 
 def _fit_pos_embed(model: SoftConViT, state: dict[str, torch.Tensor]) -> None:
     # a model built for another image size stores the table DINOv2 would compute on the fly
-    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+    if "pos_embed" in state and state["pos_embed"].shape != model._tables()[0].shape:
         state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], tuple(model.patch_embed.grid_size))
