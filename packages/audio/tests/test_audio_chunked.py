@@ -1,6 +1,6 @@
 """Chunked whole-file prediction (``predict_chunk_seconds``): chunk plans, offset reads that
-equal the whole file's resampled samples, framewise outputs stitched onto the whole file's
-timeline, events equal to whole-file ones, and the options' errors."""
+equal the whole file's resampled samples, the model stitching its chunks' time maps so that clip
+models, SED models and ensembles give the whole file's outputs and events, and the options' errors."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import torch
 
 from polyfm.audio.chunked import file_frames, plan_chunks, read_span
 from polyfm.audio.data import AudioClipsDataModule, load_audio
-from polyfm.audio.models import Cnn14, Cnn14_DecisionLevelMax
+from polyfm.audio.models import Cnn6, Cnn10, Cnn14, Cnn14_16k, Cnn14_DecisionLevelMax, Wavegram_Logmel_Cnn14
 from polyfm.audio.predict import AudioPredictionWriter
 from polyfm.audio.tasks import SoundEventDetection
-from polyfm.core.errors import ConfigError, DataError
+from polyfm.core.errors import ConfigError
 from polyfm.core.predict import Ensemble
 from polyfm.core.tasks import Classification
 
@@ -33,15 +33,17 @@ FRAME_TOLERANCE = 1e-5
 
 
 class KeepingWriter(AudioPredictionWriter):
-    """The writer, also keeping each file's (stitched) framewise output for the test to read."""
+    """The writer, also keeping each file's clip output and (stitched) framewise output, unrounded, for the test to read."""
 
     def reset(self) -> None:
         super().reset()
         self.framewise: dict[str, torch.Tensor] = {}
+        self.scores: dict[str, torch.Tensor] = {}
 
     def add_file(self, trainer: Any, pl_module: Any, kind: str, index: int, file: str, scores: torch.Tensor, spread: Any,
                  framewise: torch.Tensor | None, framewise_spread: Any) -> None:
         super().add_file(trainer, pl_module, kind, index, file, scores, spread, framewise, framewise_spread)
+        self.scores[Path(file).name] = scores.clone()
         if framewise is not None:
             self.framewise[Path(file).name] = framewise.clone()
 
@@ -148,8 +150,8 @@ def test_stitched_framewise_output_equals_the_whole_files(tmp_path: Path) -> Non
     samples = len(load_audio(tmp_path / "new" / "long.wav", RATE))
     assert stitched.shape == whole.shape == (file_frames(samples, HOP), 2) == (1201, 2)
     torch.testing.assert_close(stitched, whole, atol=FRAME_TOLERANCE, rtol=0)
-    # chunks at 0 and 3.84 s (8 s each, one batch), the last from 4.16 s to the file's end (a batch of its own length)
-    assert [len(p["meta"]) for p in predictions] == [2, 1]
+    # one batch, one file: chunks at 0 and 3.84 s (8 s each) and from 4.16 s to the file's end, stitched by the model
+    assert [len(p["meta"]) for p in predictions] == [1] and predictions[0]["framewise_output"].shape == (1, 1201, 2)
     assert whole[:, 0].max() - whole[:, 0].min() > 0.9  # the outputs span [0, 1]: the tolerance is not vacuous
     (whole_row,) = _rows(tmp_path / "whole" / "predictions" / "predictions.csv")
     (chunk_row,) = _rows(tmp_path / "chunked" / "predictions" / "predictions.csv")
@@ -193,28 +195,72 @@ def test_events_chunked_equal_whole_file_events(tmp_path: Path) -> None:
         assert label_a == label_b and abs(onset_a - onset_b) <= 0.01 + 1e-9 and abs(offset_a - offset_b) <= 0.01 + 1e-9
 
 
-def test_clip_model_in_chunks_averages_the_chunks_by_the_frames_each_keeps(tmp_path: Path) -> None:
-    """A clip classifier (Cnn14, no frames): the file's probabilities are the chunks' probabilities
-    weighted by the frames each chunk contributes to the timeline (a distribution again)."""
-    path = _write(tmp_path / "new" / "x.wav", 3.0, seed=6)
+def _aimed_at_the_tone(task: L.LightningModule, path: Path, tone: tuple[float, float], gain: float = 8.0) -> L.LightningModule:
+    """Random trunk weights (and BatchNorm statistics, given by the caller); the task's last linear layer set to tell ``path``'s tone from its noise
+    (class 0 along the difference of the features of the tone and of as long a stretch of noise,
+    class 1 against it), so that the outputs span [0, 1] and follow the tone (a random head leaves
+    them near uniform and deaf to it, which would make equality vacuous)."""
+    task.eval()
+    with torch.no_grad():
+        waveform, (start, stop) = load_audio(path, RATE), (int(tone[0] * RATE), int(tone[1] * RATE))
+        key = "segment_embedding" if isinstance(task, SoundEventDetection) else "embedding"
+        inside, outside = (task.encoder(waveform[None, a:b])[key][0].reshape(-1, task.encoder.feature_dim).mean(0)  # type: ignore[union-attr, operator]
+                           for a, b in ((start, stop), (stop + RATE, stop + RATE + stop - start)))
+        direction = (inside - outside) * gain / (inside - outside).square().sum()
+        middle = float(direction @ (inside + outside) / 2)
+        head = [m for m in task.head.modules() if isinstance(m, torch.nn.Linear)][-1]  # type: ignore[union-attr]  # Classification: dropout, linear
+        head.weight.copy_(torch.stack([direction, -direction]))
+        head.bias.copy_(torch.tensor([-middle, middle]))
+    return task
+
+
+@pytest.mark.parametrize("family", ["cnn14-multiclass", "cnn14-multilabel", "sed"])
+def test_chunked_prediction_equals_whole_file_prediction_for_every_head(tmp_path: Path, family: str, random_batchnorm: Any) -> None:
+    """Two 2-minute files (equal length: one batch) and a 0.2 s one through trainer.predict, whole and
+    in 25 s chunks (default 4 s overlap, 2 chunks per forward): every clip probability and SED frame
+    equals the whole-file run's to float rounding, for a clip model whose max + mean pooling over the
+    whole file comes before its head (Cnn14 + Classification, multi-class and multi-label) as for
+    sound event detection (measured: max difference 0.0). Averaging the chunks' own clip outputs,
+    as chunked prediction did before, is far off for the clip models (1.00 against the whole file's
+    0.28 for class 0 here): their pooling sees one chunk at a time."""
+    for seed, name in enumerate(("a.wav", "b.wav")):
+        _write(tmp_path / "new" / name, 120.0, seed=10 + seed, tone=(30.0 + 40 * seed, 37.0 + 40 * seed))
+    _write(tmp_path / "new" / "short.wav", 0.2, seed=12)  # under Cnn14's 0.31 s: one chunk, zero-padded as whole
     torch.manual_seed(0)
-    task = Classification(Cnn14(base_channels=4, block_dropout=0.0, head_dropout=0.0), num_classes=2).eval()
-    _predict(tmp_path, task, AudioPredictionWriter(), "chunked", predict_chunk_seconds=2.0, predict_chunk_overlap_seconds=1.0)
-    waveform = load_audio(path, RATE)
-    expected, weight = torch.zeros(2), 0
-    for span in plan_chunks(len(waveform), 2 * RATE, RATE, HOP, GRID):
-        with torch.no_grad():
-            expected += task(waveform[None, span.start : span.stop]).softmax(-1)[0] * (span.keep_to - span.keep_from)
-        weight += span.keep_to - span.keep_from
-    (row,) = _rows(tmp_path / "chunked" / "predictions" / "predictions.csv")
-    assert [float(row["high"]), float(row["low"])] == pytest.approx((expected / weight).tolist(), abs=1e-6)
-    assert float(row["high"]) + float(row["low"]) == pytest.approx(1.0, abs=1e-5)
+    if family == "sed":
+        task: L.LightningModule = _aimed_at_the_tone(random_batchnorm(_sed()), tmp_path / "new" / "a.wav", (30.0, 37.0))
+    else:
+        encoder = Cnn14(base_channels=4, block_dropout=0.0, head_dropout=0.0)
+        task = _aimed_at_the_tone(random_batchnorm(Classification(encoder, num_classes=2, multilabel=family == "cnn14-multilabel")), tmp_path / "new" / "a.wav", (30.0, 37.0))
+    whole, chunked = KeepingWriter(threshold=0.5), KeepingWriter(threshold=0.5)
+    whole_batches = _predict(tmp_path, task, whole, "whole", batch_size=2)
+    chunked_batches = _predict(tmp_path, task, chunked, "chunked", batch_size=2, predict_chunk_seconds=25.0)
+    assert [p["meta"] for p in chunked_batches] == [p["meta"] for p in whole_batches] and len(chunked_batches) == 2  # {a, b}, {short}
+    assert sorted(chunked.scores) == ["a.wav", "b.wav", "short.wav"]
+    spread = torch.stack(list(whole.scores.values()))
+    assert spread.max() - spread.min() > 0.5  # the outputs are not all alike: the tolerance is not vacuous
+    for name, expected in whole.scores.items():
+        torch.testing.assert_close(chunked.scores[name], expected, atol=2e-6, rtol=0, msg=name)
+    assert sorted(chunked.framewise) == (sorted(whole.scores) if family == "sed" else [])
+    for name, expected in whole.framewise.items():
+        assert chunked.framewise[name].shape == expected.shape
+        torch.testing.assert_close(chunked.framewise[name], expected, atol=2e-6, rtol=0, msg=name)
+    if family != "sed":  # the chunks' own outputs, averaged by the frames each keeps: not the whole file's
+        waveform, averaged, kept = load_audio(tmp_path / "new" / "a.wav", RATE), torch.zeros(2), 0
+        for span in plan_chunks(len(waveform), 25 * RATE, 400 * HOP, HOP, GRID):
+            with torch.no_grad():
+                logits = task(waveform[None, span.start : span.stop])[0]
+            averaged += (logits.sigmoid() if family == "cnn14-multilabel" else logits.softmax(-1)) * (span.keep_to - span.keep_from)
+            kept += span.keep_to - span.keep_from
+        assert (averaged / kept - whole.scores["a.wav"]).abs().max() > 0.05
+    rows = {folder: _rows(tmp_path / folder / "predictions" / "predictions.csv") for folder in ("whole", "chunked")}
+    decision = "prediction" if family == "cnn14-multiclass" else "labels"
+    assert [r[decision] for r in rows["chunked"]] == [r[decision] for r in rows["whole"]]
 
 
-def test_ensemble_in_chunks_stitches_the_members_spread(tmp_path: Path) -> None:
-    """Ensemble of two SED checkpoints, chunked: the framewise spread is stitched like the mean,
-    so each event's probability_std equals the whole-file run's; the clip columns are the max of
-    the stitched member mean, and their _std the spread at that frame."""
+def test_ensemble_in_chunks_equals_the_whole_file_ensemble(tmp_path: Path) -> None:
+    """Ensemble of two SED checkpoints, chunked: each member stitches its own chunks, so the
+    member mean, its spread (clip columns' _std) and each event's probability_std equal the whole-file run's."""
     path = _write(tmp_path / "new" / "tone.wav", 9.0, seed=8, tone=(3.0, 6.0))
     checkpoints = []
     for seed in (0, 1):
@@ -227,18 +273,42 @@ def test_ensemble_in_chunks_stitches_the_members_spread(tmp_path: Path) -> None:
     assert [e["event_label"] for e in events["chunked"]] == [e["event_label"] for e in events["whole"]] and events["whole"]
     for whole, chunked in zip(events["whole"], events["chunked"], strict=True):
         assert float(chunked["probability_std"]) == pytest.approx(float(whole["probability_std"]), abs=FRAME_TOLERANCE)
+    (whole_row,) = _rows(tmp_path / "whole" / "predictions" / "predictions.csv")
     (row,) = _rows(tmp_path / "chunked" / "predictions" / "predictions.csv")
-    stitched = writers["chunked"].framewise["tone.wav"]
-    assert [float(row["high"]), float(row["low"])] == pytest.approx(stitched.max(0).values.tolist(), abs=1e-6)
+    for column in ("high", "low", "high_std", "low_std"):
+        assert float(row[column]) == pytest.approx(float(whole_row[column]), abs=FRAME_TOLERANCE), column
     assert float(row["high_std"]) > 0 and float(row["low_std"]) > 0
 
 
-def test_a_run_that_misses_chunks_says_which_file(tmp_path: Path) -> None:
-    _write(tmp_path / "new" / "long.wav", 5.0, seed=7)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[AudioPredictionWriter()], limit_predict_batches=1)
-    with pytest.raises(DataError, match=r"not every chunk of \['.*long\.wav \(1 chunks\)'\] was predicted"):
-        trainer.predict(_sed(), datamodule=_data(tmp_path, predict_chunk_seconds=2.0, batch_size=1))
+@pytest.mark.parametrize(("cls", "rate", "width"), [(Cnn6, 32000, 4), (Cnn10, 32000, 4), (Cnn14_16k, 16000, 4), (Wavegram_Logmel_Cnn14, 32000, 16)])
+def test_every_family_takes_a_chunked_input(tmp_path: Path, cls: type, rate: int, width: int, random_batchnorm: Any) -> None:
+    """``model(ChunkedInput)``, what a task's forward passes on in chunked prediction, gives the
+    model's outputs on the whole waveform: every family's ``forward`` takes it (20 s in 12 s chunks, default overlap)."""
+    from polyfm.audio.chunked import ChunkedAudioDataset, chunk_geometry
+
+    path = _write(tmp_path / "x.wav", 20.0, rate=rate, seed=13, tone=(5.0, 9.0))
+    torch.manual_seed(0)
+    model = random_batchnorm(cls(base_channels=width, classes_num=3)).eval()
+    geometry = chunk_geometry(model, 12.0, None)
+    files = ChunkedAudioDataset([path], geometry.rate, geometry.chunk, geometry.overlap, geometry.hop, geometry.align, model.min_samples(), 2)[0]["input"]
+    assert len(files.spans) == 2
+    with torch.no_grad():
+        whole, chunked = model(load_audio(path, rate)[None]), model(files)
+    assert sorted(chunked) == sorted(whole)
+    for key, expected in whole.items():
+        torch.testing.assert_close(chunked[key], expected, atol=1e-5 * max(float(expected.abs().max()), 1.0), rtol=0, msg=key)
+
+
+def test_a_chunked_input_is_for_inference_only(tmp_path: Path) -> None:
+    """Training draws dropout and SpecAugment per clip, which a stitched file would not reproduce: refused, named."""
+    from polyfm.audio.chunked import ChunkedAudioDataset
+
+    path = _write(tmp_path / "x.wav", 2.0)
+    model = Cnn14(base_channels=4)
+    files = ChunkedAudioDataset([path], RATE, RATE, RATE // 2, HOP, GRID)[0]["input"]
+    with pytest.raises(ValueError, match=r"Cnn14 runs files in chunks for inference only: call model.eval\(\) first"):
+        model(files)
+    assert model.eval()(files)["clipwise_output"].shape == (1, 527)
 
 
 def test_sed_recipe_predicts_in_chunks_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,7 @@ whole file's, for every family (pooling by 32 and by 16, the wavegram branch).""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,17 +30,12 @@ def long_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _model(cls: type, **options: object) -> torch.nn.Module:
+def _model(cls: type, random_batchnorm: Any, **options: object) -> torch.nn.Module:
     """Random weights and BatchNorm statistics, the head scaled so that the outputs span [0, 1]
     (a random head leaves them all near 0.5, which would make the comparison vacuous)."""
     torch.manual_seed(0)
-    model = cls(classes_num=8, **options).eval()
-    generator = torch.Generator().manual_seed(1)
+    model = random_batchnorm(cls(classes_num=8, **options).eval())
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
-                module.running_var.copy_(0.5 + 1.5 * torch.rand(module.num_features, generator=generator))
         model.fc_audioset.weight.mul_(5.0)
     return model
 
@@ -49,11 +45,11 @@ def _model(cls: type, **options: object) -> torch.nn.Module:
     [(Cnn14_DecisionLevelMax, {"base_channels": 4}), (Cnn14, {"base_channels": 4}), (Cnn6, {"base_channels": 4}),
      (Wavegram_Logmel_Cnn14, {"base_channels": 16})],
 )  # fmt: skip
-def test_tag_file_in_chunks_equals_the_whole_file(long_wav: Path, cls: type, options: dict[str, int]) -> None:
+def test_tag_file_in_chunks_equals_the_whole_file(long_wav: Path, cls: type, options: dict[str, int], random_batchnorm: Any) -> None:
     """40 s chunks with the default 4 s overlap (5 chunks): every output (clip, logits, embedding,
     and the SED model's 15001 frames and 468 segments) equals the whole file's to float rounding
     (measured: 3e-6 on logits of +-20, 2.4e-7 on probabilities), and so do the tags."""
-    model = _model(cls, **options)
+    model = _model(cls, random_batchnorm, **options)
     whole = tag_file(model, long_wav, top_k=3)
     chunked = tag_file(model, long_wav, top_k=3, chunk_seconds=40.0)
     assert "waveform" in whole and "waveform" not in chunked  # chunked keeps no whole-file waveform
@@ -70,9 +66,9 @@ def test_tag_file_in_chunks_equals_the_whole_file(long_wav: Path, cls: type, opt
     assert [name for name, _ in chunked["tags"]] == [name for name, _ in whole["tags"]]
 
 
-def test_plot_framewise_in_chunks_uses_the_stitched_log_mel(long_wav: Path, tmp_path: Path) -> None:
+def test_plot_framewise_in_chunks_uses_the_stitched_log_mel(long_wav: Path, tmp_path: Path, random_batchnorm: Any) -> None:
     """The chunked log-mel (each chunk's kept frames) equals the front end on the whole file, and the plot is written."""
-    model = _model(Cnn14_DecisionLevelMax, base_channels=4)
+    model = _model(Cnn14_DecisionLevelMax, random_batchnorm, base_channels=4)
     _, waveform, log_mel = _run(model, long_wav, 30.0, None, log_mel=True)
     assert waveform is None and log_mel is not None
     whole = model.frontend(torch.from_numpy(sf.read(long_wav, dtype="float32")[0])[None])[0, 0]
@@ -82,10 +78,10 @@ def test_plot_framewise_in_chunks_uses_the_stitched_log_mel(long_wav: Path, tmp_
     assert png.stat().st_size > 1000
 
 
-def test_chunk_options_of_tag_file_name_the_argument(tmp_path: Path) -> None:
+def test_chunk_options_of_tag_file_name_the_argument(tmp_path: Path, random_batchnorm: Any) -> None:
     path = tmp_path / "a.wav"
     sf.write(path, np.zeros(RATE, dtype=np.float32), RATE)
-    model = _model(Cnn14_DecisionLevelMax, base_channels=4)
+    model = _model(Cnn14_DecisionLevelMax, random_batchnorm, base_channels=4)
     with pytest.raises(ConfigError, match=r"chunk_overlap_seconds=2.0 is given without chunk_seconds"):
         tag_file(model, path, chunk_overlap_seconds=2.0)
     with pytest.raises(ConfigError, match=r"chunk_seconds=0.5 with chunk_overlap_seconds=0.25: Cnn14_DecisionLevelMax needs chunks of at least 0.63 s"):

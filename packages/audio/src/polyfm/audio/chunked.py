@@ -3,20 +3,20 @@
 A file is cut into chunks of ``chunk`` samples (at the model's rate) that overlap by at least
 ``overlap`` samples; each chunk is decoded on its own (soundfile seeks to it), resampled with a
 margin that is then trimmed, so that its samples equal the whole file's resampled samples, and
-run through the model. :class:`~polyfm.audio.predict.AudioPredictionWriter` puts the chunks'
-framewise outputs back on one timeline at the model's frame rate, centre-cropped: each frame
-comes from the chunk in which it lies furthest from an edge (where the CNN's zero padding and
-the front end's reflect padding stand in for the neighbouring audio). Memory is bounded by the
-chunk (and ``batch_size`` chunks), not by the file's length; what grows with the file is the
-stitched ``(frames, classes)`` output the event post-processing reads (100 frames/s x classes
-x 4 bytes).
+run through the model's trunk (:meth:`~polyfm.audio.models.base.PannsModel.time_map`). The
+chunks' time maps (one step per ``pooling`` frames) are joined on the file's grid, centre-cropped:
+each step comes from the chunk in which it lies furthest from an edge (where the CNN's zero
+padding and the front end's reflect padding stand in for the neighbouring audio), and the
+model's head runs once on the joined map (:func:`stitch_time_map`, then ``head_from_map``). So
+the clip pooling (max + mean over time) and the SED model's segment smoothing see the whole
+file: every output (clip, logits, embedding, framewise, segments) is the whole file's, for every
+family. A task's own head (a fine-tuned classifier, the SED task's segment head) then runs on
+those outputs as on a whole file's: a data module's chunked batches hold a :class:`ChunkedInput`
+in place of waveforms, which the PANNs model's ``forward`` takes.
 
-The clip output of a chunked file (in the writer): for sound event detection the max over the
-stitched frames, which is what the model computes whole (its clip output is the max over
-segments, and its frames repeat the segments), so the two agree as the frames do; for models
-without frames (Cnn14 tagging or classification, whose clip output pools max + mean over the
-whole time axis before its head, which chunks cannot reproduce) the chunks' outputs averaged,
-each weighted by the frames it keeps (multi-class probabilities stay a distribution).
+Memory is bounded by the chunk (``batch_size`` chunks at a time), not by the file's length;
+what grows with the file is the stitched map (Cnn14: 2048 x 4 bytes per 0.32 s, 92 MB an hour)
+and the ``(frames, classes)`` output the event post-processing reads (100 frames/s x classes x 4 bytes).
 
 Chunk starts are multiples of ``hop_size * pooling`` samples (Cnn14: 320 x 32 = 0.32 s), so
 every chunk's frames and segments (Cnn14_DecisionLevelMax repeats one segment output over 32
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -180,21 +181,111 @@ def read_span(path: str | Path, start: int, stop: int, sample_rate: int) -> torc
     return span
 
 
-class ChunkedAudioDataset(Dataset[dict[str, Any]]):
-    """The chunks of every file in ``paths``, in order: ``{"input": (samples,), "meta": path,
-    "chunk": LongTensor [file, chunk, chunks, keep_from, keep_to, first_frame, frames]}``
-    (``first_frame``: the file frame of the chunk's frame 0; ``frames``: the whole file's
-    frame count). Only headers are read here; :func:`read_span` decodes each chunk when
-    asked. A file shorter than ``min_samples`` is one chunk zero-padded to it, as whole-file
-    prediction pads it."""
+class ChunkedInput:
+    """Whole files of one decoded length, to be run chunk by chunk: what a PANNs model's ``forward``
+    takes in place of a ``(batch, samples)`` waveform (chunked prediction's batches, ``tag_file``
+    with ``chunk_seconds``); the model stitches the chunks' time maps (:func:`stitch_time_map`)
+    and returns each file's whole-file outputs. Every file shares the chunk plan ``spans``;
+    ``frames`` is each file's log-mel frame count as whole (after padding to ``min_samples``).
+    Chunks run ``batch_size`` at a time, so memory is bounded by the chunk, not the file.
 
-    def __init__(self, paths: list[Path], sample_rate: int, chunk: int, overlap: int, hop: int, align: int, min_samples: int = 0) -> None:
+    A plain class, not a tensor, dataclass or tuple: Lightning's batch transfer and collation
+    leave it as it is (the model reads and moves each chunk itself)."""
+
+    def __init__(self, paths: Sequence[Path], spans: Sequence[ChunkSpan], frames: int, rate: int, hop: int,
+                 min_samples: int = 0, batch_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be 1 or more chunks, got {batch_size}")
+        self.paths, self.spans, self.frames = list(paths), list(spans), frames
+        self.rate, self.hop, self.min_samples, self.batch_size = rate, hop, min_samples, batch_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"ChunkedInput({len(self.paths)} files, {len(self.spans)} chunks each, {self.frames} frames)"
+
+    @staticmethod
+    def join(parts: Sequence[ChunkedInput]) -> ChunkedInput:
+        """One input of several files' (a batch of files of one length, which share a chunk plan)."""
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.spans, part.frames, part.rate, part.hop) != (first.spans, first.frames, first.rate, first.hop):
+                raise ValueError(f"cannot batch {part.paths} with {first.paths}: their chunk plans differ (batch files of equal length only)")
+        return ChunkedInput([p for part in parts for p in part.paths], first.spans, first.frames, first.rate, first.hop,
+                            first.min_samples, first.batch_size)
+
+    def batches(self) -> Iterator[tuple[list[tuple[int, ChunkSpan]], torch.Tensor]]:
+        """``([(file, span)...], waveforms (n, samples))``: every chunk of every file, chunk by chunk
+        (so the last, shorter chunks batch together), at most ``batch_size`` of one length at a time,
+        decoded by :func:`read_span` (a file shorter than ``min_samples`` zero-padded to it)."""
+        jobs = [(number, span) for span in self.spans for number in range(len(self.paths))]
+        group: list[tuple[int, ChunkSpan]] = []
+        for job in jobs:
+            if group and (len(group) == self.batch_size or self._length(job[1]) != self._length(group[-1][1])):
+                yield group, self._read(group)
+                group = []
+            group.append(job)
+        if group:
+            yield group, self._read(group)
+
+    def _length(self, span: ChunkSpan) -> int:
+        return max(span.stop - span.start, self.min_samples)
+
+    def _read(self, group: list[tuple[int, ChunkSpan]]) -> torch.Tensor:
+        waveforms = []
+        for number, span in group:
+            waveform = read_span(self.paths[number], span.start, span.stop, self.rate)
+            if waveform.shape[0] < self.min_samples:
+                waveform = torch.nn.functional.pad(waveform, (0, self.min_samples - waveform.shape[0]))
+            waveforms.append(waveform)
+        return torch.stack(waveforms)
+
+
+def stitch_time_map(model: Any, files: ChunkedInput, log_mel: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The time maps of ``files`` as whole, ``(files, channels, frames // pooling)``, from their
+    chunks: each chunk runs through ``model.time_map`` (the trunk, averaged over mel bins: one step
+    per ``pooling`` frames, 0.32 s for the Cnn14 family), and the steps whose first frame the chunk
+    keeps (the centre cut of the overlaps; chunks start on the hop x pooling grid, so the steps
+    partition the file's) are joined in order. ``model.head_from_map(map, files.frames)`` then gives
+    every whole-file output: the clip pooling (max + mean over time) and the SED model's segment
+    smoothing see the whole file. With ``log_mel`` also the front end's log-mel of the kept frames,
+    ``(files, frames, mel_bins)``. The single implementation behind chunked ``tag_file`` /
+    ``plot_framewise`` and a PANNs model's ``forward`` on a :class:`ChunkedInput` (chunked ``predict``)."""
+    device = next(model.parameters()).device
+    hop, pooling = files.hop, int(getattr(model, "pooling", 1))
+    maps: list[list[torch.Tensor]] = [[] for _ in files.paths]
+    mels: list[list[torch.Tensor]] = [[] for _ in files.paths]
+    for group, waveforms in files.batches():
+        waveforms = waveforms.to(device)
+        local = model.time_map(waveforms)  # (n, C, steps), step i at file step start // hop // pooling + i
+        spectra = model.frontend(waveforms) if log_mel else None
+        for row, (number, span) in enumerate(group):
+            first_frame = span.start // hop
+            first = first_frame // pooling
+            maps[number].append(local[row, :, (first_frame + span.keep_from) // pooling - first : (first_frame + span.keep_to) // pooling - first])
+            if spectra is not None:
+                mels[number].append(spectra[row, 0, span.keep_from : span.keep_to].cpu())
+    stitched = torch.stack([torch.cat(pieces, dim=1) for pieces in maps])
+    return stitched, torch.stack([torch.cat(pieces) for pieces in mels]) if log_mel else None
+
+
+class ChunkedAudioDataset(Dataset[dict[str, Any]]):
+    """Every file in ``paths`` as a :class:`ChunkedInput` of one file: ``{"input": ChunkedInput,
+    "meta": path}``; :func:`collate_chunked` joins files of one length into a batch (as
+    :class:`~polyfm.audio.data.LengthBatchSampler` groups them). Only headers are read here; the
+    model decodes each chunk when it runs (:meth:`ChunkedInput.batches`). A file no longer than a
+    chunk is one chunk; shorter than ``min_samples``, zero-padded to it, as whole-file prediction
+    pads it. ``batch_size``: chunks per forward."""
+
+    def __init__(self, paths: list[Path], sample_rate: int, chunk: int, overlap: int, hop: int, align: int, min_samples: int = 0,
+                 batch_size: int = 1) -> None:
         from polyfm.audio.data import check_audio_header
 
         self.paths, self.sample_rate, self.hop, self.min_samples = list(paths), sample_rate, hop, min_samples
-        self.chunks: list[tuple[int, int, ChunkSpan, int]] = []  # (file, chunk number, span, file frames)
-        self.counts: list[int] = []
-        for number, path in enumerate(self.paths):
+        self.files: list[ChunkedInput] = []
+        self.samples: list[int] = []
+        for path in self.paths:
             # missing, undecodable, truncated or empty files: a DataError naming the file (not libsndfile's own)
             info = check_audio_header(path)
             samples = resampled_length(info.frames, info.samplerate, sample_rate)
@@ -202,24 +293,23 @@ class ChunkedAudioDataset(Dataset[dict[str, Any]]):
             spans = plan_chunks(samples, chunk, overlap, hop, align)
             if len(spans) == 1:
                 spans = [ChunkSpan(0, samples, 0, file_frames(padded, hop))]
-            self.counts.append(len(spans))
-            self.chunks.extend((number, index, span, file_frames(padded, hop)) for index, span in enumerate(spans))
+            self.samples.append(samples)
+            self.files.append(ChunkedInput([path], spans, file_frames(padded, hop), sample_rate, hop, min_samples, batch_size))
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.files)
 
     def length_key(self, index: int) -> tuple[int]:
-        """Chunks of equal length batch together (the same key :class:`~polyfm.audio.data.LengthBatchSampler` groups by)."""
-        span = self.chunks[index][2]
-        return (max(span.stop - span.start, self.min_samples),)
+        """Files of one decoded length have one chunk plan, so they batch together."""
+        return (self.samples[index],)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        number, chunk, span, frames = self.chunks[index]
-        waveform = read_span(self.paths[number], span.start, span.stop, self.sample_rate)
-        if waveform.shape[0] < self.min_samples:
-            waveform = torch.nn.functional.pad(waveform, (0, self.min_samples - waveform.shape[0]))
-        info = [number, chunk, self.counts[number], span.keep_from, span.keep_to, span.start // self.hop, frames]
-        return {"input": waveform, "meta": str(self.paths[number]), "chunk": torch.tensor(info, dtype=torch.long)}
+        return {"input": self.files[index], "meta": str(self.paths[index])}
 
 
-__all__ = ["ChunkGeometry", "ChunkSpan", "ChunkedAudioDataset", "chunk_geometry", "DEFAULT_OVERLAP_FRAMES", "REACH_FRAMES", "file_frames", "plan_chunks", "read_span", "resampled_length"]
+def collate_chunked(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of :class:`ChunkedAudioDataset` items: one :class:`ChunkedInput` and the paths."""
+    return {"input": ChunkedInput.join([item["input"] for item in items]), "meta": [item["meta"] for item in items]}
+
+
+__all__ = ["ChunkGeometry", "ChunkSpan", "ChunkedAudioDataset", "ChunkedInput", "chunk_geometry", "collate_chunked", "stitch_time_map", "DEFAULT_OVERLAP_FRAMES", "REACH_FRAMES", "file_frames", "plan_chunks", "read_span", "resampled_length"]

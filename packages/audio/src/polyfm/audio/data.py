@@ -796,15 +796,19 @@ class AudioDataModule(OptionalValidation, DictDataModule):
             return self._loader(self.predict_set, False)
         self.predict_set.min_samples = _model_min_samples(getattr(self, "trainer", None))
         if self.predict_chunk_seconds is not None:
-            chunks = self.chunked_predict_set()
-            chunk_batches = ChunkBatchSampler(SequentialSampler(chunks), self.batch_size, False, chunks)
-            return DataLoader(chunks, batch_sampler=chunk_batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
+            from polyfm.audio.chunked import collate_chunked
+
+            # batches of files of one length (one chunk plan); the model runs their chunks batch_size at a time
+            files = self.chunked_predict_set()
+            file_batches = LengthBatchSampler(SequentialSampler(files), self.batch_size, False, files)
+            return DataLoader(files, batch_sampler=file_batches, collate_fn=collate_chunked, num_workers=self.num_workers)
         batches = LengthBatchSampler(SequentialSampler(self.predict_set), self.batch_size, False, self.predict_set)
         return DataLoader(self.predict_set, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def chunked_predict_set(self, model: Any = None) -> ChunkedAudioDataset:
-        """The ``predict`` files as chunks of ``predict_chunk_seconds`` (see :mod:`polyfm.audio.chunked`),
-        on the grid of ``model`` (default: the trainer's): starts on multiples of its hop x pooling."""
+        """The ``predict`` files, each to be run in chunks of ``predict_chunk_seconds`` (see :mod:`polyfm.audio.chunked`),
+        on the grid of ``model`` (default: the trainer's): starts on multiples of its hop x pooling;
+        ``batch_size`` chunks at a time."""
         from polyfm.audio.chunked import ChunkedAudioDataset, chunk_geometry
 
         assert self.predict_set is not None and self.predict_chunk_seconds is not None
@@ -816,7 +820,7 @@ class AudioDataModule(OptionalValidation, DictDataModule):
         sample_rate = getattr(self, "sample_rate", rate)
         if sample_rate != rate:
             raise ConfigError(f"the data module reads audio at {sample_rate} Hz but {type(base).__name__} runs at {rate} Hz: set sample_rate={rate}")
-        return ChunkedAudioDataset(self.predict_set.paths, rate, chunk, overlap, hop, align, self.predict_set.min_samples)
+        return ChunkedAudioDataset(self.predict_set.paths, rate, chunk, overlap, hop, align, self.predict_set.min_samples, self.batch_size)
 
     def train_dataloader(self) -> DataLoader[Any]:
         if not self.balanced:
@@ -850,22 +854,6 @@ def check_chunk_options(chunk_seconds: float | None, overlap_seconds: float | No
     if overlap_seconds is not None and overlap_seconds >= chunk_seconds:
         raise ConfigError(f"predict_chunk_overlap_seconds ({overlap_seconds}) must be less than predict_chunk_seconds ({chunk_seconds}): "
                           "chunks have to advance")
-
-
-class ChunkBatchSampler(LengthBatchSampler):
-    """Batches of consecutive chunks of equal length (chunked prediction): chunks come in file
-    order, so the writer holds at most the files a batch spans, and every batch is one length."""
-
-    def batches(self) -> list[list[int]]:
-        batches: list[list[int]] = []
-        previous: Any = None
-        for index in self.sampler:
-            key = self.dataset.length_key(index)
-            if not batches or key != previous or len(batches[-1]) == self.batch_size:
-                batches.append([])
-            batches[-1].append(index)
-            previous = key
-        return batches
 
 
 def _model_base(trainer: Any) -> Any:
@@ -907,8 +895,9 @@ class AudioClipsDataModule(AudioDataModule):
     ``predict_chunk_seconds`` (every audio DataModule; with ``predict_clip_seconds`` unset):
     whole files decoded and run in chunks of that many seconds overlapping by
     ``predict_chunk_overlap_seconds`` (default 400 frames, 4 s at PANNs' 10 ms hop, at most half
-    the chunk), stitched back by :class:`~polyfm.audio.predict.AudioPredictionWriter` (see
-    :mod:`polyfm.audio.chunked`): memory bounded by the chunk, for hour-long recordings.
+    the chunk), ``batch_size`` chunks at a time, stitched by the model before its head (see
+    :mod:`polyfm.audio.chunked`): the whole file's outputs in memory bounded by the chunk, for
+    hour-long recordings.
 
     Cross-validation (``fold``): with ``format="folds"`` the CSV's own folds (ESC-50's 1 .. 5):
     fold ``k`` is held out as both the validation and the test split and the other folds

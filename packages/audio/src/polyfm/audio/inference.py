@@ -82,25 +82,13 @@ def _run(model: PannsModel, path: str | Path, chunk_seconds: float | None, chunk
         waveform = waveform[None].to(device)
         out = model(waveform)
         return {k: v.cpu() for k, v in out.items()}, waveform.cpu(), None
-    from polyfm.audio.chunked import ChunkedAudioDataset, chunk_geometry
+    from polyfm.audio.chunked import ChunkedAudioDataset, chunk_geometry, stitch_time_map
 
     rate, chunk, overlap, hop, align = chunk_geometry(model, chunk_seconds, chunk_overlap_seconds, ("chunk_seconds", "chunk_overlap_seconds"))
-    pooling = align // hop
-    chunks = ChunkedAudioDataset([Path(path)], rate, chunk, overlap, hop, align, minimum)
-    maps, mels, frames = [], [], 0
-    for index in range(len(chunks)):
-        item = chunks[index]
-        _, _, _, keep_from, keep_to, first_frame, frames = item["chunk"].tolist()
-        waveform = item["input"][None].to(device)
-        local = model.time_map(waveform)  # (1, C, steps), step i at file step first_frame // pooling + i
-        first = first_frame // pooling  # chunks start on the hop x pooling grid
-        # the steps whose first frame this chunk keeps (neighbours share the boundary frame, so the steps partition the file's)
-        maps.append(local[:, :, (first_frame + keep_from) // pooling - first : (first_frame + keep_to) // pooling - first].cpu())
-        if log_mel:
-            mels.append(model.frontend(waveform)[0, 0, keep_from:keep_to].cpu())
-    stitched = torch.cat(maps, dim=2)
-    out = model.head_from_map(stitched.to(device), frames)
-    return {k: v.cpu() for k, v in out.items()}, None, torch.cat(mels) if log_mel else None
+    files = ChunkedAudioDataset([Path(path)], rate, chunk, overlap, hop, align, minimum)[0]["input"]
+    stitched, mels = stitch_time_map(model, files, log_mel)  # what model(files) runs, with the log-mel for the plot
+    out = model.head_from_map(stitched, files.frames)
+    return {k: v.cpu() for k, v in out.items()}, None, mels[0] if mels is not None else None
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from polyfm.core.errors import ConfigError, DataError
+from polyfm.core.errors import ConfigError
 from polyfm.core.predict import PredictionFileWriter
 
 #: seconds compared with this tolerance, so that 3 frames of 10 ms count as 0.03 s
@@ -199,13 +199,9 @@ class AudioPredictionWriter(PredictionFileWriter):
     (hysteresis), ``min_gap_seconds`` and ``min_event_seconds``; from an ensemble with a
     ``probability_std`` column, the members' spread averaged over the event's frames.
 
-    Files predicted in chunks (the data module's ``predict_chunk_seconds``, batches with a
-    ``chunk`` entry, :mod:`polyfm.audio.chunked`) are stitched before any of this: each chunk's
-    kept frames (the centre cut of the overlaps) go onto one ``(frames, classes)`` timeline per
-    file, the file's clip output is the max over that timeline for sound event detection (the
-    model's own max over segments; an ensemble's ``_std`` is the spread at that frame), and for
-    models without frames the chunks' outputs averaged, each weighted by the frames it keeps.
-    The row and events are written when a file's last chunk is in.
+    Files predicted in chunks (the data module's ``predict_chunk_seconds``, :mod:`polyfm.audio.chunked`)
+    arrive as whole files: the model stitches each file's chunks before its head, so the writer
+    sees (and writes) the whole file's outputs, as without chunks.
 
     Class names come from the task (``class_names``), else the DataModule, else ``0 .. C-1``.
     Files are written once, at the end of the run, atomically; a multi-process run is
@@ -242,7 +238,6 @@ class AudioPredictionWriter(PredictionFileWriter):
         self._rows: list[tuple[int, dict[str, Any]]] = []  # (dataset index, row): batches may come out of input order
         self._events: list[tuple[int, list[dict[str, Any]]]] | None = None  # None: not an SED model
         self._arrived = 0
-        self._open: dict[int, dict[str, Any]] = {}  # files predicted in chunks whose last chunk has not come yet
 
     def median_seconds(self, names: Sequence[str]) -> list[float]:
         """One median window per class, from a number or a mapping of class names."""
@@ -271,52 +266,15 @@ class AudioPredictionWriter(PredictionFileWriter):
         scores = prediction[key].float().cpu().reshape(len(files), -1)
         spread = prediction[f"{key}_std"].float().cpu().reshape(len(files), -1) if f"{key}_std" in prediction else None
         framewise, framewise_spread = prediction.get("framewise_output"), prediction.get("framewise_output_std")
-        chunks = batch.get("chunk") if isinstance(batch, Mapping) else None
         for position, (index, file) in enumerate(zip(indices, files, strict=True)):
             frames = framewise[position].float().cpu() if framewise is not None else None
             frames_spread = framewise_spread[position].float().cpu() if framewise_spread is not None else None
             row_spread = spread[position] if spread is not None else None
-            if chunks is None:
-                self.add_file(trainer, pl_module, kind, index, str(file), scores[position], row_spread, frames, frames_spread)
-            else:
-                self._add_chunk(trainer, pl_module, kind, chunks[position].tolist(), str(file), scores[position], row_spread, frames, frames_spread)
-
-    def _add_chunk(self, trainer: L.Trainer, pl_module: L.LightningModule, kind: str, chunk: list[int], file: str, scores: torch.Tensor,
-                   spread: torch.Tensor | None, framewise: torch.Tensor | None, framewise_spread: torch.Tensor | None) -> None:
-        """One chunk of a file predicted in chunks (:mod:`polyfm.audio.chunked`): its kept frames go onto the
-        file's timeline; the file's row and events are written once its last chunk is in."""
-        number, _, count, keep_from, keep_to, first_frame, frames = chunk
-        state = self._open.get(number)
-        if state is None:
-            state = self._open[number] = {"file": file, "seen": 0, "weight": 0, "scores": torch.zeros_like(scores),
-                                          "spread": torch.zeros_like(spread) if spread is not None else None,
-                                          "framewise": None if framewise is None else framewise.new_zeros(frames, framewise.shape[1]),
-                                          "framewise_spread": None if framewise_spread is None else framewise_spread.new_zeros(frames, framewise_spread.shape[1])}
-        into = slice(first_frame + keep_from, first_frame + keep_to)
-        for name, values in (("framewise", framewise), ("framewise_spread", framewise_spread)):
-            if values is not None:
-                state[name][into] = values[keep_from:keep_to]
-        kept = keep_to - keep_from  # models without frames: the clip output is the frame-weighted mean of the chunks'
-        state["scores"] += scores * kept
-        if spread is not None:
-            state["spread"] += spread * kept
-        state["weight"] += kept
-        state["seen"] += 1
-        if state["seen"] < count:
-            return
-        del self._open[number]
-        stitched, stitched_spread = state["framewise"], state["framewise_spread"]
-        if stitched is not None:  # sound event detection: the clip output is the max over frames, as the model pools its segments
-            clip, where = stitched.max(dim=0)
-            clip_spread = stitched_spread.gather(0, where[None])[0] if stitched_spread is not None else None
-        else:
-            clip = state["scores"] / state["weight"]
-            clip_spread = state["spread"] / state["weight"] if state["spread"] is not None else None
-        self.add_file(trainer, pl_module, kind, number, file, clip, clip_spread, stitched, stitched_spread)
+            self.add_file(trainer, pl_module, kind, index, str(file), scores[position], row_spread, frames, frames_spread)
 
     def add_file(self, trainer: L.Trainer, pl_module: L.LightningModule, kind: str, index: int, file: str, scores: torch.Tensor,
                  spread: torch.Tensor | None, framewise: torch.Tensor | None, framewise_spread: torch.Tensor | None) -> None:
-        """One file's outputs, whole or stitched from its chunks: ``scores`` its clip output
+        """One file's outputs (whole, or run in chunks and stitched by the model): ``scores`` its clip output
         ``(classes,)``, ``framewise`` its ``(frames, classes)`` output (sound event detection),
         each with the ensemble's spread or None. Adds the file's row and events; a subclass
         that wants the stitched frames (to plot or save them) extends this."""
@@ -373,10 +331,6 @@ class AudioPredictionWriter(PredictionFileWriter):
         self._events.append((index, rows or [{"filename": file, "onset": "", "offset": "", "event_label": ""}]))
 
     def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._open:  # a file whose chunks did not all come (a limited predict run): say so rather than write part of it
-            incomplete = [f"{state['file']} ({state['seen']} chunks)" for _, state in sorted(self._open.items())]
-            raise DataError(f"AudioPredictionWriter: not every chunk of {incomplete} was predicted (limit_predict_batches?), so their "
-                            "rows and events are not written; run predict over all batches")
         if not self._rows:
             return
         path = self.output_file(trainer, "predictions.csv")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from polyfm.audio.chunked import ChunkedInput
 from polyfm.audio.models.cnn14_decision_level_max import interpolate, pad_framewise_output
 from polyfm.audio.predict import TIME_TOLERANCE, AudioPredictionWriter, event_runs
 from polyfm.core.adaptation import Adaptation
@@ -203,14 +204,15 @@ class SoundEventDetection(EncoderTask):
         """The PANNs model itself (under PEFT's wrapper with LoRA): sample rate, hop, frames."""
         return getattr(self.encoder, "base_model", self.encoder)
 
-    def forward(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``framewise_logits`` ``(B, frames, C)`` and ``clip_logits`` ``(B, C)``."""
+    def forward(self, waveform: torch.Tensor | ChunkedInput) -> dict[str, torch.Tensor]:
+        """``framewise_logits`` ``(B, frames, C)`` and ``clip_logits`` ``(B, C)``; ``waveform`` may be
+        a :class:`~polyfm.audio.chunked.ChunkedInput` (chunked prediction: whole files' outputs)."""
         base = self.encoder_base()
         out = self.encoder(waveform)
         if "segment_embedding" not in out:
             raise TypeError(f"{type(base).__name__} has no segment output; SED needs a decision-level model such as Cnn14_DecisionLevelMax.")
         segment_logits = self.head(out["segment_embedding"])
-        frames = base.num_frames(base.as_waveform(waveform).shape[-1])
+        frames = base.input_frames(waveform)  # a waveform's, or a chunked input's whole files'
         framewise = pad_framewise_output(interpolate(segment_logits, base.interpolate_ratio), frames)
         return {"framewise_logits": framewise, "clip_logits": segment_logits.amax(dim=1)}
 

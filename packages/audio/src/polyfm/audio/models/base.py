@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyfm.audio.chunked import ChunkedInput, stitch_time_map
 from polyfm.audio.models.frontend import LogMelFrontEnd, SpecAugment, do_mixup
 from polyfm.core.encoder import Encoder
 from polyfm.core.errors import CheckpointError
@@ -132,14 +133,29 @@ class PannsModel(Encoder, PretrainedMixin):
     def time_map(self, waveform: torch.Tensor) -> torch.Tensor:
         """The trunk's output averaged over mel bins, ``(B, C, frames // pooling)``: the last
         map with a time axis before the clip pooling (or the segment head), in eval mode
-        (no augmentation). Chunked inference (:func:`polyfm.audio.inference.tag_file`) runs this
-        per chunk and stitches it on the file's grid; :meth:`head_from_map` finishes it."""
+        (no augmentation). Chunked inference (:func:`~polyfm.audio.chunked.stitch_time_map`: chunked
+        ``predict`` and ``tag_file``) runs this per chunk and stitches it on the file's grid;
+        :meth:`head_from_map` finishes it."""
         return torch.mean(self.trunk(self.log_mel(self.as_waveform(waveform))), dim=3)
 
     def head_from_map(self, x: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
         """``forward``'s outputs from a :meth:`time_map` ``(B, C, steps)`` of input with ``frames``
         log-mel frames: max + mean over time, then :meth:`clip_head`."""
         return self.clip_head(torch.amax(x, dim=2) + torch.mean(x, dim=2))
+
+    def forward_chunked(self, files: ChunkedInput) -> dict[str, torch.Tensor]:
+        """``forward``'s outputs for whole files run chunk by chunk (what ``forward`` does with a
+        :class:`~polyfm.audio.chunked.ChunkedInput`): their time maps stitched on the file's grid
+        (:func:`~polyfm.audio.chunked.stitch_time_map`), then :meth:`head_from_map` once, so every
+        output is the whole file's. Inference only: training draws dropout and augmentation per clip."""
+        if self.training:
+            raise ValueError(f"{type(self).__name__} runs files in chunks for inference only: call model.eval() first")
+        stitched, _ = stitch_time_map(self, files)
+        return self.head_from_map(stitched, files.frames)
+
+    def input_frames(self, x: torch.Tensor | ChunkedInput) -> int:
+        """The log-mel frame count of an input: a waveform's ``1 + samples // hop``, or a chunked input's whole files'."""
+        return x.frames if isinstance(x, ChunkedInput) else self.num_frames(self.as_waveform(x).shape[-1])
 
     def clip_head(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """``fc1`` -> embedding, ``fc_audioset`` -> clipwise output, as PANNs."""
@@ -149,7 +165,7 @@ class PannsModel(Encoder, PretrainedMixin):
         logits = self.fc_audioset(x)
         return {"clipwise_output": torch.sigmoid(logits), "embedding": embedding, "logits": logits}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor | ChunkedInput) -> torch.Tensor:
         embedding: torch.Tensor = self(x)["embedding"]
         return embedding
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polyfm.audio.chunked import ChunkedInput
 from polyfm.audio.models.base import PannsModel, init_bn, init_layer
 from polyfm.audio.models.cnn14 import ConvBlock
 
@@ -66,7 +67,9 @@ class Cnn10(PannsModel):
             x = F.dropout(x, p=self.block_dropout, training=self.training)
         return x
 
-    def forward(self, input: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, input: torch.Tensor | ChunkedInput, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if isinstance(input, ChunkedInput):  # a long file, chunk by chunk (chunked prediction)
+            return self.forward_chunked(input)
         x = self.log_mel(self.as_waveform(input))
         self.check_size(x)
         x = self.augment(x, mixup_lambda)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from polyfm.audio.chunked import ChunkedInput
 from polyfm.audio.models.cnn14 import Cnn14
 
 
@@ -27,6 +28,14 @@ def pad_framewise_output(framewise_output: torch.Tensor, frames_num: int) -> tor
     if missing <= 0:
         return framewise_output[:, :frames_num]
     return torch.cat([framewise_output, framewise_output[:, -1:].expand(-1, missing, -1)], dim=1)
+
+
+def repeat_to_frames(x: torch.Tensor, ratio: int, frames_num: int) -> torch.Tensor:
+    """``pad_framewise_output(interpolate(x, ratio), frames_num)`` in one allocation: frame ``i`` is
+    step ``min(i // ratio, T - 1)`` of ``(B, T, C)``. A chunked hour's 527-class output is 760 MB;
+    repeating, then padding held it twice."""
+    index = torch.clamp(torch.arange(frames_num, device=x.device) // ratio, max=x.shape[1] - 1)
+    return x.index_select(1, index)
 
 
 class Cnn14_DecisionLevelMax(Cnn14):  # noqa: N801 - PANNs' own class name
@@ -49,7 +58,9 @@ class Cnn14_DecisionLevelMax(Cnn14):  # noqa: N801 - PANNs' own class name
         x = F.dropout(x, p=self.head_dropout, training=self.training)
         return x.transpose(1, 2)
 
-    def forward(self, input: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, input: torch.Tensor | ChunkedInput, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if isinstance(input, ChunkedInput):  # a long file, chunk by chunk (chunked prediction)
+            return self.forward_chunked(input)
         x = self.log_mel(self.as_waveform(input))
         frames_num = x.shape[2]
         x = self.augment(x, mixup_lambda)
@@ -63,7 +74,7 @@ class Cnn14_DecisionLevelMax(Cnn14):  # noqa: N801 - PANNs' own class name
         segment_logits = self.fc_audioset(segment_embedding)
         segmentwise_output = torch.sigmoid(segment_logits)
         clipwise_output = torch.amax(segmentwise_output, dim=1)
-        framewise_output = pad_framewise_output(interpolate(segmentwise_output, self.interpolate_ratio), frames_num)
+        framewise_output = repeat_to_frames(segmentwise_output, self.interpolate_ratio, frames_num)
         return {
             "framewise_output": framewise_output,
             "clipwise_output": clipwise_output,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polyfm.audio.chunked import ChunkedInput
 from polyfm.audio.models.base import PannsModel, init_bn, init_layer
 from polyfm.audio.models.cnn14 import ConvBlock
 from polyfm.audio.models.frontend import do_mixup
@@ -112,7 +113,9 @@ class Wavegram_Logmel_Cnn14(PannsModel):  # noqa: N801 - PANNs' own class name
         wavegram: torch.Tensor = self.pre_block4(a, pool_size=(2, 1))
         return wavegram
 
-    def forward(self, input: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, input: torch.Tensor | ChunkedInput, mixup_lambda: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if isinstance(input, ChunkedInput):  # a long file, chunk by chunk (chunked prediction)
+            return self.forward_chunked(input)
         return self.clip_head(self.pool_clip(self.branches(self.as_waveform(input), mixup_lambda)))
 
     def time_map(self, waveform: torch.Tensor) -> torch.Tensor:
