@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from polyfm.core.data import DictDataModule, EpochSeededSampler, ResumableDataLoader, check_fold, fold_indices
 from polyfm.core.errors import ConfigError, DataError
+from polyfm.mol.descriptors import ReleasedNormalisation, released_normalisation
 
 log = logging.getLogger(__name__)
 
@@ -700,14 +701,18 @@ def descriptor_names() -> list[str]:
     return [name for name, _ in Descriptors.descList]
 
 
-def compute_descriptors(smiles: Sequence[str]) -> NDArray[Any]:
-    """All RDKit 2D descriptors (``rdkit.Chem.Descriptors.descList``, ~210) per molecule;
-    non-finite values become NaN (masked in the MTR loss)."""
+def compute_descriptors(smiles: Sequence[str], names: Sequence[str] | None = None) -> NDArray[Any]:
+    """RDKit 2D descriptors per molecule: all of ``rdkit.Chem.Descriptors.descList`` (~210), or
+    ``names`` in that order; non-finite values become NaN (masked in the MTR loss)."""
     from rdkit import Chem, rdBase
     from rdkit.Chem import Descriptors
 
     rdBase.DisableLog("rdApp.*")
-    functions = [fn for _, fn in Descriptors.descList]
+    table = dict(Descriptors.descList)
+    unknown = [n for n in names or () if n not in table]
+    if unknown:
+        raise ConfigError(f"RDKit has no descriptor {', '.join(unknown)} (rdkit.Chem.Descriptors.descList).")
+    functions = list(table.values()) if names is None else [table[n] for n in names]
     out = np.full((len(smiles), len(functions)), np.nan, dtype=np.float64)
     for i, s in enumerate(smiles):
         mol = Chem.MolFromSmiles(s)
@@ -1503,8 +1508,11 @@ class MoleculePretrainDataModule(DictDataModule):
     """Unlabelled molecules for pretraining: SMILES from a CSV column, an SD file, or a list.
 
     ``targets="descriptors"`` adds ChemBERTa-2's MTR targets: RDKit descriptors computed on
-    the fly at setup and standardised with the training split's statistics. A random
-    ``val_fraction`` is held out.
+    the fly at setup and standardised with the training split's statistics. With
+    ``descriptors_from`` (a released MTR checkpoint: ``chemberta-2-77m-mtr`` or a hub folder) the
+    targets are that checkpoint's descriptors in its order, standardised with its
+    ``norm_mean``/``norm_std`` as upstream does (NaN/Inf -> 0, no log, no clipping), so continued
+    pretraining optimises the released objective. A random ``val_fraction`` is held out.
 
     ``num_conformers=K`` (Uni-Mol; with ``conformer_2d`` the last is the 2D one, the official
     10 + 1) generates K conformers per molecule as :class:`MoleculeDataModule` does (the same
@@ -1521,6 +1529,7 @@ class MoleculePretrainDataModule(DictDataModule):
         model: Literal["chemberta", "unimol"] = "chemberta",
         smiles_column: str = "smiles",
         targets: Literal["none", "descriptors"] = "none",
+        descriptors_from: str | None = None,
         val_fraction: float = 0.1,
         skip_invalid: bool = True,
         tokenizer: str | None = None,
@@ -1563,7 +1572,12 @@ class MoleculePretrainDataModule(DictDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, collate_fn=self.featuriser.collate())
         self.csv_path, self.smiles_list, self.smiles_column = csv_path, smiles, smiles_column
         self.targets, self.val_fraction, self.skip_invalid = targets, val_fraction, skip_invalid
-        self.scaler: DescriptorScaler | None = None
+        if descriptors_from is not None and targets != "descriptors":
+            raise ConfigError(f"descriptors_from={descriptors_from!r} needs targets='descriptors' (got {targets!r}).")
+        self.descriptors_from = descriptors_from
+        self.scaler: DescriptorScaler | ReleasedNormalisation | None = None
+        if descriptors_from is not None:  # read now: a wrong checkpoint fails before any molecule is parsed
+            self.scaler = released_normalisation(descriptors_from)
 
     def molecules(self) -> tuple[list[str], list[int]]:
         if self.csv_path is not None:
@@ -1588,15 +1602,24 @@ class MoleculePretrainDataModule(DictDataModule):
         return kept, rows
 
     @property
+    def descriptor_names(self) -> list[str]:
+        """The target columns: the released checkpoint's descriptors, or all of RDKit's."""
+        if isinstance(self.scaler, ReleasedNormalisation):
+            return list(self.scaler.names)
+        return descriptor_names()
+
+    @property
     def num_descriptors(self) -> int:
-        return len(descriptor_names())
+        return len(self.descriptor_names)
 
     def build(self) -> tuple[MoleculeDataset, MoleculeDataset, MoleculeDataset]:
         smiles, rows = self.molecules()
         n_val = int(round(self.val_fraction * len(smiles))) if len(smiles) > 1 else 0
         order = np.random.default_rng(self.seed).permutation(len(smiles))
         train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
-        if self.targets == "descriptors":
+        if self.targets == "descriptors" and isinstance(self.scaler, ReleasedNormalisation):
+            targets = self.scaler.transform(compute_descriptors(smiles, self.scaler.names))
+        elif self.targets == "descriptors":
             values = compute_descriptors(smiles)
             self.scaler = DescriptorScaler.fit(values[train_idx])
             targets = self.scaler.transform(values)

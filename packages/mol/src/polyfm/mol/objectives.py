@@ -5,7 +5,8 @@ for ``polyfm.core.pretrain.Pretraining``.
   10% random, 10% kept), cross-entropy on the chosen tokens through the tied LM head.
 * :class:`MultiTaskRegression`: ChemBERTa-2 MTR: regress the standardised RDKit descriptors
   of ``batch["target"]`` from the <s> representation (NaN descriptors masked), through
-  ChemBERTa-2's regression head (dense -> ReLU -> out_proj).
+  ChemBERTa-2's regression head (dense -> ReLU -> out_proj); ``pretrained`` takes a released
+  head with its ``norm_mean``/``norm_std``.
 * :class:`UniMolPretraining`: the Uni-Mol objective: mask 15% of atoms (with the official
   5% kept / 5% random split) and add uniform noise in [-1, 1] Angstrom to their
   coordinates, then predict the atom types (cross-entropy), the clean coordinates
@@ -90,9 +91,17 @@ class MultiTaskRegression(nn.Module):
     ``RobertaForRegression`` (bert-loves-chemistry ``chemberta/utils/roberta_regression.py``):
     dropout -> ``regression.dense`` -> ReLU -> dropout -> ``regression.out_proj``, so a released
     MTR checkpoint's ``regression.*`` tensors load into it key for key. Masked MSE against the
-    standardised descriptors in ``batch["target"]``."""
+    standardised descriptors in ``batch["target"]``.
 
-    def __init__(self, hidden_size: int, num_targets: int, dropout: float = 0.1) -> None:
+    ``pretrained`` (``chemberta-2-77m-mtr`` or a hub folder) loads the released head and its
+    ``norm_mean``/``norm_std`` (buffers of the same names) and ``descriptor_names``;
+    :meth:`predict_descriptors` then de-normalises as upstream's inference does. Pair it with
+    ``MoleculePretrainDataModule(descriptors_from=<the same>)`` so the targets are that head's."""
+
+    norm_mean: torch.Tensor | None
+    norm_std: torch.Tensor | None
+
+    def __init__(self, hidden_size: int, num_targets: int, dropout: float = 0.1, pretrained: str | None = None) -> None:
         super().__init__()
         self.regression = nn.ModuleDict(
             {
@@ -101,12 +110,59 @@ class MultiTaskRegression(nn.Module):
                 "out_proj": nn.Linear(hidden_size, num_targets),
             }
         )
+        # absent from the state dict until a released head sets them, so our checkpoints keep their keys
+        self.register_buffer("norm_mean", None)
+        self.register_buffer("norm_std", None)
+        self.descriptor_names: list[str] | None = None
+        if pretrained:  # so a YAML recipe can continue from the released head
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, source: str) -> MultiTaskRegression:
+        """The ``regression.*`` head and label normalisation of a released MTR checkpoint."""
+        from polyfm.core.errors import CheckpointError
+        from polyfm.mol.descriptors import load_released_state, released_folder, released_normalisation
+
+        folder = released_folder(source)
+        norm = released_normalisation(folder)
+        head = {k[len("regression.") :]: v for k, v in load_released_state(folder).items() if k.startswith("regression.")}
+        if not head:
+            raise CheckpointError(f"{source} has no regression.* head: not a ChemBERTa-2 MTR checkpoint.")
+        ours = self.regression.state_dict()
+        wrong = [k for k in ours if k not in head or head[k].shape != ours[k].shape]
+        if wrong and not {"dense.weight", "out_proj.weight"} <= set(head):
+            raise CheckpointError(f"{source}: regression head without {', '.join(wrong)}; not RobertaForRegression's layout.")
+        if wrong:
+            hidden, outputs = head["dense.weight"].shape[1], head["out_proj.weight"].shape[0]
+            raise CheckpointError(
+                f"{source}'s regression head has hidden_size {hidden} and {outputs} outputs; this MultiTaskRegression "
+                f"has hidden_size {ours['dense.weight'].shape[1]}, num_targets {ours['out_proj.weight'].shape[0]}. "
+                f"Pass hidden_size: {hidden}, num_targets: {outputs}."
+            )
+        if len(norm.names) != ours["out_proj.weight"].shape[0]:
+            raise CheckpointError(f"{source}: {len(norm.names)} norm_mean values for {ours['out_proj.weight'].shape[0]} outputs.")
+        self.regression.load_state_dict(head, strict=True)
+        device = next(self.regression.parameters()).device
+        self.norm_mean = torch.tensor(norm.mean, dtype=torch.float32, device=device)
+        self.norm_std = torch.tensor(norm.std, dtype=torch.float32, device=device)
+        self.descriptor_names = list(norm.names)
+        return self
 
     def predict(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         # a ChemBERTa (or any model with its hidden_states); nn.Module's stubs type attributes as Tensor | Module
         cls = cast("ChemBERTa", model).hidden_states(inputs)[:, 0]
         head = self.regression
         out: torch.Tensor = head["out_proj"](head["dropout"](F.relu(head["dense"](head["dropout"](cls)))))
+        return out
+
+    def predict_descriptors(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's outputs in descriptor units (``pred * norm_std + norm_mean``, what upstream's
+        ``RobertaForRegression`` returns without labels); needs a released head's normalisation."""
+        if self.norm_mean is None or self.norm_std is None:
+            raise ValueError(
+                "this MultiTaskRegression has no norm_mean/norm_std: its outputs are standardised targets of the data "
+                "module's scaler. Build it with pretrained=<an MTR checkpoint> to predict in descriptor units."
+            )
+        out: torch.Tensor = self.predict(model, inputs) * self.norm_std + self.norm_mean
         return out
 
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:  # the Objective protocol, for LightningCLI

@@ -60,8 +60,8 @@ WEIGHTS: list[WeightSpec] = [
         license="MIT",
         meta={
             "tokenizer": "hub files (vocab.json, empty merges.txt)",
-            "pretraining": "multi-task regression on ~200 RDKit descriptors",
-            "head": "regression.* (dropped; lm_head fresh)",
+            "pretraining": "multi-task regression on ~200 RDKit descriptors (norm_mean/norm_std in config.json)",
+            "head": "regression.* (ChemBERTa drops it, lm_head fresh; MultiTaskRegression(pretrained=...) loads it)",
         },
         description="ChemBERTa-2 77M, multi-task regression pretraining.",
     ),
