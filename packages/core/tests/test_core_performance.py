@@ -82,12 +82,14 @@ def _wait_fraction(tmp_path, delay_s: float) -> dict[str, float]:
 
 
 def test_utilisation_monitor_tells_a_data_bound_loop_from_a_compute_bound_one(tmp_path):
-    slow = _wait_fraction(tmp_path / "slow", delay_s=0.08)
+    # the delay dwarfs the toy step (~10 ms) even on a loaded machine, where steps stretch several-fold
+    delay_s = 0.25
+    slow = _wait_fraction(tmp_path / "slow", delay_s=delay_s)
     fast = _wait_fraction(tmp_path / "fast", delay_s=0.0)
     assert slow["steps"] == fast["steps"] == 12
     assert slow["data_wait_fraction"] > 0.6, slow
     # the extra wait per step is the loader's delay, not the step's time
-    assert 0.9 * 0.08 < slow["data_wait_s_per_step"] - fast["data_wait_s_per_step"] < 0.08 + 0.1, (fast, slow)
+    assert 0.9 * delay_s < slow["data_wait_s_per_step"] - fast["data_wait_s_per_step"] < delay_s + 0.1, (fast, slow)
     assert fast["samples_per_s"] > 2 * slow["samples_per_s"]
 
 
