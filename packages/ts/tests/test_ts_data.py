@@ -333,6 +333,15 @@ def test_ts_nan_runs_and_splits_without_windows(tmp_path, caplog) -> None:
     unobserved.loc[:290, "c1"] = np.nan
     with pytest.raises(DataError, match=r"channel\(s\) \['c1'\] have no observed value in the train split: drop them"):
         ForecastDataModule.from_frame(unobserved, name="u.csv", context_length=48, horizon=12, split=[0.7, 0.1, 0.2], on_missing="mask").setup()
+    # interpolating would fill the train split from validation rows: refused, naming the first observed row
+    with pytest.raises(DataError, match=r"u.csv.*\['c1'\] have no observed value in the train split \(data rows 1-\d+\); the first is at "
+                                        r"data row\(s\) \[292\], so on_missing='interpolate'"):
+        ForecastDataModule.from_frame(unobserved, name="u.csv", context_length=48, horizon=12, split=[0.7, 0.1, 0.2],
+                                      on_missing="interpolate").setup()
+    observed_late = _frame()
+    observed_late.loc[:20, "c1"] = np.nan  # missing at the start but observed within the train split: filled and kept
+    ForecastDataModule.from_frame(observed_late, name="late.csv", context_length=48, horizon=12, split=[0.7, 0.1, 0.2],
+                                  on_missing="interpolate").setup()
     with pytest.raises(DataError, match=r"short-val.csv: the val split \(data rows 361-380\) yields no window of context 48 \+ horizon 24: "
                                         r"it has 20 rows, fewer than the horizon 24"):
         ForecastDataModule.from_frame(_frame(), name="short-val.csv", context_length=48, horizon=24, split=[0.9, 0.05, 0.05]).setup()

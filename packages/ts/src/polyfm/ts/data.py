@@ -88,6 +88,9 @@ class Series:
     step: Step
     source: str
     report: dict[str, int] = field(default_factory=dict)
+    # on_missing="interpolate": each filled column's first observed data row (0-based), so a split
+    # that would be filled only from later rows is refused instead of scaled on future values
+    first_observed: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -259,6 +262,7 @@ def read_series(
         timestamps = pd.DatetimeIndex(data.index)
 
     values = data.to_numpy(dtype=np.float64, copy=True)
+    first_observed: dict[str, int] = {}
     nan = np.isnan(values) | np.isinf(values)
     values[nan] = np.nan
     if nan.any():
@@ -278,6 +282,7 @@ def read_series(
             else:
                 filled = filled.interpolate(limit_direction="both")
             values = filled.to_numpy(dtype=np.float64)
+            first_observed = {c: int(np.argmin(nan[:, i])) for i, c in enumerate(selected) if nan[0, i]}
             report["interpolated_values"] = int(nan.sum())
             log.warning("%s: interpolated %d missing values (%s)", label, int(nan.sum()),
                         ", ".join(f"{c}: {int(n)}{_longest_run_text(nan[:, i])}" for i, (c, n) in enumerate(zip(selected, nan.sum(0))) if n))
@@ -289,7 +294,7 @@ def read_series(
             log.warning("%s: %d missing values kept as unobserved (masked)", label, int(nan.sum()))
         else:
             raise ConfigError(f"on_missing={on_missing!r}: use 'error', 'interpolate' or 'mask'.")
-    return Series(values.astype(np.float32), selected, timestamps, step, label, report)
+    return Series(values.astype(np.float32), selected, timestamps, step, label, report, first_observed)
 
 
 def _run_length(missing: NDArray[np.bool_], row: int) -> int:
@@ -789,7 +794,7 @@ class ForecastDataModule(DictDataModule):
             dropped = [c for c in columns if c in constant]
             log.warning("%s: dropped %d constant channel(s) %s", self.path, len(dropped), dropped)
             all_series = [Series(s.values[:, keep], [columns[i] for i in keep], s.timestamps, s.step, s.source,
-                                 {**s.report, "dropped_constant_channels": len(dropped)}) for s in all_series]
+                                 {**s.report, "dropped_constant_channels": len(dropped)}, s.first_observed) for s in all_series]
             columns = all_series[0].columns
         elif constant:
             for series, b in zip(all_series, borders):
@@ -818,6 +823,14 @@ class ForecastDataModule(DictDataModule):
                     "Use a shorter context or horizon, or a longer series"
                     + (" (to forecast from a file of recent rows only, predict from a checkpoint: it holds the scaling)."
                        if self.predict_mode == "future" else "."),
+                    path=series.source,
+                )
+            unobserved = {c: row for c, row in series.first_observed.items() if c in series.columns and row >= b[0]}
+            if unobserved:  # interpolation filled the whole train split from later (validation/test) rows
+                raise DataError(
+                    f"channel(s) {sorted(unobserved)} have no observed value in the train split (data rows 1-{b[0]}); the "
+                    f"first is at data row(s) {[row + 1 for row in unobserved.values()]}, so on_missing='interpolate' would "
+                    "fill and scale the train split with later values. Drop them (columns=[...]) or use on_missing='mask'.",
                     path=series.source,
                 )
             # one scaler per series, fitted on its own train split (granite-tsfm scales by id_columns too)
@@ -876,7 +889,8 @@ class ForecastDataModule(DictDataModule):
         missing = [c for c in saved_columns if c not in columns]
         if not missing and self.on_constant == "drop":  # channels dropped as constant when the checkpoint was fitted
             keep = [columns.index(c) for c in saved_columns]
-            return [Series(s.values[:, keep], list(saved_columns), s.timestamps, s.step, s.source, s.report) for s in all_series]
+            return [Series(s.values[:, keep], list(saved_columns), s.timestamps, s.step, s.source, s.report, s.first_observed)
+                    for s in all_series]
         extra = [c for c in columns if c not in saved_columns]
         raise DataError(
             f"the channels {columns} differ from those the checkpoint was trained and scaled with, {saved_columns} "
